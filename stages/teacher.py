@@ -1,0 +1,9 @@
+"""DVC stage `teacher`: reads params.yaml and runs the library (see flux2ttr/cli.py STAGES)."""
+
+import sys
+from pathlib import Path
+
+from flux2ttr.cli import run_stage
+
+if __name__ == "__main__":
+    run_stage("teacher", Path(sys.argv[1]) if len(sys.argv) > 1 else Path("params.yaml"))
