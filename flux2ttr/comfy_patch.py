@@ -349,3 +349,71 @@ def model_shape(model: Any) -> ModelShape:
     layers = tuple([f"double_blocks.{i}" for i in range(len(dm.double_blocks))]
                    + [f"single_blocks.{i}" for i in range(len(dm.single_blocks))])
     return ModelShape(num_heads=num_heads, head_dim=head_dim, layers=layers)
+
+
+def no_controller_policy(ready: frozenset[str], quality_speed: float,
+                         config: PatchConfig = PatchConfig()) -> Callable[[int, float, float], tuple[frozenset[str], float]]:
+    """Routing without a controller: every ready layer above the ``quality_speed`` cut, none below.
+    The logged threshold is the cut."""
+    keys = ready if quality_speed >= config.no_controller_cut else frozenset()
+
+    def decide(step: int, sigma: float, cfg: float) -> tuple[frozenset[str], float]:
+        return keys, config.no_controller_cut
+
+    return decide
+
+
+def build_holder(students: dict[str, torch.nn.Module], ready: set[str] | frozenset[str],
+                 decide: Callable[[int, float, float], tuple[frozenset[str], float | None]], *,
+                 measure: bool = False, label: str = "") -> RoutingHolder:
+    """A :class:`RoutingHolder` for ``students`` (layer key -> module); only keys in ``ready`` that have
+    a student can ever route (fail-closed)."""
+    ready = frozenset(k for k in ready if k in students)
+    return RoutingHolder(students=dict(students), ready=ready, decide=decide, measure=measure, label=label)
+
+
+def validate_inputs(quality_speed: float, policy_mode: str, seed: int) -> None:
+    """The node's scalar inputs, with errors that name the input."""
+    if not isinstance(quality_speed, (int, float)) or not 0.0 <= float(quality_speed) <= 1.0 \
+            or math.isnan(float(quality_speed)):
+        raise ValueError(f"Flux2TTRController: quality_speed must be in [0, 1], got {quality_speed!r}")
+    if policy_mode not in POLICY_MODES:
+        raise ValueError(f"Flux2TTRController: policy_mode must be one of {POLICY_MODES}, got {policy_mode!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"Flux2TTRController: seed must be a non-negative integer, got {seed!r}")
+
+
+def load_students_for(model: Any, student_path: str | Path) -> tuple[Any, ModelShape]:
+    """Load the student artifact and check it against the MODEL: head count and head_dim of the
+    teacher, and that every layer it holds exists in the model (feature_dim comes from its header and
+    is checked against its own tensors by the loader)."""
+    from flux2ttr.artifacts import ArtifactError, load_students
+
+    shape = model_shape(model)
+    try:
+        art = load_students(student_path, expect_head_dim=shape.head_dim, expect_num_heads=shape.num_heads)
+    except ArtifactError as e:
+        raise ArtifactMismatch(f"Flux2TTRController: student artifact does not fit this model: {e}") from None
+    unknown = sorted(set(art.layers) - set(shape.layers), key=layer_sort_key)
+    if unknown:
+        raise ArtifactMismatch(
+            f"Flux2TTRController: {student_path}: layer(s) {unknown} do not exist in this model (it has "
+            f"{len(shape.layers)} attention layers: {shape.layers[0]} .. {shape.layers[-1]}); the artifact was "
+            "distilled from another FLUX.2 variant")
+    return art, shape
+
+
+def controller_node(model: Any, student_path: str | Path, controller_path: str | Path | None, *,
+                    quality_speed: float, policy_mode: str, seed: int, measure: bool = False,
+                    config: PatchConfig = PatchConfig()) -> Any:
+    """What ``Flux2TTRController`` does: validate, load the artifacts, return the patched clone."""
+    validate_inputs(quality_speed, policy_mode, seed)
+    art, shape = load_students_for(model, student_path)
+    ready = frozenset(k for k, r in art.ready.items() if r)
+    if controller_path is None:
+        decide = no_controller_policy(ready, float(quality_speed), config)
+    else:
+        decide = controller_policy(controller_path, student_path, art, shape, float(quality_speed), policy_mode,
+                                   int(seed))
+    holder = build_holder(art.layers, ready, decide, measure=measure, label=Path(student_path).name)
+    return patch_model(model, holder)
