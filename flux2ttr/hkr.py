@@ -241,12 +241,11 @@ class HKRLayer(nn.Module):
         idx = idx.to(k.device)
         kl = k.index_select(2, idx).float()
         vl = v.index_select(2, idx).float()
-        scale = 1.0 / math.sqrt(q.shape[-1])
         outs = []
         step = self.config.q_chunk
         for s in range(0, q.shape[2], step):
-            w = torch.softmax((q[:, :, s:s + step].float() @ kl.transpose(-1, -2)) * scale, dim=-1)
-            outs.append(w @ vl)
+            # fp32 SDPA is the exact scaled softmax (scale 1/sqrt(D)) with the fastest available kernel.
+            outs.append(F.scaled_dot_product_attention(q[:, :, s:s + step].float(), kl, vl))
         return torch.cat(outs, dim=2)
 
     def fusion_alpha(self, out_kernel: torch.Tensor, out_land: torch.Tensor) -> torch.Tensor:
