@@ -24,6 +24,7 @@ dtype (fp32, bf16, fp16); the output has the input dtype.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -94,17 +95,24 @@ def landmark_count(n_img: int, cfg: HKRConfig) -> int:
 
 
 def grid_points(height: int, width: int, m: int) -> torch.Tensor:
-    """``m`` distinct row-major indices spread evenly over a ``height x width`` grid, sorted.
+    """``m`` distinct row-major indices ``[m]`` (long, sorted) spread evenly over a ``height x width``
+    grid; see :func:`_grid_points` (cached: the same grid recurs every step)."""
+    return torch.tensor(_grid_points(int(height), int(width), int(m)), dtype=torch.long)
+
+
+@functools.lru_cache(maxsize=256)
+def _grid_points(height: int, width: int, m: int) -> tuple[int, ...]:
+    """Row-major indices of ``m`` points spread evenly over the grid, sorted.
 
     Rows: ``R ~ sqrt(m * height / width)`` evenly spaced rows (at least ``ceil(m / width)``); the
     ``m`` points are split over them as evenly as possible and evenly spaced within each row
     (cell centres), so the landmarks tile the image like a stratified grid.
     """
     if m <= 0 or height <= 0 or width <= 0:
-        return torch.zeros(0, dtype=torch.long)
+        return ()
     n = height * width
     if m >= n:
-        return torch.arange(n, dtype=torch.long)
+        return tuple(range(n))
     rows = int(round(math.sqrt(m * height / width)))
     rows = min(max(rows, -(-m // width), 1), height, m)
     out: list[int] = []
@@ -114,8 +122,7 @@ def grid_points(height: int, width: int, m: int) -> torch.Tensor:
         c = base + (1 if j < extra else 0)
         for i in range(c):
             out.append(y * width + int((i + 0.5) * width / c))
-    idx = torch.tensor(sorted(out), dtype=torch.long)
-    return idx
+    return tuple(sorted(out))
 
 
 def landmark_indices(n_cond: int, height: int, width: int, cfg: HKRConfig) -> torch.Tensor:
@@ -261,6 +268,13 @@ class HKRLayer(nn.Module):
             logit = logit + self.alpha_gamma.float() * (d - 0.5)
         logit = logit.clamp(-c.alpha_logit_clamp, c.alpha_logit_clamp)
         return c.alpha_max * torch.sigmoid(logit)
+
+    def base_alpha(self) -> float:
+        """The non-adaptive fusion weight ``alpha_max * sigmoid(alpha_logit)`` (for logs and reports)."""
+        c = self.config
+        with torch.no_grad():
+            return float(c.alpha_max * torch.sigmoid(self.alpha_logit.float().clamp(-c.alpha_logit_clamp,
+                                                                                   c.alpha_logit_clamp)))
 
     # ---------------------------------------------------------------- forward
 

@@ -186,6 +186,22 @@ def test_conditioner_starts_as_identity_and_learns():
     assert layer.cond.net[2].weight.grad.abs().sum() > 0
 
 
+def test_conditioner_acts_per_batch_row():
+    """A trained (non-identity) conditioner: each row uses its own sigma/cfg; a float is broadcast."""
+    layer = HKRLayer(small_cfg(), num_heads=2)
+    with torch.no_grad():
+        layer.cond.net[2].weight.normal_(std=0.1)
+    q, k, v = qkv(seed=9)
+    q, k, v = (torch.cat([t[:1], t[:1]]) for t in (q, k, v))  # two identical rows
+    same = layer(q, k, v, 5, torch.tensor([0.3, 0.3]), torch.tensor([2.0, 2.0]), height=4, width=6)
+    torch.testing.assert_close(same[0], same[1], rtol=0, atol=0)
+    torch.testing.assert_close(layer(q, k, v, 5, 0.3, 2.0, height=4, width=6), same, rtol=0, atol=0)
+    diff = layer(q, k, v, 5, torch.tensor([0.3, 0.9]), torch.tensor([2.0, 2.0]), height=4, width=6)
+    torch.testing.assert_close(diff[0], same[0], rtol=0, atol=0)
+    assert (diff[1] - same[1]).abs().max() > 1e-4
+    assert layer.base_alpha() == pytest.approx(0.1)
+
+
 # ------------------------------------------------------------------ chunking, query subsets, dtypes
 
 
