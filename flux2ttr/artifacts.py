@@ -38,6 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from flux2ttr.config import ConfigError, from_dict, to_dict
+from flux2ttr.contract import layer_sort_key
 from flux2ttr.hkr import HKRConfig, HKRLayer
 
 FORMAT = "flux2ttr.students"
@@ -115,6 +116,11 @@ def save_students(
         raise ArtifactError(f"{path}: no layers to save")
     tensors: dict[str, torch.Tensor] = {}
     for key, layer in layers.items():
+        try:
+            layer_sort_key(key)
+        except ValueError:
+            raise ArtifactError(f"{path}: {key!r} is not a layer key (expected 'single_blocks.N' or "
+                                "'double_blocks.N'; map diffusers names with flux2ttr.contract.layer_key)") from None
         if layer.config != cfg:
             raise ArtifactError(f"{path}: layer {key} was built with a different HKRConfig than the one saved")
         if layer.num_heads != num_heads:

@@ -202,6 +202,21 @@ def test_save_is_atomic_on_error(tmp_path):
     assert p.read_bytes() == before and [x.name for x in tmp_path.iterdir()] == ["a.safetensors"]
 
 
+def test_save_rejects_bad_layer_keys_and_mismatched_layers(tmp_path):
+    cfg = cfg_()
+    layer = HKRLayer(cfg, num_heads=2)
+    kw = dict(num_heads=2, metrics={}, train_config={}, teacher={})
+    with pytest.raises(ArtifactError, match="not a layer key"):
+        save_students(tmp_path / "a.safetensors", {"single_transformer_blocks.0": layer}, cfg,
+                      ready={"single_transformer_blocks.0": True}, **kw)
+    with pytest.raises(ArtifactError, match="different HKRConfig"):
+        save_students(tmp_path / "a.safetensors", {"single_blocks.0": layer}, cfg_(feature_dim=4),
+                      ready={"single_blocks.0": True}, **kw)
+    with pytest.raises(ArtifactError, match="no readiness"):
+        save_students(tmp_path / "a.safetensors", {"single_blocks.0": layer}, cfg, ready={}, **kw)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------------ legacy raw alpha
 
 
