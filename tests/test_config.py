@@ -1,0 +1,69 @@
+"""Config loading: strict sections, nested dataclasses, clear errors naming the file."""
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from flux2ttr.config import ConfigError, from_dict, load_params, load_section
+
+
+@dataclass
+class Inner:
+    a: int = 1
+    b: tuple[int, ...] = (1, 2)
+
+
+@dataclass
+class Outer:
+    x: float = 0.5
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_from_dict_nested_and_tuples():
+    cfg = from_dict(Outer, {"x": 2.0, "inner": {"a": 3, "b": [4, 5, 6]}})
+    assert cfg.x == 2.0 and cfg.inner.a == 3 and cfg.inner.b == (4, 5, 6)
+    assert from_dict(Outer, None) == Outer()
+
+
+def test_unknown_key_names_section_and_key(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("sec:\n  x: 1.0\n  typo: 3\n")
+    with pytest.raises(ConfigError, match=r"params.yaml:sec.*typo"):
+        load_section(Outer, "sec", p)
+
+
+def test_missing_file_and_section(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    p = tmp_path / "params.yaml"
+    p.write_text("other: {}\n")
+    with pytest.raises(ConfigError, match="missing section 'sec'"):
+        load_section(Outer, "sec", p)
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_params(p)
+
+
+def test_repo_params_sections_all_load():
+    """Every section of the shipped params.yaml builds its dataclass (no typos, no stale keys)."""
+    import importlib
+    from pathlib import Path
+
+    params_path = Path(__file__).resolve().parents[1] / "params.yaml"
+    params = load_params(params_path)
+    owners = {
+        "hkr": ("flux2ttr.hkr", "HKRConfig"),
+        "teacher": ("flux2ttr.teacher", "TeacherConfig"),
+        "sampler": ("flux2ttr.sampler", "SamplerConfig"),
+        "capture": ("flux2ttr.capture", "CaptureConfig"),
+        "distill": ("flux2ttr.distill", "DistillConfig"),
+        "quality": ("flux2ttr.quality", "QualityConfig"),
+        "comet": ("flux2ttr.comet_log", "CometConfig"),
+        "rollout": ("flux2ttr.rollout", "RolloutConfig"),
+        "controller": ("flux2ttr.controller_training", "ControllerTrainConfig"),
+        "evaluate": ("flux2ttr.evaluate", "EvaluateConfig"),
+    }
+    assert set(owners) == set(params), "params.yaml sections and their owners differ"
+    for name, (mod, cls) in owners.items():
+        klass = getattr(importlib.import_module(mod), cls)
+        load_section(klass, name, params_path)
