@@ -56,6 +56,7 @@ class HKRConfig:
     huber_beta: float = 0.05  # SmoothL1 beta of the distillation loss (flux2ttr.losses)
     loss_s_h_init: float = 0.0  # initial Kendall log-variance of the huber term
     loss_s_c_init: float = -1.0  # initial Kendall log-variance of the cosine term
+    fast_path: bool = True  # CUDA bf16/fp16 inference runs the fused Triton kernels (flux2ttr.hkr_fast)
 
     def __post_init__(self) -> None:
         for name in ("head_dim", "feature_dim", "cond_hidden", "kv_chunk", "q_chunk"):
@@ -297,6 +298,11 @@ class HKRLayer(nn.Module):
         [B,H,N,D]`` with ``N = n_cond + height * width``; ``sigma``, ``cfg``: float or ``[B]``.
         """
         self._check(q, k, v, n_cond, height, width, q_idx)
+        if self.config.fast_path:
+            from flux2ttr import hkr_fast  # lazy: Triton is optional; the eager path below is the reference
+
+            if hkr_fast.fast_path_reason(self, q, k, v) is None:
+                return hkr_fast.fast_forward(self, q, k, v, n_cond, sigma, cfg, height=height, width=width)
         dtype = q.dtype
         b = q.shape[0]
         with torch.autocast(device_type=q.device.type, enabled=False):

@@ -1,0 +1,170 @@
+"""GPU benchmark of the fused HKR student forward against SDPA, in one process (issue 6).
+
+    python benchmarks/bench_gpu_student.py                    # the issue's table (needs CUDA + Triton)
+    python benchmarks/bench_gpu_student.py --sweep            # also time kernel launch-shape variants
+    python benchmarks/bench_gpu_student.py --sides 64 --heads 4   # smaller
+
+For each image size (``side x side`` latent tokens after patching: 1024 px -> 64 x 64 = 4,096 image
+tokens) it draws fresh random ``q, k, v [1, H, n_cond + side^2, D]`` in bf16 and prints: tokens, SDPA ms
+(PyTorch ``scaled_dot_product_attention``, FlashAttention-class), student ms (``HKRLayer.forward`` in
+inference mode, which dispatches to :mod:`flux2ttr.hkr_fast`), ratio SDPA / student (the speed-up), and
+the relative error ``||out - ref|| / ||ref||`` against the fp32 eager student on the same (upcast)
+inputs. The student config is ``params.yaml`` section ``hkr``; its conditioner and alpha are
+perturbed from their identity initialisation (seeded) so every term of the blend is exercised.
+Times are medians of CUDA-event-timed runs (``triton.testing.do_bench``). Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from flux2ttr import hkr_fast
+from flux2ttr.config import load_section
+from flux2ttr.hkr import HKRConfig, HKRLayer, landmark_indices
+
+SIDES = (64, 128, 256)  # 1024², 2048², 4096² images: 16x VAE downsampling then 2x2 patches -> side = px / 16
+
+
+def perturb(layer: HKRLayer, seed: int) -> HKRLayer:
+    """Move the conditioner and alpha off their identity init (seeded), so the blend is non-trivial."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in (layer.cond.net[2].weight, layer.cond.net[2].bias):
+            t.copy_(torch.randn(t.shape, generator=g) * 0.05)
+        layer.alpha_logit.fill_(0.5)
+    return layer
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out = out.float()
+    if not torch.isfinite(out).all():
+        return float("nan")
+    return float((out - ref).norm() / ref.norm())
+
+
+def median_ms(fn, warmup_ms: int, rep_ms: int) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def flops_bytes(cfg: HKRConfig, h: int, n: int, n_land: int, d: int, elt: int) -> tuple[float, float]:
+    """Useful FLOPs of the student (MLPs both sides, KV, apply, landmark QK and PV) and the fewest bytes."""
+    hid, f = cfg.hidden_dim, cfg.feature_dim
+    mlp = 2 * (d * hid + hid * hid + hid * f)
+    per_tok = 2 * mlp + 2 * (2 * f * d) + 4 * n_land * d
+    return float(per_tok * n * h), float(4 * n * h * d * elt)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    ap.add_argument("--heads", type=int, default=24)
+    ap.add_argument("--n-cond", type=int, default=512)
+    ap.add_argument("--sides", type=int, nargs="+", default=list(SIDES))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--warmup-ms", type=int, default=100)
+    ap.add_argument("--rep-ms", type=int, default=500)
+    ap.add_argument("--sweep", action="store_true", help="time KernelConfig variants too")
+    ap.add_argument("--adaptive", action="store_true", help="also run with adaptive_alpha")
+    ap.add_argument("--json", type=Path, default=None, help="write all numbers here")
+    args = ap.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_gpu_student needs a CUDA device (the fused kernels are the thing measured)")
+    dev = torch.device("cuda")
+    cfg = load_section(HKRConfig, "hkr", args.params) if args.params.is_file() else HKRConfig()
+    d = cfg.head_dim
+    props = torch.cuda.get_device_properties(dev)
+    import triton
+
+    print(f"device={props.name} SMs={props.multi_processor_count} torch={torch.__version__} triton={triton.__version__}")
+    print(f"B=1 H={args.heads} D={d} bf16; student F={cfg.feature_dim} hidden={cfg.hidden_dim} "
+          f"landmarks: n_cond + clamp({cfg.landmark_fraction}*img, {cfg.landmark_min}, {cfg.landmark_max}) "
+          f"adaptive_alpha={cfg.adaptive_alpha}")
+    variants = [("params", cfg)]
+    if args.adaptive:
+        variants.append(("adaptive", dataclasses.replace(cfg, adaptive_alpha=True)))
+    rows = []
+    for name, c in variants:
+        torch.manual_seed(args.seed)
+        layer = perturb(HKRLayer(c, num_heads=args.heads), args.seed).to(dev).eval()
+        for side in args.sides:
+            n = args.n_cond + side * side
+            g = torch.Generator(device=dev).manual_seed(args.seed + side)
+            q, k, v = (torch.randn(1, args.heads, n, d, generator=g, device=dev).to(torch.bfloat16) for _ in range(3))
+            sigma = torch.tensor([0.7], device=dev)
+            with torch.inference_mode():
+                reason = hkr_fast.fast_path_reason(layer, q, k, v)
+                if reason is not None:
+                    raise SystemExit(f"fast path not taken: {reason}")
+                run = lambda: layer(q, k, v, args.n_cond, sigma, 3.5, height=side, width=side)  # noqa: E731
+                out = run()
+                torch.cuda.synchronize()
+                # Reference: the eager fp32 student on the same values (fast path off for it).
+                c.fast_path = False
+                ref = layer(q.float(), k.float(), v.float(), args.n_cond, sigma, 3.5, height=side, width=side)
+                c.fast_path = True
+                err = rel_err(out, ref)
+                del ref
+                t_sdpa = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), args.warmup_ms, args.rep_ms)
+                t_st = median_ms(run, args.warmup_ms, args.rep_ms)
+                n_land = landmark_indices(args.n_cond, side, side, c).numel()
+                fl, by = flops_bytes(c, args.heads, n, n_land, d, 2)
+                row = dict(variant=name, tokens=n, image=side * side, landmarks=n_land, sdpa_ms=t_sdpa,
+                           student_ms=t_st, speedup=t_sdpa / t_st, rel_err=err, student_gflop=fl / 1e9,
+                           student_tflops=fl / t_st / 1e9, min_bytes_mb=by / 1e6)
+                if args.sweep and name == "params":
+                    row["sweep"] = sweep(layer, q, k, v, args, side, sigma)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            del q, k, v, out
+            torch.cuda.empty_cache()
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    print()
+    print(f"{'variant':>9} {'tokens':>7} {'landm':>6} {'SDPA ms':>9} {'student ms':>11} {'speed-up':>9} "
+          f"{'rel err':>9} {'TFLOP/s':>8}")
+    for r in rows:
+        print(f"{r['variant']:>9} {r['tokens']:>7} {r['landmarks']:>6} {r['sdpa_ms']:>9.3f} {r['student_ms']:>11.3f} "
+              f"{r['speedup']:>8.2f}x {r['rel_err']:>9.2e} {r['student_tflops']:>8.1f}")
+
+
+def sweep(layer, q, k, v, args, side, sigma) -> list[dict]:
+    """Time launch-shape variants of the fused path (same inputs); checks each against the default."""
+    base = hkr_fast.KERNEL
+    grid = []
+    for bm, bl, qw, qs in [(128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (64, 128, 4, 3),
+                           (128, 64, 4, 2)]:
+        grid.append(dataclasses.replace(base, block_m=bm, block_l=bl, query_warps=qw, query_stages=qs))
+    for bn, kw, ks, pps in [(64, 4, 2, 2), (128, 4, 2, 2), (128, 8, 3, 2), (128, 8, 2, 4), (64, 4, 3, 4)]:
+        grid.append(dataclasses.replace(base, block_n=bn, key_warps=kw, key_stages=ks, programs_per_sm=pps))
+    grid.append(dataclasses.replace(base, fast_math=False))
+    ref = hkr_fast.fast_forward(layer, q, k, v, args.n_cond, sigma, 3.5, height=side, width=side).float()
+    res = []
+    for kc in grid:
+        try:
+            f = lambda: hkr_fast.fast_forward(layer, q, k, v, args.n_cond, sigma, 3.5, height=side,  # noqa: E731
+                                              width=side, kernel=kc)
+            o = f()
+            e = rel_err(o, ref)
+            t = median_ms(f, 50, 200)
+        except Exception as exc:  # a shape the compiler rejects (e.g. out of shared memory) is reported, not fatal
+            t, e = float("nan"), repr(exc)[:120]
+        d = {k: getattr(kc, k) for k in ("block_n", "programs_per_sm", "key_warps", "key_stages", "block_m",
+                                          "block_l", "query_warps", "query_stages", "fast_math")}
+        d.update(ms=t, diff_vs_default=e)
+        print("  sweep", json.dumps(d), flush=True)
+        res.append(d)
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Dispatch to the fused Triton inference forward of :class:`flux2ttr.hkr.HKRLayer`.
+
+The eager forward in :mod:`flux2ttr.hkr` is the reference and the CPU path. :func:`fast_path_reason`
+says why a call can *not* take the fast path (``None`` when it can); :meth:`HKRLayer.forward` asks it
+and, when it is ``None``, calls :func:`fast_forward`. The fast path is taken automatically for CUDA
+bf16/fp16 inputs in inference (``eval()`` and no autograd), and is switched off by ``hkr.fast_path:
+false`` in ``params.yaml`` (``HKRConfig.fast_path``) or by the environment variable
+``FLUX2TTR_FAST_PATH=0``.
+
+Numerics: the matrix products run on bf16/fp16 operands with fp32 accumulation (like FlashAttention);
+statistics, normalisation, conditioner and blend are fp32. The relative error to the fp32 eager
+student is ~1e-3 (see ``benchmarks/bench_gpu_student.py`` and ``benchmarks/GPU_NOTES.md``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+ENV_SWITCH = "FLUX2TTR_FAST_PATH"  # "0" switches the fast path off for the whole process
+FAST_DTYPES = (torch.bfloat16, torch.float16)
+# Tests set this to run the kernels on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1).
+ALLOW_CPU_INTERPRETER = False
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch shapes of the two passes (tuned on an H100, see benchmarks/GPU_NOTES.md)."""
+
+    block_n: int = 128  # keys per step of the key pass
+    programs_per_sm: int = 2  # key-pass programs ~ this * multiprocessors (split of the key axis)
+    key_warps: int = 8
+    key_stages: int = 2
+    block_m: int = 128  # queries per program of the query pass
+    block_l: int = 64  # landmark keys per online-softmax step
+    query_warps: int = 8
+    query_stages: int = 2
+    block_m_adaptive: int = 64  # adaptive alpha keeps both branch tiles live: smaller query blocks
+    fast_math: bool = True  # SiLU through tanh.approx (one MUFU op); off under the interpreter
+
+
+KERNEL = KernelConfig()
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def triton_available() -> bool:
+    """True when Triton imports (it is optional: the eager path never needs it)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def fast_path_reason(layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why this call must use the eager forward, or ``None`` if the fused kernels can run it.
+
+    ``q [B,H,Nq,D]``, ``k, v [B,H,N,D]`` as for :meth:`HKRLayer.forward` (shapes already checked).
+    CPU tensors take it only under Triton's interpreter with ``ALLOW_CPU_INTERPRETER`` set (tests).
+    """
+    cfg = layer.config
+    if not getattr(cfg, "fast_path", True):
+        return "disabled by hkr.fast_path"
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return f"disabled by {ENV_SWITCH}=0"
+    if layer.training:
+        return "layer is in training mode"
+    if torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad or any(p.requires_grad for p in layer.parameters())
+    ):
+        return "autograd is recording (the fused kernels have no backward)"
+    if not (q.is_cuda or (ALLOW_CPU_INTERPRETER and interpreting())):
+        return "inputs are not on a CUDA device"
+    if not (q.device == k.device == v.device):
+        return "q, k, v on different devices"
+    if q.dtype not in FAST_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtype {q.dtype}/{k.dtype}/{v.dtype}: the fused path runs bf16/fp16 inputs (fp32 stays exact)"
+    d = cfg.head_dim
+    if d < 16 or d & (d - 1):
+        return f"head_dim {d} is not a power of two >= 16"
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return "last dimension of q, k or v is not contiguous"
+    if not triton_available():
+        return "triton is not installed"
+    return None
+
+
+# ------------------------------------------------------------------------------ prepared weights
+
+
+@dataclass
+class _Prepared:
+    key: tuple
+    phi_q: tuple[torch.Tensor, ...]
+    phi_k: tuple[torch.Tensor, ...]
+    cond: tuple[torch.Tensor, ...]
+    hid: int
+    fp: int
+
+
+def _mlp_tensors(mlp, dtype: torch.dtype, device: torch.device, hid: int, fp: int) -> tuple[torch.Tensor, ...]:
+    """(w1 [D,HID], b1 [HID], w2 [HID,HID], b2, w3 [HID,FP], b3 [FP]): transposed, zero-padded to powers
+    of two, weights in the input dtype, biases fp32."""
+    lins = [m for m in mlp.net if isinstance(m, torch.nn.Linear)]
+    out = []
+    for lin, (rows, cols) in zip(lins, [(None, hid), (hid, hid), (hid, fp)]):
+        w = lin.weight.detach().float().t()  # [in, out]
+        r = w.shape[0] if rows is None else rows
+        wp = torch.zeros(r, cols, dtype=torch.float32, device=w.device)
+        wp[: w.shape[0], : w.shape[1]] = w
+        bp = torch.zeros(cols, dtype=torch.float32, device=w.device)
+        bp[: lin.bias.shape[0]] = lin.bias.detach().float()
+        out += [wp.to(device, dtype).contiguous(), bp.to(device).contiguous()]
+    return tuple(out)
+
+
+def _version_key(layer, dtype: torch.dtype, device: torch.device) -> tuple:
+    # A parameter's _version moves on every in-place update (load_state_dict, optimizer steps), so a
+    # stale cache is never used after the weights change.
+    return (dtype, str(device)) + tuple((p.data_ptr(), p._version) for p in layer.parameters())
+
+
+def prepared(layer, dtype: torch.dtype, device: torch.device) -> _Prepared:
+    """Kernel-layout copies of the layer's weights, cached on the layer until a parameter changes."""
+    key = _version_key(layer, dtype, device)
+    cache = getattr(layer, "_fast_cache", None)
+    if cache is not None and cache.key == key:
+        return cache
+    cfg = layer.config
+    hid, fp = _pow2(max(16, cfg.hidden_dim)), _pow2(max(16, cfg.feature_dim))
+    with torch.no_grad():
+        pq = _mlp_tensors(layer.phi_q, dtype, device, hid, fp)
+        pk = pq if layer.phi_k is None else _mlp_tensors(layer.phi_k, dtype, device, hid, fp)
+        c = layer.cond.net
+        cond = tuple(t.detach().float().to(device).contiguous() for t in (c[0].weight, c[0].bias, c[2].weight, c[2].bias))
+    prep = _Prepared(key, pq, pk, cond, hid, fp)
+    object.__setattr__(layer, "_fast_cache", prep)  # plain attribute, not a buffer or parameter
+    return prep
+
+
+_IDX_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def _landmarks(n_cond: int, height: int, width: int, cfg, device: torch.device) -> torch.Tensor:
+    """Landmark token indices ``[L]`` int32 on ``device`` (cached: the same grid recurs every step)."""
+    from flux2ttr.hkr import landmark_indices
+
+    key = (n_cond, height, width, cfg.landmark_fraction, cfg.landmark_min, cfg.landmark_max, str(device))
+    t = _IDX_CACHE.get(key)
+    if t is None:
+        t = landmark_indices(n_cond, height, width, cfg).to(torch.int32).to(device)
+        if len(_IDX_CACHE) > 256:
+            _IDX_CACHE.clear()
+        _IDX_CACHE[key] = t
+    return t
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+# ------------------------------------------------------------------------------ forward
+
+
+def fast_forward(
+    layer,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    n_cond: int,
+    sigma: float | torch.Tensor,
+    cfg_scale: float | torch.Tensor,
+    *,
+    height: int,
+    width: int,
+    kernel: KernelConfig | None = None,
+) -> torch.Tensor:
+    """The student's output ``[B, H, Nq, D]`` in ``q.dtype`` from the two fused passes.
+
+    Same contract as :meth:`HKRLayer.forward` (``q [B,H,Nq,D]``, ``k, v [B,H,N,D]``, ``N = n_cond +
+    height*width``; ``sigma``, ``cfg_scale``: float or ``[B]``). Call only when
+    :func:`fast_path_reason` returned ``None``.
+    """
+    from flux2ttr import hkr_triton as kt
+
+    kc = kernel or KERNEL
+    fast_math = kc.fast_math and not interpreting()
+    c = layer.config
+    b, h, n, d = k.shape
+    nq = q.shape[2]
+    dev = q.device
+    prep = prepared(layer, q.dtype, dev)
+    idx = _landmarks(n_cond, height, width, c, dev)
+
+    # Key pass: split the key axis so ~programs_per_sm programs run per multiprocessor.
+    n_blocks = -(-n // kc.block_n)
+    splits = max(1, min(n_blocks, -(-kc.programs_per_sm * _sm_count(dev) // (b * h))))
+    per_split = -(-n_blocks // splits)
+    splits = -(-n_blocks // per_split)
+    part = torch.empty(splits, b * h, prep.fp * d + prep.fp, dtype=torch.float32, device=dev)
+    cond = torch.empty(b, 4, d, dtype=torch.float32, device=dev)
+    scalar_sc = not (torch.is_tensor(sigma) and sigma.numel() > 1) and not (torch.is_tensor(cfg_scale) and cfg_scale.numel() > 1)
+    if scalar_sc:
+        sig_t = cfg_t = cond  # unused pointers
+        sig_v, cfg_v = float(sigma), float(cfg_scale)
+    else:
+        from flux2ttr.hkr import _as_batch
+
+        sig_t = _as_batch(sigma, b, dev, "sigma").contiguous()
+        cfg_t = _as_batch(cfg_scale, b, dev, "cfg").contiguous()
+        sig_v = cfg_v = 0.0
+    c1w, c1b, c2w, c2b = prep.cond
+    ch = c1w.shape[0]
+    w = prep.phi_k
+    kt._hkr_key_pass[(b * h, splits)](
+        k, v, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        *w, c.feature_eps, c.feature_dim,
+        part, n, h, per_split,
+        sig_t, cfg_t, sig_v, cfg_v, c1w, c1b, c2w, c2b, cond, ch,
+        D=d, HID=prep.hid, FP=prep.fp, BLOCK_N=kc.block_n, CH=_pow2(ch),
+        SC_SCALAR=scalar_sc, FAST=fast_math, num_warps=kc.key_warps, num_stages=kc.key_stages,
+    )
+    stats = part.sum(dim=0) if splits > 1 else part[0]
+
+    out = torch.empty(b, h, nq, d, dtype=q.dtype, device=dev)
+    adaptive = bool(c.adaptive_alpha)
+    bm = kc.block_m_adaptive if adaptive else kc.block_m
+    w = prep.phi_q
+    kt._hkr_query_pass[(-(-nq // bm), b * h)](
+        q, k, v, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        *w, c.feature_eps, c.feature_dim,
+        stats, cond, idx, idx.numel(), nq, h, kt.LOG2E / math.sqrt(d), c.denom_eps,
+        layer.alpha_logit.detach().float(), layer.alpha_gamma.detach().float(), c.alpha_max, c.alpha_logit_clamp,
+        D=d, HID=prep.hid, FP=prep.fp, BLOCK_M=bm, BLOCK_L=kc.block_l, ADAPTIVE=adaptive, FAST=fast_math,
+        num_warps=kc.query_warps, num_stages=kc.query_stages,
+    )
+    return out
