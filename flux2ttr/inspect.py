@@ -73,12 +73,24 @@ def _mib(n: int | None) -> str:
     return "?" if n is None else f"{n / 2**20:.2f} MiB"
 
 
+def _teacher_line(teacher: Any) -> str:
+    """``kind file sha256 <12 hex>`` for identities that have them (the full dict is in ``--json``)."""
+    if not isinstance(teacher, dict) or "kind" not in teacher:
+        return json.dumps(teacher, sort_keys=True)
+    parts = [str(teacher["kind"])]
+    if teacher.get("file"):
+        parts.append(str(teacher["file"]))
+    if teacher.get("sha256"):
+        parts.append(f"sha256 {str(teacher['sha256'])[:12]}")
+    return "  ".join(parts)
+
+
 def format_summary(s: dict[str, Any]) -> str:
     """The summary as text a person reads."""
     lines = [
         f"trace store  {s['path']}",
         f"format       {s['format']} schema {s['schema']}, storage {s['storage_dtype']}",
-        f"teacher      {json.dumps(s['teacher'], sort_keys=True)}",
+        f"teacher      {_teacher_line(s['teacher'])}",
         f"on disk      {_mib(s['bytes_on_disk'])} in {s['files']} files",
         f"tuples       {s['tuples']} kept of {s['offered']} offered "
         f"({_mib(s['kept_bytes'])} of a {_mib(s['budget_bytes'])} budget)",
@@ -117,28 +129,33 @@ def query_attention(q_sub: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, dim=-1)
 
 
-def heatmap_data(store: TraceStore, layer: str, queries: int, row: int = 0) -> list[dict[str, Any]]:
-    """Head-averaged attention of up to ``queries`` stored image queries of tuple ``row`` (smallest
-    token count of ``layer``), each as ``{"grid": [h, w] array, "pos": (r, c), "text_mass": float, ...}``."""
-    n = store.groups(layer)[0][0]
-    t = store.read(layer, n, [row])
-    n_cond, h, w = int(t["n_cond"][0]), int(t["h"][0]), int(t["w"][0])
-    if n_cond + h * w != n:
-        raise TraceStoreError(f"{store.path}: {layer} tuple has {n} tokens but n_cond {n_cond} + {h}x{w} "
-                              "grid; the store is inconsistent, recapture it")
-    probs = query_attention(t["q_sub"][0], t["k"][0]).mean(dim=0)  # [Nq, N], heads averaged
-    q_idx = t["q_idx"][0].tolist()
-    order = [j for j in range(len(q_idx)) if q_idx[j] >= n_cond] + [j for j in range(len(q_idx)) if q_idx[j] < n_cond]
-    out = []
-    for j in order[:queries]:
-        p = probs[j]
-        pos = divmod(q_idx[j] - n_cond, w) if q_idx[j] >= n_cond else None
-        out.append({
-            "query": j, "token": q_idx[j], "pos": pos, "text_mass": float(p[:n_cond].sum()),
-            "grid": p[n_cond:].reshape(h, w).numpy(),
-            "sigma": float(t["sigma"][0]), "step": int(t["step"][0]), "prompt": int(t["prompt"][0]),
-        })
-    return out
+def heatmap_data(store: TraceStore, layer: str, queries: int, max_rows: int = 64) -> list[dict[str, Any]]:
+    """Head-averaged teacher attention of up to ``queries`` stored queries of ``layer`` (smallest token
+    count), each as ``{"grid": [h, w] float64 array over the image keys, "pos": (row, col) of the query or
+    None for a text query, "text_mass": attention on the text keys, "token", "row", "sigma", "step",
+    "prompt"}``. Image queries come first, taken from the group's tuples in row order (up to ``max_rows``
+    tuples are looked at); text queries fill up when there are too few image queries."""
+    n, count = store.groups(layer)[0]
+    image, text = [], []
+    for row in range(min(count, max_rows)):
+        t = store.read(layer, n, [row])
+        n_cond, h, w = int(t["n_cond"][0]), int(t["h"][0]), int(t["w"][0])
+        if n_cond + h * w != n:
+            raise TraceStoreError(f"{store.path}: {layer} tuple has {n} tokens but n_cond {n_cond} + {h}x{w} "
+                                  "grid; the store is inconsistent, recapture it")
+        probs = query_attention(t["q_sub"][0], t["k"][0]).mean(dim=0)  # [Nq, N], heads averaged
+        for j, token in enumerate(t["q_idx"][0].tolist()):
+            p = probs[j]
+            entry = {
+                "query": j, "token": token, "row": row,
+                "pos": divmod(token - n_cond, w) if token >= n_cond else None,
+                "text_mass": float(p[:n_cond].sum()), "grid": p[n_cond:].reshape(h, w).numpy(),
+                "sigma": float(t["sigma"][0]), "step": int(t["step"][0]), "prompt": int(t["prompt"][0]),
+            }
+            (image if token >= n_cond else text).append(entry)
+        if len(image) >= queries:
+            break
+    return (image + text)[:queries]
 
 
 def render_heatmap(store: TraceStore, layer: str, out_path: Path, queries: int) -> list[dict[str, Any]]:
@@ -160,12 +177,12 @@ def render_heatmap(store: TraceStore, layer: str, out_path: Path, queries: int) 
             where = f"query ({m['pos'][0]},{m['pos'][1]})"
         else:
             where = f"text query {m['token']}"
-        ax.set_title(f"{where}\ntext mass {m['text_mass']:.3f}", fontsize=9)
+        ax.set_title(f"{where}  prompt {m['prompt']} step {m['step']}\n"
+                     f"sigma {m['sigma']:.3f}  text mass {m['text_mass']:.3f}", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    m0 = maps[0]
-    fig.suptitle(f"{layer}  prompt {m0['prompt']}  step {m0['step']}  sigma {m0['sigma']:.3f}", fontsize=10)
+    fig.suptitle(f"{layer}: teacher attention over the image grid (x = query position)", fontsize=10)
     fig.tight_layout()
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

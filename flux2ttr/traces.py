@@ -339,6 +339,8 @@ class TraceWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self._closed:
+            return  # close() or abort() already ran inside the block
         if exc_type is None:
             self.close()
         else:

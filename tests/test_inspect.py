@@ -18,6 +18,7 @@ from flux2ttr.traces import TraceStore, TraceTuple, TraceWriter
 
 N_COND, H_GRID, W_GRID = 6, 3, 4
 N = N_COND + H_GRID * W_GRID
+TEACHER = {"kind": "tiny", "seed": 3, "file": "t.safetensors", "sha256": "abcdef0123456789"}
 
 
 def _tuple(gen, *, prompt, step, sigma, nq=5, heads=2, d=8):
@@ -35,7 +36,7 @@ def store_path(tmp_path):
     gen = torch.Generator().manual_seed(0)
     sigmas = [1.0, 0.75, 0.5, 0.25]
     path = tmp_path / "capture.zarr"
-    with TraceWriter(path, attrs={"teacher": {"kind": "tiny", "seed": 3}, "capture": {"queries": 5}},
+    with TraceWriter(path, attrs={"teacher": TEACHER, "capture": {"queries": 5}},
                      budget_bytes=1 << 30, storage_dtype="float32", seed=0) as w:
         for prompt in range(2):
             for step, sigma in enumerate(sigmas):
@@ -48,7 +49,7 @@ def store_path(tmp_path):
 def test_summary_values(store_path):
     s = summarize(TraceStore.open(store_path))
     assert s["schema"] == 1 and s["storage_dtype"] == "float32"
-    assert s["teacher"] == {"kind": "tiny", "seed": 3}
+    assert s["teacher"] == TEACHER
     assert (s["tuples"], s["offered"], s["kept"]) == (12, 12, 12)
     assert [(lay["layer"], lay["tuples"]) for lay in s["layers"]] == [("single_blocks.0", 8), ("single_blocks.3", 4)]
     g = s["layers"][0]["groups"][0]
@@ -69,7 +70,7 @@ def test_cli_text_and_json(store_path):
     assert res.exit_code == 0, res.output
     assert "flux2ttr.traces schema 1, storage float32" in res.output
     assert "12 kept of 12 offered" in res.output
-    assert '"kind": "tiny"' in res.output
+    assert "teacher      tiny  t.safetensors  sha256 abcdef012345\n" in res.output
     assert "sigma        0.2500 .. 1.0000" in res.output
     lines = res.output.splitlines()
     layer_line = next(line for line in lines if line.startswith("single_blocks.3"))
@@ -96,20 +97,24 @@ def test_heatmap_png_and_attention_equals_fp64_reference(store_path, tmp_path):
     assert [tuple(q["pos"]) for q in drawn] == [divmod(t - N_COND, W_GRID) for t in (7, 10, 15)]
 
     store = TraceStore.open(store_path)
-    maps = heatmap_data(store, "single_blocks.0", queries=5)
-    t = store.read("single_blocks.0", N, [0])
-    q = t["q_sub"][0].numpy().astype(np.float64)
-    k = t["k"][0].numpy().astype(np.float64)
-    logits = np.einsum("hqd,hnd->hqn", q, k) / np.sqrt(q.shape[-1])
-    ref = np.exp(logits - logits.max(-1, keepdims=True))
-    ref = (ref / ref.sum(-1, keepdims=True)).mean(0)  # [Nq, N], heads averaged
-    q_idx = t["q_idx"][0].tolist()
-    assert [m["token"] for m in maps] == [7, 10, 15, 17, 2]  # the text query comes last
+    maps = heatmap_data(store, "single_blocks.0", queries=6)
+    # 4 image queries per tuple: rows 0 and 1 are used, image queries only
+    assert [(m["row"], m["token"]) for m in maps] == [(0, 7), (0, 10), (0, 15), (0, 17), (1, 7), (1, 10)]
     for m in maps:
-        j = q_idx.index(m["token"])
+        t = store.read("single_blocks.0", N, [m["row"]])
+        q = t["q_sub"][0].numpy().astype(np.float64)
+        k = t["k"][0].numpy().astype(np.float64)
+        logits = np.einsum("hqd,hnd->hqn", q, k) / np.sqrt(q.shape[-1])
+        ref = np.exp(logits - logits.max(-1, keepdims=True))
+        ref = (ref / ref.sum(-1, keepdims=True)).mean(0)  # [Nq, N], heads averaged
+        j = t["q_idx"][0].tolist().index(m["token"])
         np.testing.assert_allclose(m["grid"], ref[j, N_COND:].reshape(H_GRID, W_GRID), rtol=1e-12, atol=1e-15)
         assert m["text_mass"] == pytest.approx(ref[j, :N_COND].sum(), rel=1e-12)
-    assert maps[-1]["pos"] is None
+        assert m["grid"].sum() + m["text_mass"] == pytest.approx(1.0, abs=1e-12)
+    # text queries fill up only when the looked-at tuples have too few image queries
+    few = heatmap_data(store, "single_blocks.0", queries=6, max_rows=1)
+    assert [m["token"] for m in few] == [7, 10, 15, 17, 2] and few[-1]["pos"] is None
+    t = store.read("single_blocks.0", N, [0])
     # the stored teacher output agrees with attention recomputed from the stored q_sub, k, v
     p = query_attention(t["q_sub"][0], t["k"][0])
     np.testing.assert_allclose((p @ t["v"][0].double()).numpy(), t["teacher_sub"][0].numpy(), rtol=1e-4, atol=1e-5)
