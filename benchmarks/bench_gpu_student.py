@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup-ms", type=int, default=100)
     ap.add_argument("--rep-ms", type=int, default=500)
     ap.add_argument("--sweep", action="store_true", help="time KernelConfig variants too")
+    ap.add_argument("--profile", action="store_true", help="print per-kernel GPU times (torch.profiler)")
     ap.add_argument("--adaptive", action="store_true", help="also run with adaptive_alpha")
     ap.add_argument("--json", type=Path, default=None, help="write all numbers here")
     args = ap.parse_args(argv)
@@ -121,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
                 row = dict(variant=name, tokens=n, image=side * side, landmarks=n_land, sdpa_ms=t_sdpa,
                            student_ms=t_st, speedup=t_sdpa / t_st, rel_err=err, student_gflop=fl / 1e9,
                            student_tflops=fl / t_st / 1e9, min_bytes_mb=by / 1e6)
+                if args.profile:
+                    row["kernels_us"] = profile(run)
                 if args.sweep and name == "params":
                     row["sweep"] = sweep(layer, q, k, v, args, side, sigma)
                 rows.append(row)
@@ -137,19 +140,41 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['speedup']:>8.2f}x {r['rel_err']:>9.2e} {r['student_tflops']:>8.1f}")
 
 
+def profile(fn, calls: int = 20) -> dict[str, float]:
+    """Mean GPU time per call of each kernel (microseconds), from torch.profiler over ``calls`` calls."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    fn()
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    for e in p.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+        if t:
+            out[e.key[:60]] = round(t / calls, 1)
+    print("  kernels (us/call):", json.dumps(out), flush=True)
+    return out
+
+
 def sweep(layer, q, k, v, args, side, sigma) -> list[dict]:
     """Time launch-shape variants of the fused path (same inputs); checks each against the default."""
     base = hkr_fast.KERNEL
     grid = []
-    for bm, bl, qw, qs in [(128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (64, 128, 4, 3),
-                           (128, 64, 4, 2)]:
-        grid.append(dataclasses.replace(base, block_m=bm, block_l=bl, query_warps=qw, query_stages=qs))
-    for bn, kw, ks, pps in [(64, 4, 2, 2), (128, 4, 2, 2), (128, 8, 3, 2), (128, 8, 2, 4), (64, 4, 3, 4)]:
-        grid.append(dataclasses.replace(base, block_n=bn, key_warps=kw, key_stages=ks, programs_per_sm=pps))
-    grid.append(dataclasses.replace(base, fast_math=False))
+    for bm, bl, qw, qs, ga, fu, pps in [
+        (128, 64, 8, 2, False, False, 2), (128, 128, 8, 2, True, False, 2), (128, 64, 8, 2, False, True, 2),
+        (128, 128, 8, 2, False, True, 2), (128, 128, 8, 2, True, True, 2), (64, 64, 4, 2, False, True, 2),
+        (128, 64, 8, 2, False, True, 1), (128, 64, 8, 2, False, True, 4), (128, 64, 8, 3, False, True, 2),
+    ]:
+        grid.append(dataclasses.replace(base, block_m=bm, block_l=bl, query_warps=qw, query_stages=qs,
+                                        gather_landmarks=ga, fused=fu, programs_per_sm=pps))
     ref = hkr_fast.fast_forward(layer, q, k, v, args.n_cond, sigma, 3.5, height=side, width=side).float()
     res = []
     for kc in grid:
+        hkr_fast.LAST_LAUNCH.clear()
         try:
             f = lambda: hkr_fast.fast_forward(layer, q, k, v, args.n_cond, sigma, 3.5, height=side,  # noqa: E731
                                               width=side, kernel=kc)
@@ -159,7 +184,10 @@ def sweep(layer, q, k, v, args, side, sigma) -> list[dict]:
         except Exception as exc:  # a shape the compiler rejects (e.g. out of shared memory) is reported, not fatal
             t, e = float("nan"), repr(exc)[:120]
         d = {k: getattr(kc, k) for k in ("block_n", "programs_per_sm", "key_warps", "key_stages", "block_m",
-                                          "block_l", "query_warps", "query_stages", "fast_math")}
+                                          "block_l", "query_warps", "query_stages", "fast_math",
+                                          "gather_landmarks", "fused")}
+        d["regs_spills"] = {n: (getattr(ck, "n_regs", None), getattr(ck, "n_spills", None))
+                            for n, ck in hkr_fast.LAST_LAUNCH.items()}
         d.update(ms=t, diff_vs_default=e)
         print("  sweep", json.dumps(d), flush=True)
         res.append(d)

@@ -61,28 +61,50 @@ def _features(x, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, eps, F_REAL,
 
 
 @triton.jit
-def _hkr_key_pass(
-    k_ptr, v_ptr, skb, skh, skn, svb, svh, svn,
-    w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, feat_eps, F_REAL,
-    part_ptr, N, H, BLOCKS_PER_SPLIT,
-    sig_ptr, cfg_ptr, sig_val, cfg_val, c1w_ptr, c1b_ptr, c2w_ptr, c2b_ptr, cond_ptr, CH_REAL,
-    D: tl.constexpr, HID: tl.constexpr, FP: tl.constexpr, BLOCK_N: tl.constexpr, CH: tl.constexpr,
-    SC_SCALAR: tl.constexpr, FAST: tl.constexpr,
-):
-    """Grid ``(B*H, S)``. Writes ``part[s, b, h] = [KV (FP*D) | Ksum (FP)]`` fp32 and ``cond[b] [4, D]``."""
-    pid_bh = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    n_s = tl.num_programs(1)
-    b = pid_bh // H
-    h = pid_bh % H
+def _conditioner(bh, H, sig_ptr, cfg_ptr, sig_stride, cfg_stride, sig_val, cfg_val,
+                 c1w_ptr, c1b_ptr, c2w_ptr, c2b_ptr, cond_ptr, CH_REAL,
+                 D: tl.constexpr, CH: tl.constexpr, SIG_SCALAR: tl.constexpr, CFG_SCALAR: tl.constexpr):
+    """sigma/cfg conditioner of batch row ``bh // H``: ``[sigma, log1p(cfg)] -> SiLU(CH) -> 4D``;
+    writes ``cond[bh] = (1 + s_k, b_k, 1 + s_l, b_l)`` ``[4, D]`` fp32."""
+    b = bh // H
     offs_d = tl.arange(0, D)
-    offs_f = tl.arange(0, FP)
+    if SIG_SCALAR:
+        sg = sig_val
+    else:
+        sg = tl.load(sig_ptr + b * sig_stride)
+    if CFG_SCALAR:
+        cf = cfg_val
+    else:
+        cf = tl.load(cfg_ptr + b * cfg_stride)
+    x1 = tl.log2(1.0 + tl.maximum(cf, 0.0)) * 0.6931471805599453
+    offs_c = tl.arange(0, CH)
+    cm = offs_c < CH_REAL
+    hc = (tl.load(c1w_ptr + offs_c * 2, mask=cm, other=0.0) * sg
+          + tl.load(c1w_ptr + offs_c * 2 + 1, mask=cm, other=0.0) * x1
+          + tl.load(c1b_ptr + offs_c, mask=cm, other=0.0))
+    hc = hc / (1.0 + tl.exp(-hc))
+    for part in tl.static_range(4):
+        w = tl.load(c2w_ptr + (part * D + offs_d)[:, None] * CH_REAL + offs_c[None, :], mask=cm[None, :], other=0.0)
+        o = tl.sum(w * hc[None, :], axis=1) + tl.load(c2b_ptr + part * D + offs_d)
+        if part % 2 == 0:
+            o = o + 1.0
+        tl.store(cond_ptr + bh * 4 * D + part * D + offs_d, o)
+
+
+@triton.jit
+def _key_partial(k_ptr, v_ptr, skb, skh, skn, svb, svh, svn, bh, H, split, N, BLOCKS_PER_SPLIT,
+                 w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, feat_eps, F_REAL,
+                 D: tl.constexpr, HID: tl.constexpr, FP: tl.constexpr, BLOCK_N: tl.constexpr, FAST: tl.constexpr):
+    """``(KV [FP, D], Ksum [FP])`` fp32 over the keys of ``split`` (``BLOCKS_PER_SPLIT`` blocks)."""
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, D)
     k_base = k_ptr + b.to(tl.int64) * skb + h.to(tl.int64) * skh
     v_base = v_ptr + b.to(tl.int64) * svb + h.to(tl.int64) * svh
     kv = tl.zeros([FP, D], dtype=tl.float32)
     ks = tl.zeros([FP], dtype=tl.float32)
     for i in range(0, BLOCKS_PER_SPLIT):
-        offs_n = (pid_s * BLOCKS_PER_SPLIT + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = (split * BLOCKS_PER_SPLIT + i) * BLOCK_N + tl.arange(0, BLOCK_N)
         m = offs_n < N
         kt = tl.load(k_base + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :], mask=m[:, None], other=0.0)
         vt = tl.load(v_base + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :], mask=m[:, None], other=0.0)
@@ -91,66 +113,29 @@ def _hkr_key_pass(
         phi_r = tl.where(m[:, None], phi, 0.0).to(kt.dtype)
         ks += tl.sum(phi_r.to(tl.float32), axis=0)
         kv = tl.dot(tl.trans(phi_r), vt, kv)
-    out = part_ptr + (pid_s * tl.num_programs(0) + pid_bh).to(tl.int64) * (FP * D + FP)
-    tl.store(out + offs_f[:, None] * D + offs_d[None, :], kv)
-    tl.store(out + FP * D + offs_f, ks)
-
-    if (h == 0) & (pid_s == 0):
-        # sigma/cfg conditioner for batch row b: [sigma, log1p(cfg)] -> SiLU(32) -> 4D (scale-1, bias).
-        if SC_SCALAR:
-            sg = sig_val
-            cf = cfg_val
-        else:
-            sg = tl.load(sig_ptr + b)
-            cf = tl.load(cfg_ptr + b)
-        x1 = tl.log2(1.0 + tl.maximum(cf, 0.0)) * 0.6931471805599453
-        offs_c = tl.arange(0, CH)
-        cm = offs_c < CH_REAL
-        hc = (tl.load(c1w_ptr + offs_c * 2, mask=cm, other=0.0) * sg
-              + tl.load(c1w_ptr + offs_c * 2 + 1, mask=cm, other=0.0) * x1
-              + tl.load(c1b_ptr + offs_c, mask=cm, other=0.0))
-        hc = hc / (1.0 + tl.exp(-hc))
-        for part in tl.static_range(4):
-            w = tl.load(c2w_ptr + (part * D + offs_d)[:, None] * CH_REAL + offs_c[None, :], mask=cm[None, :], other=0.0)
-            o = tl.sum(w * hc[None, :], axis=1) + tl.load(c2b_ptr + part * D + offs_d)
-            if part % 2 == 0:
-                o = o + 1.0
-            tl.store(cond_ptr + b * 4 * D + part * D + offs_d, o)
+    return kv, ks
 
 
 @triton.jit
-def _hkr_query_pass(
-    q_ptr, k_ptr, v_ptr, o_ptr, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-    w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, feat_eps, F_REAL,
-    stats_ptr, cond_ptr, idx_ptr, L, NQ, H, qk_scale, denom_eps,
-    logit_ptr, gamma_ptr, alpha_max, logit_clamp,
-    D: tl.constexpr, HID: tl.constexpr, FP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
-    ADAPTIVE: tl.constexpr, FAST: tl.constexpr,
-):
-    """Grid ``(cdiv(NQ, BLOCK_M), B*H)``. ``stats [B, H, FP*D + FP]`` fp32 (summed key-pass partials),
-    ``cond [B, 4, D]`` fp32 (scale_k, bias_k, scale_l, bias_l), ``idx [L]`` int32 landmark token indices.
-    ``qk_scale = log2(e) / sqrt(D)``."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mm = offs_m < NQ
+def _landmarks(qt, k_ptr, v_ptr, skb, skh, skn, svb, svh, svn, bh, H, idx_ptr, L, qk_scale,
+               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, GATHERED: tl.constexpr):
+    """Online softmax of ``qt [BM, D]`` over the ``L`` landmark keys: ``(acc [BM, D], l [BM])`` fp32,
+    the output being ``acc / l``. ``GATHERED``: k/v hold the landmarks themselves (``idx`` unused)."""
+    b = bh // H
+    h = bh % H
     offs_d = tl.arange(0, D)
-    offs_f = tl.arange(0, FP)
-    q_base = q_ptr + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
     k_base = k_ptr + b.to(tl.int64) * skb + h.to(tl.int64) * skh
     v_base = v_ptr + b.to(tl.int64) * svb + h.to(tl.int64) * svh
-    qt = tl.load(q_base + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :], mask=mm[:, None], other=0.0)
-
-    # ---- landmark branch: online softmax over the L landmark keys.
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     for start in range(0, L, BLOCK_L):
         offs_l = start + tl.arange(0, BLOCK_L)
         lm = offs_l < L
-        tok = tl.load(idx_ptr + offs_l, mask=lm, other=0).to(tl.int64)
+        if GATHERED:
+            tok = offs_l.to(tl.int64)
+        else:
+            tok = tl.load(idx_ptr + offs_l, mask=lm, other=0).to(tl.int64)
         kl = tl.load(k_base + tok[None, :] * skn + offs_d[:, None], mask=lm[None, :], other=0.0)  # [D, BL]
         s = tl.dot(qt, kl) * qk_scale
         s = tl.where(lm[None, :], s, float("-inf"))
@@ -161,21 +146,37 @@ def _hkr_query_pass(
         vl = tl.load(v_base + tok[:, None] * svn + offs_d[None, :], mask=lm[:, None], other=0.0)  # [BL, D]
         acc = tl.dot(p.to(qt.dtype), vl, acc * corr[:, None])
         m_i = m_new
+    return acc, l_i
 
-    # ---- kernel branch statistics and conditioner.
-    st = stats_ptr + pid_bh.to(tl.int64) * (FP * D + FP)
-    ksum = tl.load(st + FP * D + offs_f)
-    cb = cond_ptr + b * 4 * D
-    s_k = tl.load(cb + offs_d)
-    b_k = tl.load(cb + D + offs_d)
-    s_l = tl.load(cb + 2 * D + offs_d)
-    b_l = tl.load(cb + 3 * D + offs_d)
-    kvm = tl.load(st + offs_f[:, None] * D + offs_d[None, :])  # [FP, D] fp32
 
-    phi = _features(qt, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, feat_eps, F_REAL, D, HID, FP, FAST)
+@triton.jit
+def _blend_store(qt, phi, acc, l_i, stats_ptr, cond_ptr, bh, H, o_ptr, sob, soh, son, offs_m, mm, denom_eps,
+                 logit_ptr, gamma_ptr, alpha_max, logit_clamp,
+                 D: tl.constexpr, FP: tl.constexpr, ADAPTIVE: tl.constexpr, CG: tl.constexpr):
+    """Normalised kernel apply, conditioner, alpha blend and the store of one query block.
+    ``CG``: read the statistics past L1 (they were written during this launch)."""
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, D)
+    offs_f = tl.arange(0, FP)
+    st = stats_ptr + bh.to(tl.int64) * (FP * D + FP)
+    cb = cond_ptr + bh * 4 * D
+    if CG:
+        ksum = tl.load(st + FP * D + offs_f, cache_modifier=".cg")
+        kvm = tl.load(st + offs_f[:, None] * D + offs_d[None, :], cache_modifier=".cg")  # [FP, D] fp32
+        s_k = tl.load(cb + offs_d, cache_modifier=".cg")
+        b_k = tl.load(cb + D + offs_d, cache_modifier=".cg")
+        s_l = tl.load(cb + 2 * D + offs_d, cache_modifier=".cg")
+        b_l = tl.load(cb + 3 * D + offs_d, cache_modifier=".cg")
+    else:
+        ksum = tl.load(st + FP * D + offs_f)
+        kvm = tl.load(st + offs_f[:, None] * D + offs_d[None, :])
+        s_k = tl.load(cb + offs_d)
+        b_k = tl.load(cb + D + offs_d)
+        s_l = tl.load(cb + 2 * D + offs_d)
+        b_l = tl.load(cb + 3 * D + offs_d)
     den = tl.sum(phi * ksum[None, :], axis=1) + denom_eps  # [BM]
     logit = tl.load(logit_ptr)
-
     if ADAPTIVE:
         out_k = tl.dot((phi / den[:, None]).to(qt.dtype), kvm.to(qt.dtype))
         out_k = out_k * s_k[None, :] + b_k[None, :]
@@ -199,3 +200,87 @@ def _hkr_query_pass(
     o_base = o_ptr + b.to(tl.int64) * sob + h.to(tl.int64) * soh
     tl.store(o_base + offs_m[:, None].to(tl.int64) * son + offs_d[None, :], res.to(o_ptr.dtype.element_ty),
              mask=mm[:, None])
+
+
+@triton.jit
+def _hkr_forward(
+    q_ptr, k_ptr, v_ptr, kl_ptr, vl_ptr, o_ptr,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, slkb, slkh, slkn, slvb, slvh, slvn, sob, soh, son,
+    qw1, qb1, qw2, qb2, qw3, qb3, kw1, kb1, kw2, kb2, kw3, kb3, feat_eps, F_REAL,
+    part_ptr, stats_ptr, cond_ptr, sync_ptr, idx_ptr, L, N, NQ, H, BH, SPLITS, BLOCKS_PER_SPLIT,
+    qk_scale, denom_eps, logit_ptr, gamma_ptr, alpha_max, logit_clamp,
+    sig_ptr, cfg_ptr, sig_stride, cfg_stride, sig_val, cfg_val, c1w_ptr, c1b_ptr, c2w_ptr, c2b_ptr, CH_REAL,
+    D: tl.constexpr, HID: tl.constexpr, FP: tl.constexpr, CH: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
+    MODE: tl.constexpr, ADAPTIVE: tl.constexpr, FAST: tl.constexpr, GATHERED: tl.constexpr,
+    SIG_SCALAR: tl.constexpr, CFG_SCALAR: tl.constexpr,
+):
+    """The student forward, 1-D grid. ``MODE`` 0: key pass only (``SPLITS * BH`` programs) writing fp32
+    partials ``part [SPLITS, BH, FP*D + FP]`` = ``[KV | Ksum]`` and ``cond [BH, 4, D]``; the caller sums
+    the partials into ``stats [BH, FP*D + FP]``. ``MODE`` 1: query pass only (``cdiv(NQ, BLOCK_M) * BH``
+    programs) reading ``stats`` and ``cond``. ``MODE`` 2: both in one launch, key programs first; the
+    last key program of a head sums that head's partials, writes ``stats`` and ``cond`` and raises
+    ``sync[BH + bh]``; query programs do their landmark softmax and feature MLP first and wait for the
+    flag only before the normalised apply (``sync [2 * BH]`` int32, zeroed by the caller: per-head
+    arrival counters, then ready flags). Key programs have the lowest ids so they are dispatched first
+    and never wait, which keeps the spin-wait free of deadlock.
+    ``qk_scale = log2(e) / sqrt(D)``; ``idx [L]`` int32 landmark token indices."""
+    pid = tl.program_id(0)
+    n_key = SPLITS * BH
+    if MODE == 1:
+        is_key = False
+        qpid = pid
+    else:
+        is_key = pid < n_key
+        qpid = pid - n_key
+    if is_key:
+        split = pid // BH
+        bh = pid % BH
+        kv, ks = _key_partial(k_ptr, v_ptr, skb, skh, skn, svb, svh, svn, bh, H, split, N, BLOCKS_PER_SPLIT,
+                              kw1, kb1, kw2, kb2, kw3, kb3, feat_eps, F_REAL, D, HID, FP, BLOCK_N, FAST)
+        offs_d = tl.arange(0, D)
+        offs_f = tl.arange(0, FP)
+        out = part_ptr + pid.to(tl.int64) * (FP * D + FP)
+        tl.store(out + offs_f[:, None] * D + offs_d[None, :], kv)
+        tl.store(out + FP * D + offs_f, ks)
+        if MODE == 0:
+            if split == 0:
+                _conditioner(bh, H, sig_ptr, cfg_ptr, sig_stride, cfg_stride, sig_val, cfg_val,
+                             c1w_ptr, c1b_ptr, c2w_ptr, c2b_ptr, cond_ptr, CH_REAL, D, CH, SIG_SCALAR, CFG_SCALAR)
+        else:
+            tl.debug_barrier()  # every thread's partial stores precede the release below
+            arrived = tl.atomic_add(sync_ptr + bh, 1, sem="acq_rel")
+            if arrived == SPLITS - 1:
+                # Last of this head: sum the partials (past L1: other SMs wrote them), publish.
+                kv = tl.zeros([FP, D], dtype=tl.float32)
+                ks = tl.zeros([FP], dtype=tl.float32)
+                for s_ in range(0, SPLITS):
+                    src = part_ptr + (s_ * BH + bh).to(tl.int64) * (FP * D + FP)
+                    kv += tl.load(src + offs_f[:, None] * D + offs_d[None, :], cache_modifier=".cg")
+                    ks += tl.load(src + FP * D + offs_f, cache_modifier=".cg")
+                dst = stats_ptr + bh.to(tl.int64) * (FP * D + FP)
+                tl.store(dst + offs_f[:, None] * D + offs_d[None, :], kv)
+                tl.store(dst + FP * D + offs_f, ks)
+                _conditioner(bh, H, sig_ptr, cfg_ptr, sig_stride, cfg_stride, sig_val, cfg_val,
+                             c1w_ptr, c1b_ptr, c2w_ptr, c2b_ptr, cond_ptr, CH_REAL, D, CH, SIG_SCALAR, CFG_SCALAR)
+                tl.debug_barrier()
+                tl.atomic_xchg(sync_ptr + BH + bh, 1, sem="release")
+    else:
+        n_mb = tl.cdiv(NQ, BLOCK_M)
+        bh = qpid // n_mb
+        pid_m = qpid % n_mb
+        b = bh // H
+        h = bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mm = offs_m < NQ
+        offs_d = tl.arange(0, D)
+        q_base = q_ptr + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+        qt = tl.load(q_base + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :], mask=mm[:, None], other=0.0)
+        acc, l_i = _landmarks(qt, kl_ptr, vl_ptr, slkb, slkh, slkn, slvb, slvh, slvn, bh, H, idx_ptr, L, qk_scale,
+                              D, BLOCK_M, BLOCK_L, GATHERED)
+        phi = _features(qt, qw1, qb1, qw2, qb2, qw3, qb3, feat_eps, F_REAL, D, HID, FP, FAST)
+        if MODE == 2:
+            while tl.atomic_add(sync_ptr + BH + bh, 0, sem="acquire") == 0:
+                pass
+        _blend_store(qt, phi, acc, l_i, stats_ptr, cond_ptr, bh, H, o_ptr, sob, soh, son, offs_m, mm, denom_eps,
+                     logit_ptr, gamma_ptr, alpha_max, logit_clamp, D, FP, ADAPTIVE, MODE == 2)
