@@ -417,3 +417,18 @@ def controller_node(model: Any, student_path: str | Path, controller_path: str |
                                    int(seed))
     holder = build_holder(art.layers, ready, decide, measure=measure, label=Path(student_path).name)
     return patch_model(model, holder)
+
+
+OFFLINE_COSINE_METRIC = "val_cos_sim"   # what the distill stage stores per layer in the student header
+
+
+def online_vs_offline(holder: RoutingHolder, metrics: dict[str, dict[str, Any]],
+                      metric: str = OFFLINE_COSINE_METRIC) -> dict[str, tuple[float, float | None]]:
+    """``{layer: (online cosine measured in ComfyUI, offline validation cosine from the artifact)}`` for a
+    ``measure=True`` run; both are means over (row, head, query token) of the cosine along ``D``."""
+    table = cosine_table(holder)
+    out = {}
+    for key, online in table.items():
+        off = metrics.get(key, {}).get(metric)
+        out[key] = (online, None if off is None else float(off))
+    return out

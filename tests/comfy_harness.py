@@ -242,3 +242,58 @@ def start_comfy(base: Path) -> Comfy:
 def load_pack(comfy: Comfy, pack_dir: Path = PACK_DIR) -> bool:
     """Load the node pack folder exactly as ComfyUI's startup does."""
     return asyncio.run(comfy.nodes.load_custom_node(str(pack_dir)))
+
+
+@dataclass
+class TeacherFile:
+    """The tiny teacher as the pipeline writes it: its folder, BFL single file, config and shape."""
+
+    folder: Path
+    path: Path
+    config: Any
+    num_heads: int
+    layer_keys: list[str]
+
+
+def tiny_teacher_file(tmp: Path) -> TeacherFile:
+    """Write the tiny teacher of ``params.yaml`` (section ``teacher``) into ``tmp``."""
+    from flux2ttr.config import load_section
+    from flux2ttr.teacher import SINGLE_FILE_NAME, TeacherConfig, write_tiny_teacher
+
+    cfg = load_section(TeacherConfig, "teacher", REPO / "params.yaml")
+    folder = write_tiny_teacher(cfg, tmp / "tiny")
+    keys = [f"double_blocks.{i}" for i in range(cfg.num_double)] + [f"single_blocks.{i}" for i in range(cfg.num_single)]
+    return TeacherFile(folder=folder, path=folder / SINGLE_FILE_NAME, config=cfg, num_heads=cfg.num_heads,
+                       layer_keys=keys)
+
+
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
+def ui_to_api(comfy: Comfy, workflow: dict[str, Any]) -> dict[str, Any]:
+    """Convert a UI-format workflow (what ComfyUI saves and opens) to an API-format prompt, the way the
+    frontend does: linked inputs become ``[node_id, slot]``; widget values are taken in the order of the
+    node's ``INPUT_TYPES`` (a widget with ``control_after_generate`` has one extra UI value after it)."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt: dict[str, Any] = {}
+    for node in workflow["nodes"]:
+        cls = comfy.nodes.NODE_CLASS_MAPPINGS[node["type"]]
+        types = cls.INPUT_TYPES()
+        linked = {i["name"]: links[i["link"]] for i in node.get("inputs", []) if i.get("link") is not None}
+        values = list(node.get("widgets_values", []))
+        pos = 0
+        inputs: dict[str, Any] = {}
+        for section in ("required", "optional"):
+            for name, spec in types.get(section, {}).items():
+                kind = spec[0]
+                opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                if name in linked:
+                    link = linked[name]
+                    inputs[name] = [str(link[1]), link[2]]
+                    if isinstance(kind, list) or kind in WIDGET_TYPES:
+                        pos += 1 + bool(opts.get("control_after_generate"))  # a converted widget keeps its slot
+                elif (isinstance(kind, list) or kind in WIDGET_TYPES) and pos < len(values):
+                    inputs[name] = values[pos]
+                    pos += 1 + bool(opts.get("control_after_generate"))
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt

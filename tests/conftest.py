@@ -15,3 +15,11 @@ def comfy(tmp_path_factory):
     instance = comfy_harness.start_comfy(tmp_path_factory.mktemp("comfyui"))
     assert comfy_harness.load_pack(instance), "nodes.load_custom_node failed on comfy_nodes/ (see the log above)"
     return instance
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    """The tiny FLUX.2 teacher as a single-file safetensors (what UNETLoader loads)."""
+    import comfy_harness
+
+    return comfy_harness.tiny_teacher_file(tmp_path_factory.mktemp("teacher"))
