@@ -151,7 +151,7 @@ def _landmarks(qt, k_ptr, v_ptr, skb, skh, skn, svb, svh, svn, bh, H, idx_ptr, L
 
 @triton.jit
 def _blend_store(qt, phi, acc, l_i, stats_ptr, cond_ptr, bh, H, o_ptr, sob, soh, son, offs_m, mm, denom_eps,
-                 logit_ptr, gamma_ptr, alpha_max, logit_clamp,
+                 alpha_ptr, alpha_max, logit_clamp,
                  D: tl.constexpr, FP: tl.constexpr, ADAPTIVE: tl.constexpr, CG: tl.constexpr):
     """Normalised kernel apply, conditioner, alpha blend and the store of one query block.
     ``CG``: read the statistics past L1 (they were written during this launch)."""
@@ -176,7 +176,7 @@ def _blend_store(qt, phi, acc, l_i, stats_ptr, cond_ptr, bh, H, o_ptr, sob, soh,
         s_l = tl.load(cb + 2 * D + offs_d)
         b_l = tl.load(cb + 3 * D + offs_d)
     den = tl.sum(phi * ksum[None, :], axis=1) + denom_eps  # [BM]
-    logit = tl.load(logit_ptr)
+    logit = tl.load(alpha_ptr)  # [alpha_logit, alpha_gamma]
     if ADAPTIVE:
         out_k = tl.dot((phi / den[:, None]).to(qt.dtype), kvm.to(qt.dtype))
         out_k = out_k * s_k[None, :] + b_k[None, :]
@@ -184,7 +184,7 @@ def _blend_store(qt, phi, acc, l_i, stats_ptr, cond_ptr, bh, H, o_ptr, sob, soh,
         dot = tl.sum(out_k * out_l, axis=1)
         nn = tl.sum(out_k * out_k, axis=1) * tl.sum(out_l * out_l, axis=1)
         cos = dot / tl.sqrt(tl.maximum(nn, denom_eps * denom_eps))
-        lg = logit + tl.load(gamma_ptr) * (0.5 - cos)
+        lg = logit + tl.load(alpha_ptr + 1) * (0.5 - cos)
         lg = tl.minimum(tl.maximum(lg, -logit_clamp), logit_clamp)
         a = alpha_max / (1.0 + tl.exp(-lg))  # [BM]
         res = out_k + a[:, None] * (out_l - out_k)
@@ -208,7 +208,7 @@ def _hkr_forward(
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, slkb, slkh, slkn, slvb, slvh, slvn, sob, soh, son,
     qw1, qb1, qw2, qb2, qw3, qb3, kw1, kb1, kw2, kb2, kw3, kb3, feat_eps, F_REAL,
     part_ptr, stats_ptr, cond_ptr, sync_ptr, idx_ptr, L, N, NQ, H, BH, SPLITS, BLOCKS_PER_SPLIT,
-    qk_scale, denom_eps, logit_ptr, gamma_ptr, alpha_max, logit_clamp,
+    qk_scale, denom_eps, alpha_ptr, alpha_max, logit_clamp,
     sig_ptr, cfg_ptr, sig_stride, cfg_stride, sig_val, cfg_val, c1w_ptr, c1b_ptr, c2w_ptr, c2b_ptr, CH_REAL,
     D: tl.constexpr, HID: tl.constexpr, FP: tl.constexpr, CH: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
@@ -283,4 +283,4 @@ def _hkr_forward(
             while tl.atomic_add(sync_ptr + BH + bh, 0, sem="acquire") == 0:
                 pass
         _blend_store(qt, phi, acc, l_i, stats_ptr, cond_ptr, bh, H, o_ptr, sob, soh, son, offs_m, mm, denom_eps,
-                     logit_ptr, gamma_ptr, alpha_max, logit_clamp, D, FP, ADAPTIVE, MODE == 2)
+                     alpha_ptr, alpha_max, logit_clamp, D, FP, ADAPTIVE, MODE == 2)
