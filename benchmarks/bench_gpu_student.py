@@ -199,13 +199,13 @@ def sweep(layer, q, k, v, args, side, sigma) -> list[dict]:
     """Time launch-shape variants of the fused path (same inputs); checks each against the default."""
     base = hkr_fast.KERNEL
     grid = []
-    for bm, bl, qw, qs, ga, fu, pps in [
-        (128, 64, 8, 2, False, False, 2), (128, 128, 8, 2, True, False, 2), (128, 64, 8, 2, False, True, 2),
-        (128, 128, 8, 2, False, True, 2), (128, 128, 8, 2, True, True, 2), (128, 128, 8, 2, False, True, 3),
-        (128, 128, 8, 1, False, True, 2),
+    big = 1 << 40  # gather_min_tokens that never gathers
+    for bm, bl, qw, qs, gmin, fu, pps in [
+        (128, 128, 8, 2, big, True, 2), (128, 128, 8, 2, 0, True, 2), (128, 128, 8, 2, 0, False, 2),
+        (128, 64, 8, 2, big, True, 2), (128, 128, 8, 2, big, True, 3),
     ]:
         grid.append(dataclasses.replace(base, block_m=bm, block_l=bl, query_warps=qw, query_stages=qs,
-                                        gather_landmarks=ga, fused=fu, programs_per_sm=pps))
+                                        gather_min_tokens=gmin, fused=fu, programs_per_sm=pps))
     ref = hkr_fast.fast_forward(layer, q, k, v, args.n_cond, sigma, 3.5, height=side, width=side).float()
     res = []
     for kc in grid:
@@ -220,7 +220,7 @@ def sweep(layer, q, k, v, args, side, sigma) -> list[dict]:
             t, e = float("nan"), repr(exc)[:120]
         d = {k: getattr(kc, k) for k in ("block_n", "programs_per_sm", "key_warps", "key_stages", "block_m",
                                           "block_l", "query_warps", "query_stages", "fast_math",
-                                          "gather_landmarks", "fused")}
+                                          "gather_min_tokens", "fused")}
         d["regs_spills"] = {n: (getattr(ck, "n_regs", None), getattr(ck, "n_spills", None))
                             for n, ck in hkr_fast.LAST_LAUNCH.items()}
         d.update(ms=t, diff_vs_default=e, host_us=host_us(f) if t == t else None)

@@ -29,20 +29,21 @@ LAST_LAUNCH: dict = {}  # the compiled kernels of the latest call (benchmarks re
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Launch shapes of the two passes (tuned on an H100, see benchmarks/GPU_NOTES.md)."""
+    """Launch shapes of the fused forward (tuned on an H100; see benchmarks/GPU_NOTES.md)."""
 
-    block_n: int = 128  # keys per step of the key pass
-    programs_per_sm: int = 2  # key-pass programs ~ this * multiprocessors (split of the key axis)
-    key_warps: int = 8
-    key_stages: int = 2
-    block_m: int = 128  # queries per program of the query pass
-    block_l: int = 64  # landmark keys per online-softmax step
-    query_warps: int = 8
-    query_stages: int = 2
+    block_n: int = 128  # keys per step of the key programs
+    programs_per_sm: int = 2  # key programs ~ this * multiprocessors (split of the key axis per head)
+    key_warps: int = 8  # warps of the key pass (two-launch mode only)
+    key_stages: int = 2  # software-pipelining depth of the key pass (two-launch mode only)
+    block_m: int = 128  # queries per query program
+    block_l: int = 128  # landmark keys per online-softmax step
+    query_warps: int = 8  # warps per program (fused mode: key programs too)
+    query_stages: int = 2  # 3 runs out of shared memory (228 KB) at these shapes
     block_m_adaptive: int = 64  # adaptive alpha keeps both branch tiles live: smaller query blocks
+    adaptive_warps: int = 4  # warps per program when adaptive_alpha
     fast_math: bool = True  # SiLU through tanh.approx (one MUFU op); off under the interpreter
-    gather_landmarks: bool = False  # copy landmark k/v to contiguous buffers first (else gather in-kernel)
-    fused: bool = False  # one launch: key programs first, query programs wait on per-head flags
+    gather_min_tokens: int = 16384  # from this many keys on, copy landmark k/v to contiguous buffers
+    fused: bool = True  # one launch: key programs first, query programs wait on per-head flags
 
 
 KERNEL = KernelConfig()
@@ -245,12 +246,14 @@ def fast_forward(
     c1w, c1b, c2w, c2b = prep.cond
     ch = c1w.shape[0]
     out = torch.empty(b, h, nq, d, dtype=q.dtype, device=dev)
-    if kc.gather_landmarks:
+    gather = n >= kc.gather_min_tokens
+    if gather:
         kl, vl = k.index_select(2, idx), v.index_select(2, idx)
     else:
         kl, vl = k, v
     adaptive = bool(c.adaptive_alpha)
     bm = kc.block_m_adaptive if adaptive else kc.block_m
+    q_warps = kc.adaptive_warps if adaptive else kc.query_warps
     n_query = -(-nq // bm) * b * h
     stats = part if splits == 1 else torch.empty(b * h, prep.fp * d + prep.fp, dtype=torch.float32, device=dev)
     sync = torch.zeros(2 * b * h, dtype=torch.int32, device=dev) if kc.fused else cond
@@ -266,17 +269,17 @@ def fast_forward(
         c1w, c1b, c2w, c2b, ch,
     ]
     meta = dict(D=d, HID=prep.hid, FP=prep.fp, CH=_pow2(ch), BLOCK_N=kc.block_n, BLOCK_M=bm, BLOCK_L=kc.block_l,
-                ADAPTIVE=adaptive, FAST=fast_math, GATHERED=kc.gather_landmarks,
+                ADAPTIVE=adaptive, FAST=fast_math, GATHERED=gather,
                 SIG_SCALAR=sig_t is None, CFG_SCALAR=cfg_t is None)
     fn = kt._hkr_forward
     if kc.fused:
         LAST_LAUNCH["fused"] = _launch(fn, splits * b * h + n_query, args, dict(meta, MODE=2),
-                                       kc.query_warps, kc.query_stages)
+                                       q_warps, kc.query_stages)
     else:
         LAST_LAUNCH["key"] = _launch(fn, splits * b * h, args, dict(meta, MODE=0), kc.key_warps, kc.key_stages)
         if splits > 1:
             torch.sum(part, dim=0, out=stats)
-        LAST_LAUNCH["query"] = _launch(fn, n_query, args, dict(meta, MODE=1), kc.query_warps, kc.query_stages)
+        LAST_LAUNCH["query"] = _launch(fn, n_query, args, dict(meta, MODE=1), q_warps, kc.query_stages)
     return out
 
 
