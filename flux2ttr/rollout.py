@@ -62,7 +62,7 @@ class RolloutConfig:
     height: int = 128  # pixels (multiple of 16)
     width: int = 128  # pixels (multiple of 16)
     mu: float | None = None  # schedule shift; None = FLUX.2's empirical fit
-    batch_size: int = 4  # prompts per teacher call
+    batch_size: int = 1  # prompts per teacher call; 1 matches the batch-1 student rollouts bit for bit
     out_dir: str = "rollouts/teacher"
 
     def __post_init__(self) -> None:
