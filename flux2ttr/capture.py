@@ -101,7 +101,8 @@ class CaptureObserver:
 
     def __init__(self, writer: TraceWriter, cfg: CaptureConfig, steps: list[int]) -> None:
         self.writer, self.cfg, self.steps = writer, cfg, set(steps)
-        self.seconds = 0.0  # time spent here (the capture overhead beyond sampling)
+        self.seconds = 0.0  # wall time spent here (the capture overhead beyond sampling)
+        self.cpu_seconds = 0.0  # process CPU time spent here
 
     def __call__(self, key: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  n_cond: int, state: RunState | None) -> None:
@@ -109,7 +110,7 @@ class CaptureObserver:
             raise RuntimeError(f"{key}: capture needs router.state (sigma, step, prompt, seed)")
         if state.step not in self.steps:
             return
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         B, _, N, _ = q.shape
         for b in range(B):
             prompt, sample_seed = int(state.prompt_index[b]), int(state.seed[b])
@@ -121,6 +122,7 @@ class CaptureObserver:
                 w=int(state.width), prompt=prompt, step=int(state.step), seed=sample_seed,
             ))
         self.seconds += time.perf_counter() - start
+        self.cpu_seconds += time.process_time() - cpu_start
 
 
 def _sha256_file(path: Path) -> str:
@@ -150,7 +152,7 @@ def capture(teacher: Any, prompts: list[str], cfg: CaptureConfig, sampler_cfg: A
                     "sha256": _sha256_file(Path(prompts_file)) if prompts_file else None},
     }
     router = AttentionRouter(include_double=any(k.startswith("double_") for k in layers))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with TraceWriter(cfg.store, attrs=attrs, budget_bytes=int(cfg.budget_mib * MIB),
                      storage_dtype=cfg.storage_dtype, seed=cfg.seed, shard_bytes=int(cfg.shard_mib * MIB),
                      zstd_level=cfg.zstd_level) as writer:
@@ -165,7 +167,7 @@ def capture(teacher: Any, prompts: list[str], cfg: CaptureConfig, sampler_cfg: A
             bar.update(len(batch))
             bar.set_postfix(kept=writer.kept, offered=writer.offered)
         bar.close()
-        t_sample = time.perf_counter() - t0
+        t_sample, c_sample = time.perf_counter() - t0, time.process_time() - c0
         writer.close(progress=progress)
     store = TraceStore.open(cfg.store)
     res = store.attrs["reservoir"]
@@ -174,7 +176,9 @@ def capture(teacher: Any, prompts: list[str], cfg: CaptureConfig, sampler_cfg: A
         "offered": res["offered"], "kept": res["kept"], "kept_mib": res["kept_bytes"] / MIB,
         "disk_mib": store.nbytes_on_disk() / MIB, "files": store.file_count(),
         "seconds_sampling": t_sample, "seconds_observer": observer.seconds,
+        "cpu_seconds_observer": observer.cpu_seconds,
         "seconds_total": time.perf_counter() - t0,
+        "cpu_seconds_sampling": c_sample, "cpu_seconds_total": time.process_time() - c0,
     }
 
 
