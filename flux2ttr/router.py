@@ -192,7 +192,10 @@ class AttentionRouter:
 
     def add_observer(self, fn: Observer, layers: Iterable[str] | None = None) -> Callable[[], None]:
         """Register ``fn(key, q, k, v, out, n_cond, state)`` (``[B, H, N, D]`` tensors, ``out`` the native
-        softmax output) for ``layers`` (all when None). Returns a function that removes it."""
+        softmax output) for ``layers`` (all when None). Returns a function that removes it.
+
+        The tensors are transposed views of the model's own buffers: copy (``.contiguous()``/``.clone()``)
+        what you keep. An observed layer that is routed to a student still reports the native output."""
         entry = (fn, None if layers is None else frozenset(layer_key(k) for k in layers))
         self._observers.append(entry)
 
