@@ -164,3 +164,18 @@ def test_router_errors(teacher, inputs):
         _run(teacher, inputs, router=bad)
     with pytest.raises(RouterError, match="no FLUX.2 attention blocks"):
         AttentionRouter().install(torch.nn.Linear(2, 2))
+
+
+def test_hkr_student_runs_through_the_router(teacher, inputs):
+    """The project's real student layer plugs into the router's call as it is."""
+    from flux2ttr.hkr import HKRConfig, HKRLayer
+
+    student = HKRLayer(HKRConfig(), num_heads=teacher.num_heads)
+    router = AttentionRouter()
+    router.set_students({"single_blocks.1": student})
+    router.set_route({"single_blocks.1"})
+    ref = _run(teacher, inputs)
+    out = _run(teacher, inputs, router=router, state=_state())
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert router.calls == {"single_blocks.1": 1}
+    assert (out - ref).abs().max() > 0  # an untrained student differs from softmax
