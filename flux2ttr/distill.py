@@ -55,7 +55,7 @@ from flux2ttr.contract import layer_sort_key
 from flux2ttr.hkr import HKRConfig, HKRLayer
 from flux2ttr.losses import KendallDistillLoss
 from flux2ttr.readiness import Readiness
-from flux2ttr.trace_loader import BatchPlanner, PrefetchLoader, Split, layer_seed, split_by_prompt
+from flux2ttr.trace_loader import BatchPlanner, PrefetchLoader, Split, layer_seed, read_batch, split_by_prompt
 from flux2ttr.traces import TraceStore, TraceStoreError
 
 _BATCH_TENSORS = ("q_sub", "k", "v", "teacher_sub", "sigma", "cfg")
@@ -99,7 +99,9 @@ class DistillConfig:
     seed: int = 0  # student init, data order, layer selection, validation split
     prefetch_steps: int = 4  # steps of batches read ahead of training
     reader_threads: int = 2  # threads reading the zarr store
-    torch_threads: int = 0  # torch intra-op threads; 0 = torch's default
+    torch_threads: int = 1  # torch intra-op threads (0 = torch default); 1 leaves a core to the readers and
+    # avoids OpenMP spin contention on a busy machine (2 threads were 5-20x slower on a shared 2-core box)
+    device: str = "cpu"  # where students train ("cuda" on a GPU machine); the store is read on the CPU
     progress: bool = True  # tqdm progress bar
 
     def __post_init__(self) -> None:
@@ -123,24 +125,38 @@ class DistillConfig:
 # ------------------------------------------------------------------------------------------ teacher check
 
 
-def expected_teacher_identity(params_path: str | Path) -> dict[str, Any] | None:
-    """The teacher identity the ``teacher`` params section names, from :mod:`flux2ttr.teacher`.
+TEACHER_IDENTITY_KEYS = ("kind", "sha256")  # what must agree: the teacher kind and its weights' hash
 
-    Returns ``None`` when that module offers no identity function (then the store's teacher cannot be
-    checked against params, only its presence).
+
+def expected_teacher_identity(params_path: str | Path) -> dict[str, Any]:
+    """``{"kind", "sha256"}`` of the teacher the ``teacher`` params section names.
+
+    tiny: the sha256 of ``<teacher.out_dir>/flux2_tiny.safetensors`` (what capture records);
+    diffusers: ``<teacher.out_dir>/identity.json`` written by the teacher stage, else computed from the
+    transformer path. A missing teacher is a :class:`DistillError` (the store cannot be checked).
     """
-    try:
-        from flux2ttr import teacher as teacher_mod  # noqa: PLC0415  (optional until the teacher stage exists)
-    except ImportError:
-        return None
-    fn = getattr(teacher_mod, "expected_identity", None)
-    if fn is None:
-        return None
-    return dict(fn(Path(params_path)))
+    from flux2ttr import teacher as tmod  # noqa: PLC0415  (loads diffusers lazily itself)
+
+    tcfg = load_section(tmod.TeacherConfig, "teacher", params_path)
+    folder = Path(tcfg.out_dir)
+    ident_file = folder / tmod.IDENTITY_FILE_NAME
+    if tcfg.kind == "tiny":
+        single = folder / tmod.SINGLE_FILE_NAME
+        if single.is_file():
+            return {"kind": "tiny", "sha256": tmod.file_sha256(single)}
+        raise DistillError(f"{single}: tiny teacher not found, so the trace store cannot be checked against it; "
+                           "run `flux2ttr teacher` (or `dvc repro teacher`)")
+    if ident_file.is_file():
+        ident = json.loads(ident_file.read_text())
+    else:
+        ident = tmod.diffusers_identity(tcfg)
+    return {k: ident.get(k) for k in TEACHER_IDENTITY_KEYS}
 
 
 def check_store(store: TraceStore, expected_teacher: dict[str, Any] | None) -> None:
-    """Refuse a store without tuples or captured from another teacher (before any training)."""
+    """Refuse a store without tuples or captured from another teacher (before any training).
+
+    ``expected_teacher``: the store's ``teacher`` attribute must agree on every key of it."""
     if not store.layers or store.count() == 0:
         raise DistillError(f"{store.path}: the trace store holds no tuples; rerun `flux2ttr capture` "
                            "(check capture.layers, capture.steps and capture.budget_mib)")
@@ -213,8 +229,8 @@ class LayerState:
 def _build_layer(key: str, cfg: DistillConfig, hkr: HKRConfig, num_heads: int) -> LayerState:
     # Init depends only on (seed, layer key): the same student whatever the rank layout.
     torch.manual_seed((int(cfg.seed) * 1_000_003 + layer_seed(key)) % (2**63 - 1))
-    student = HKRLayer(hkr, num_heads=num_heads)
-    loss = KendallDistillLoss.from_config(hkr)
+    student = HKRLayer(hkr, num_heads=num_heads).to(cfg.device)
+    loss = KendallDistillLoss.from_config(hkr).to(cfg.device)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                             eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     loss_opt = torch.optim.Adam(loss.parameters(), lr=cfg.loss_lr)
@@ -247,9 +263,14 @@ def _warmup_lr(cfg: DistillConfig, updates: int) -> float:
     return cfg.lr * min(1.0, (updates + 1) / cfg.warmup_steps)
 
 
+def _to(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def train_step(st: LayerState, batch: dict[str, torch.Tensor], cfg: DistillConfig) -> bool:
     """One update of one layer; returns False (and counts it) when the batch or its loss/gradients
     are not finite, in which case nothing changes."""
+    batch = _to(batch, cfg.device)
     if not _finite(batch):
         st.skipped_nonfinite += 1
         return False
@@ -298,7 +319,7 @@ def load_val_batches(store: TraceStore, split: Split, layer: str, cfg: DistillCo
     for n in sorted({n for n, _ in chosen}):
         rows = [r for m, r in chosen if m == n]
         for s in range(0, len(rows), cfg.val_batch_size):
-            out.append(store.read(layer, n, rows[s:s + cfg.val_batch_size]))
+            out.append(read_batch(store, layer, n, rows[s:s + cfg.val_batch_size]))
     return out
 
 
@@ -310,10 +331,11 @@ def validation_metrics(student: HKRLayer, batches: list[dict[str, torch.Tensor]]
     cos_d, rel = [], []
     sq_err = sq_ref = 0.0
     tuples = 0
+    device = next(student.parameters()).device
     for b in batches:
         if not _finite(b):
             continue
-        s = student_forward(student, b).double()
+        s = student_forward(student, _to(b, str(device))).cpu().double()  # metrics in fp64 on the CPU
         t = b["teacher_sub"].double()
         cos_d.append((1.0 - F.cosine_similarity(s, t, dim=-1, eps=1e-12)).flatten())
         rel.append(((s - t).norm(dim=-1) / t.norm(dim=-1).clamp_min(1e-12)).flatten())
@@ -357,7 +379,7 @@ def _fingerprint(cfg: DistillConfig, hkr: HKRConfig, store: TraceStore, layers: 
     count, I/O, validation size or readiness rules, which may change between a run and its resume)."""
     skip = {"steps", "resume", "progress", "checkpoint_every", "val_every", "artifact", "metrics", "plots_dir",
             "checkpoint_dir", "prefetch_steps", "reader_threads", "torch_threads", "val_max_tuples",
-            "val_batch_size", "ema_decay", "readiness_threshold", "readiness_hysteresis", "min_updates"}
+            "val_batch_size", "ema_decay", "readiness_threshold", "readiness_hysteresis", "min_updates", "device"}
     train = {k: v for k, v in to_dict(cfg).items() if k not in skip}
     blob = json.dumps({"distill": train, "hkr": to_dict(hkr), "store": store.attrs, "layers": layers,
                        "rank": rank, "world": world}, sort_keys=True, default=str)
@@ -690,9 +712,9 @@ def train(
             import torch.distributed as dist  # noqa: PLC0415
 
             holder = states[key].student if owner == rank else _build_layer(key, cfg, hkr, num_heads).student
-            flat = torch.nn.utils.parameters_to_vector(holder.parameters()).detach().clone()
-            dist.broadcast(flat, src=owner)
-            torch.nn.utils.vector_to_parameters(flat, holder.parameters())
+            flat = torch.nn.utils.parameters_to_vector(holder.parameters()).detach().to("cpu").clone()
+            dist.broadcast(flat, src=owner)  # gloo: CPU tensors
+            torch.nn.utils.vector_to_parameters(flat.to(cfg.device), holder.parameters())
             students[key] = holder
         all_history = [r for part in _all_gather_json(history, world) for r in part]
         counts = _all_gather_json({"tuples_trained": tuples_trained, "train_seconds": t_train}, world)

@@ -5,6 +5,7 @@ validation metrics against an fp64 reference, and the torchrun (gloo, 2 processe
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -281,18 +282,33 @@ def test_config_rejects_bad_values():
         DistillConfig(val_fraction=1.0)
 
 
-def test_run_stage_reads_params(tmp_path, store, monkeypatch):
+def test_run_stage_checks_the_params_teacher(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    params = {"hkr": dataclasses.asdict(HKR),
-              "distill": {"store": str(store), "steps": 4, "val_every": 4, "checkpoint_every": 4, "batch_size": 2,
-                          "progress": False, "min_updates": 1, "readiness_threshold": 0.5},
+    teacher_file = Path("teachers/tiny/flux2_tiny.safetensors")  # only its sha256 matters here
+    teacher_file.parent.mkdir(parents=True)
+    teacher_file.write_bytes(b"tiny teacher weights v1")
+    sha = hashlib.sha256(teacher_file.read_bytes()).hexdigest()
+    make_store(Path("traces/capture.zarr"), layers=LAYERS[:2], prompts=3, steps=2,
+               teacher={"kind": "tiny", "sha256": sha, "file": "flux2_tiny.safetensors"})
+    params = {"teacher": {"kind": "tiny", "out_dir": "teachers/tiny"}, "hkr": dataclasses.asdict(HKR),
+              "distill": {"steps": 4, "val_every": 4, "checkpoint_every": 4, "batch_size": 2, "progress": False,
+                          "min_updates": 1, "readiness_threshold": 0.5},
               "comet": {}}
     Path("params.yaml").write_text(yaml.safe_dump(params))
     run_stage(Path("params.yaml"))
     m = json.loads(Path("metrics/distill.json").read_text())
-    assert m["summary"]["steps"] == 4 and set(m["layers"]) == set(LAYERS)
-    assert Path("artifacts/flux2_ttr.safetensors").is_file()
+    assert m["summary"]["steps"] == 4 and set(m["layers"]) == set(LAYERS[:2])
+    assert load_students("artifacts/flux2_ttr.safetensors").header["teacher"]["sha256"] == sha
     assert Path("plots/distill/val_cos_dist_ema.csv").is_file()
+    # the teacher named by params changes: the store is refused before training
+    teacher_file.write_bytes(b"tiny teacher weights v2")
+    Path("metrics/distill.json").unlink()
+    with pytest.raises(DistillError, match="another teacher than params.yaml names"):
+        run_stage(Path("params.yaml"))
+    assert not Path("metrics/distill.json").exists()
+    teacher_file.unlink()
+    with pytest.raises(DistillError, match="tiny teacher not found"):
+        run_stage(Path("params.yaml"))
 
 
 WORKER = textwrap.dedent("""

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from flux2ttr.trace_loader import BatchPlanner, PrefetchLoader, split_by_prompt
+from flux2ttr.trace_loader import BatchPlanner, PrefetchLoader, read_batch, split_by_prompt
 from flux2ttr.traces import TraceStore, TraceTuple, TraceWriter
 
 TEACHER = {"name": "unit-teacher", "sha256": "abc123"}
@@ -176,3 +176,23 @@ def test_prefetch_loader_stops_early_and_surfaces_errors(store_path, tmp_path):
     with PrefetchLoader(store, planner, stop_step=5) as loader:
         with pytest.raises(KeyError, match="999"):
             list(loader)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_read_batch_equals_store_read(tmp_path, dtype):
+    gen = torch.Generator().manual_seed(4)
+    path = tmp_path / f"{dtype}.zarr"
+    with TraceWriter(path, attrs={"teacher": TEACHER}, budget_bytes=1 << 30, storage_dtype=dtype, seed=0,
+                     shard_bytes=3 * 2 * 20 * 16 * 2) as w:  # about 3 tuples per shard: runs cross shards
+        for p in range(12):
+            w.offer("single_blocks.0", make_tuple(gen, heads=2, n_cond=4, hgrid=4, wgrid=4, nq=6, d=16, prompt=p,
+                                                  step=0, seed=0, qk_scale=1.0))
+    store = TraceStore.open(path)
+    for rows in ([5], [0, 1, 2, 3, 4, 5, 6], [11, 2, 3, 2, 7, 8], list(range(12))[::-1]):
+        fast = read_batch(store, "single_blocks.0", 20, rows)
+        ref = store.read("single_blocks.0", 20, rows)
+        assert fast.keys() == ref.keys()
+        for name in ref:
+            assert fast[name].dtype == ref[name].dtype and torch.equal(fast[name], ref[name]), (rows, name)
+    with pytest.raises(IndexError):
+        read_batch(store, "single_blocks.0", 20, [12])
