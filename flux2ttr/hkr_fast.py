@@ -39,8 +39,8 @@ class KernelConfig:
     block_l: int = 128  # landmark keys per online-softmax step
     query_warps: int = 8  # warps per program (fused mode: key programs too)
     query_stages: int = 2  # 3 runs out of shared memory (228 KB) at these shapes
-    block_m_adaptive: int = 64  # adaptive alpha keeps both branch tiles live: smaller query blocks
-    adaptive_warps: int = 4  # warps per program when adaptive_alpha
+    block_m_adaptive: int = 128  # queries per program when adaptive_alpha (64 with 4 warps: 1.6x slower)
+    adaptive_warps: int = 8  # warps per program when adaptive_alpha
     fast_math: bool = True  # SiLU through tanh.approx (one MUFU op); off under the interpreter
     gather_min_tokens: int = 16384  # from this many keys on, copy landmark k/v to contiguous buffers
     fused: bool = True  # one launch: key programs first, query programs wait on per-head flags
