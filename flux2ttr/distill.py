@@ -535,11 +535,11 @@ class _Comet:
             flat[f"{key}/ready"] = float(bool(m.get("ready")))
         flat["ready_layers"] = float(sum(1 for m in layer_metrics.values() if m.get("ready")))
         flat["pareto_frontier"] = pareto_frontier(layer_metrics)
-        self._call("log_metrics", flat, step=step)
+        self._call("log_metrics", flat, step=step, force=True)
         for name in ("val_cos_dist", "val_nmse", "val_p95_err"):
             vals = [float(m[name]) for m in layer_metrics.values() if name in m]
             if vals:
-                self._call("log_quantiles", name, vals, step=step)
+                self._call("log_quantiles", name, vals, step=step, force=True)
 
     def artifact(self, path: Path) -> None:
         self._call("log_asset", path)
@@ -749,7 +749,6 @@ def train(
             _atomic_text(Path(cfg.metrics), json.dumps({"summary": summary, "layers": metrics_ser}, indent=2,
                                                        sort_keys=True) + "\n")
             write_plots(Path(cfg.plots_dir), all_history, all_layers)
-            comet.validation(step, merged)
             comet.artifact(Path(cfg.artifact))
             comet.end()
             for line in summary_lines(merged, cfg.readiness_threshold):

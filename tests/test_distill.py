@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -293,11 +294,21 @@ def test_run_stage_checks_the_params_teacher(tmp_path, monkeypatch):
     params = {"teacher": {"kind": "tiny", "out_dir": "teachers/tiny"}, "hkr": dataclasses.asdict(HKR),
               "distill": {"steps": 4, "val_every": 4, "checkpoint_every": 4, "batch_size": 2, "progress": False,
                           "min_updates": 1, "readiness_threshold": 0.5},
-              "comet": {}}
+              "comet": {"offline": True, "offline_directory": "comet_offline"}}
     Path("params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.delenv("COMET_API_KEY", raising=False)
     run_stage(Path("params.yaml"))
     m = json.loads(Path("metrics/distill.json").read_text())
     assert m["summary"]["steps"] == 4 and set(m["layers"]) == set(LAYERS[:2])
+    # comet offline archive: per-layer metrics, cross-layer quantiles, pareto frontier, the artifact
+    (archive,) = Path("comet_offline").glob("*.zip")
+    with zipfile.ZipFile(archive) as z:
+        text = "".join(z.read(n).decode("utf-8", "replace") for n in z.namelist() if not n.endswith(".safetensors"))
+        names = z.namelist()
+    for needle in ("single_blocks.1/val_cos_dist", "single_blocks.0/alpha_sigmoid", "single_blocks.0/log_var_huber",
+                   "single_blocks.1/log_var_cosine", "val_cos_dist/p75", "pareto_frontier"):
+        assert needle in text, needle
+    assert any("flux2_ttr.safetensors" in n for n in names) or "flux2_ttr.safetensors" in text
     assert load_students("artifacts/flux2_ttr.safetensors").header["teacher"]["sha256"] == sha
     assert Path("plots/distill/val_cos_dist_ema.csv").is_file()
     # the teacher named by params changes: the store is refused before training
