@@ -304,7 +304,6 @@ def build_tiny_transformer(cfg: TeacherConfig):
             raise TeacherError(f"unexpected parameter {name} {tuple(p.shape)} in Flux2Transformer2DModel")
 
     hidden = model.inner_dim
-    H, D = cfg.num_heads, FLUX2_HEAD_DIM
 
     # 1. temb channel 0 == time_const for every timestep (and every guidance value).
     tge = model.time_guidance_embed
@@ -377,7 +376,6 @@ def build_tiny_transformer(cfg: TeacherConfig):
                 d_scaled = (d / c_rms * const_rms).reshape(-1)
                 w_part = w_part + torch.outer(d_scaled, u_txt) / coef
             w[rows] = w_part.float()
-    del H, D
     return model
 
 
