@@ -199,13 +199,11 @@ def sweep(layer, q, k, v, args, side, sigma) -> list[dict]:
     """Time launch-shape variants of the fused path (same inputs); checks each against the default."""
     base = hkr_fast.KERNEL
     grid = []
-    big = 1 << 40  # gather_min_tokens that never gathers
-    for bm, bl, qw, qs, gmin, fu, pps in [
-        (128, 128, 8, 2, big, True, 2), (128, 128, 8, 2, 0, True, 2), (128, 128, 8, 2, 0, False, 2),
-        (128, 64, 8, 2, big, True, 2), (128, 128, 8, 2, big, True, 3),
-    ]:
-        grid.append(dataclasses.replace(base, block_m=bm, block_l=bl, query_warps=qw, query_stages=qs,
-                                        gather_min_tokens=gmin, fused=fu, programs_per_sm=pps))
+    for kw in [{}, {"exp16": True}, {"block_m": 64, "block_l": 64, "query_warps": 4, "block_n": 64},
+               {"block_m": 64, "block_l": 128, "query_warps": 4, "block_n": 64},
+               {"block_m": 64, "block_l": 64, "query_warps": 4, "block_n": 64, "exp16": True},
+               {"block_n": 64}, {"programs_per_sm": 1}]:
+        grid.append(dataclasses.replace(base, **kw))
     ref = hkr_fast.fast_forward(layer, q, k, v, args.n_cond, sigma, 3.5, height=side, width=side).float()
     res = []
     for kc in grid:
@@ -220,7 +218,7 @@ def sweep(layer, q, k, v, args, side, sigma) -> list[dict]:
             t, e = float("nan"), repr(exc)[:120]
         d = {k: getattr(kc, k) for k in ("block_n", "programs_per_sm", "key_warps", "key_stages", "block_m",
                                           "block_l", "query_warps", "query_stages", "fast_math",
-                                          "gather_min_tokens", "fused")}
+                                          "gather_min_tokens", "fused", "exp16")}
         d["regs_spills"] = {n: (getattr(ck, "n_regs", None), getattr(ck, "n_spills", None))
                             for n, ck in hkr_fast.LAST_LAUNCH.items()}
         d.update(ms=t, diff_vs_default=e, host_us=host_us(f) if t == t else None)

@@ -44,6 +44,7 @@ class KernelConfig:
     fast_math: bool = True  # SiLU through tanh.approx (one MUFU op); off under the interpreter
     gather_min_tokens: int = 16384  # from this many keys on, copy landmark k/v to contiguous buffers
     fused: bool = True  # one launch: key programs first, query programs wait on per-head flags
+    exp16: bool = False  # landmark softmax exp2 in packed fp16 (ex2.approx.f16x2); off under the interpreter
 
 
 KERNEL = KernelConfig()
@@ -270,6 +271,7 @@ def fast_forward(
     ]
     meta = dict(D=d, HID=prep.hid, FP=prep.fp, CH=_pow2(ch), BLOCK_N=kc.block_n, BLOCK_M=bm, BLOCK_L=kc.block_l,
                 ADAPTIVE=adaptive, FAST=fast_math, GATHERED=gather,
+                EXP16=kc.exp16 and not interpreting(),
                 SIG_SCALAR=sig_t is None, CFG_SCALAR=cfg_t is None)
     fn = kt._hkr_forward
     if kc.fused:

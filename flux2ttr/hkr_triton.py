@@ -118,7 +118,8 @@ def _key_partial(k_ptr, v_ptr, skb, skh, skn, svb, svh, svn, bh, H, split, N, BL
 
 @triton.jit
 def _landmarks(qt, k_ptr, v_ptr, skb, skh, skn, svb, svh, svn, bh, H, idx_ptr, L, qk_scale,
-               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, GATHERED: tl.constexpr):
+               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, GATHERED: tl.constexpr,
+               EXP16: tl.constexpr):
     """Online softmax of ``qt [BM, D]`` over the ``L`` landmark keys: ``(acc [BM, D], l [BM])`` fp32,
     the output being ``acc / l``. ``GATHERED``: k/v hold the landmarks themselves (``idx`` unused)."""
     b = bh // H
@@ -140,7 +141,13 @@ def _landmarks(qt, k_ptr, v_ptr, skb, skh, skn, svb, svh, svn, bh, H, idx_ptr, L
         s = tl.dot(qt, kl) * qk_scale
         s = tl.where(lm[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
+        if EXP16:
+            # Packed half-precision exp2: two per MUFU op. p is rounded to 16 bits for the PV product
+            # anyway; fp16 keeps 10 mantissa bits on (-inf, 0] -> (0, 1].
+            p = tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [(s - m_new[:, None]).to(tl.float16)],
+                                          dtype=tl.float16, is_pure=True, pack=2).to(tl.float32)
+        else:
+            p = tl.exp2(s - m_new[:, None])
         corr = tl.exp2(m_i - m_new)
         l_i = l_i * corr + tl.sum(p, axis=1)
         vl = tl.load(v_base + tok[:, None] * svn + offs_d[None, :], mask=lm[:, None], other=0.0)  # [BL, D]
@@ -212,7 +219,7 @@ def _hkr_forward(
     sig_ptr, cfg_ptr, sig_stride, cfg_stride, sig_val, cfg_val, c1w_ptr, c1b_ptr, c2w_ptr, c2b_ptr, CH_REAL,
     D: tl.constexpr, HID: tl.constexpr, FP: tl.constexpr, CH: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
-    MODE: tl.constexpr, ADAPTIVE: tl.constexpr, FAST: tl.constexpr, GATHERED: tl.constexpr,
+    MODE: tl.constexpr, ADAPTIVE: tl.constexpr, FAST: tl.constexpr, GATHERED: tl.constexpr, EXP16: tl.constexpr,
     SIG_SCALAR: tl.constexpr, CFG_SCALAR: tl.constexpr,
 ):
     """The student forward, 1-D grid. ``MODE`` 0: key pass only (``SPLITS * BH`` programs) writing fp32
@@ -277,7 +284,7 @@ def _hkr_forward(
         q_base = q_ptr + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
         qt = tl.load(q_base + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :], mask=mm[:, None], other=0.0)
         acc, l_i = _landmarks(qt, kl_ptr, vl_ptr, slkb, slkh, slkn, slvb, slvh, slvn, bh, H, idx_ptr, L, qk_scale,
-                              D, BLOCK_M, BLOCK_L, GATHERED)
+                              D, BLOCK_M, BLOCK_L, GATHERED, EXP16)
         phi = _features(qt, qw1, qb1, qw2, qb2, qw3, qb3, feat_eps, F_REAL, D, HID, FP, FAST)
         if MODE == 2:
             while tl.atomic_add(sync_ptr + BH + bh, 0, sem="acquire") == 0:
