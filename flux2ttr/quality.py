@@ -136,7 +136,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------ loaders
 def _load_lpips(cfg: QualityConfig) -> torch.nn.Module:
     lpips = _require("lpips", "lpips", "lpips")
-    linear = None
+    backbone = _require_file(cfg.lpips_backbone, "lpips_backbone", "LPIPS backbone weights") if cfg.lpips_backbone else None
     if cfg.lpips_linear:
         linear = str(_require_file(cfg.lpips_linear, "lpips_linear", "LPIPS linear-layer weights"))
     else:
@@ -149,8 +149,8 @@ def _load_lpips(cfg: QualityConfig) -> torch.nn.Module:
         torch.manual_seed(cfg.lpips_seed)
         # pnet_rand: never download the torchvision backbone; real weights come from lpips_backbone below
         model = lpips.LPIPS(net=cfg.lpips_net, pretrained=True, pnet_rand=True, model_path=linear, verbose=False)
-    if cfg.lpips_backbone:
-        src = _load_tensors(_require_file(cfg.lpips_backbone, "lpips_backbone", "LPIPS backbone weights"))
+    if backbone is not None:
+        src = _load_tensors(backbone)
         own = model.net.state_dict()
         mapped = {}
         for key in own:  # lpips keeps torchvision's indices: slice2.3.weight <- features.3.weight
