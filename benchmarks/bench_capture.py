@@ -43,6 +43,8 @@ def _run_plain(teacher, prompts, scfg, batch_size, router=None) -> dict[str, flo
     for b in _batches(prompts, batch_size):
         sample(teacher, [prompts[i] for i in b], scfg, router=router, seeds=[scfg.seed + i for i in b],
                prompt_indices=b)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # GPU work is asynchronous: count it before stopping the clock
     return {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0, "write_wall": 0.0,
             "write_cpu": 0.0, "kept": 0, "observer_cpu": 0.0}
 

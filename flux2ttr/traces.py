@@ -126,18 +126,18 @@ def _np_storage_dtype(storage_dtype: str) -> np.dtype:
 
 def encode(x: Any, storage_dtype: str) -> np.ndarray:
     """A float tensor/array as the numpy array stored on disk (bf16 as its uint16 bit pattern)."""
-    t = torch.as_tensor(x).detach().to("cpu")
+    t = torch.as_tensor(x).detach()  # converted on its own device first: fewer bytes cross to the host
     if storage_dtype == "bfloat16":
-        return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+        return t.to(torch.bfloat16).cpu().contiguous().view(torch.int16).numpy().view(np.uint16)
     if storage_dtype == "float16":
         # one max-reduction on the source is far cheaper than isfinite on the fp16 copy (CPU half is slow)
         if t.numel() and t.is_floating_point() and float(t.abs().amax()) > _FP16_MAX:
             raise ValueError(
                 "a value overflows float16 (|x| > 65504); set capture.storage_dtype to bfloat16 or float32"
             )
-        return t.to(torch.float16).contiguous().numpy()
+        return t.to(torch.float16).cpu().contiguous().numpy()
     if storage_dtype == "float32":
-        return t.to(torch.float32).contiguous().numpy()
+        return t.to(torch.float32).cpu().contiguous().numpy()
     raise ValueError(f"unknown storage dtype {storage_dtype!r}; use one of {STORAGE_DTYPES}")
 
 
@@ -160,6 +160,7 @@ class _Kept:
     n_tokens: int
     nbytes: int
     spill: Path
+    scalars: np.ndarray  # [8] float64, SCALAR_FIELDS order
 
 
 def _temp_prefix(target: Path) -> str:
@@ -292,9 +293,10 @@ class TraceWriter:
         if priority >= self._tau:
             return False
         serial = next(self._serial)
-        spill = self._spill / f"{serial}.npz"
+        spill = self._spill / f"{serial}.bin"
+        scalars = np.array([float(getattr(t, f)) for f in SCALAR_FIELDS], dtype=np.float64)
         self._write_spill(spill, t)
-        kept = _Kept(priority, serial, layer, n_tokens, nbytes, spill)
+        kept = _Kept(priority, serial, layer, n_tokens, nbytes, spill, scalars)
         heapq.heappush(self._heap, (-priority, serial, kept))
         self._kept_bytes += nbytes
         while self._kept_bytes > self.budget_bytes:
@@ -329,10 +331,25 @@ class TraceWriter:
         return n_tokens
 
     def _write_spill(self, path: Path, t: TraceTuple) -> None:
-        arrays = {name: encode(getattr(t, name), self.storage_dtype) for name in ARRAY_FIELDS}
-        arrays["q_idx"] = np.asarray(torch.as_tensor(t.q_idx).cpu().numpy(), dtype=np.int32)
-        arrays["scalars"] = np.array([float(getattr(t, f)) for f in SCALAR_FIELDS], dtype=np.float64)
-        np.savez(path, **arrays)  # plain .npy members; read back with allow_pickle=False
+        # raw bytes in a fixed order (shapes are known per group): no zip CRC, no pickle, one file
+        with open(path, "wb") as f:
+            for name in ARRAY_FIELDS:
+                f.write(memoryview(encode(getattr(t, name), self.storage_dtype)).cast("B"))
+            q_idx = np.ascontiguousarray(torch.as_tensor(t.q_idx).cpu().numpy(), dtype=np.int32)
+            f.write(memoryview(q_idx).cast("B"))
+
+    def _read_spill(self, item: _Kept) -> dict[str, np.ndarray]:
+        (h_, nq, d), (_, n, _) = self._shapes[(item.layer, item.n_tokens)]
+        dtype = _np_storage_dtype(self.storage_dtype)
+        shapes = {"q_sub": (h_, nq, d), "k": (h_, n, d), "v": (h_, n, d), "teacher_sub": (h_, nq, d)}
+        raw = np.fromfile(item.spill, dtype=np.uint8)
+        out, offset = {}, 0
+        for name in ARRAY_FIELDS:
+            size = int(np.prod(shapes[name])) * dtype.itemsize
+            out[name] = raw[offset:offset + size].view(dtype).reshape(shapes[name])
+            offset += size
+        out["q_idx"] = raw[offset:offset + 4 * nq].view(np.int32)
+        return out
 
     # -- writing -------------------------------------------------------------------------------------
 
@@ -389,9 +406,8 @@ class TraceWriter:
         for (layer, n_tokens) in sorted(groups, key=lambda g: (layer_sort_key(g[0]), g[1])):
             items = groups[(layer, n_tokens)]
             # deterministic row order: by prompt, seed, step (reading a prompt's tuples stays local)
-            loaded_scalars = [np.load(i.spill, allow_pickle=False)["scalars"] for i in items]
-            order = sorted(range(len(items)), key=lambda j: (loaded_scalars[j][5], loaded_scalars[j][7],
-                                                               loaded_scalars[j][6], items[j].serial))
+            order = sorted(range(len(items)), key=lambda j: (items[j].scalars[5], items[j].scalars[7],
+                                                               items[j].scalars[6], items[j].serial))
             items = [items[j] for j in order]
             m = len(items)
             (h_, nq, d), (_, n, _) = self._shapes[(layer, n_tokens)]
@@ -411,11 +427,11 @@ class TraceWriter:
                 stop = min(m, start + rows)
                 batch = {name: [] for name in arrays}
                 for j in range(start, stop):
-                    with np.load(items[j].spill, allow_pickle=False) as z:
-                        for name in arrays:
-                            batch[name].append(z[name])
-                        q_idx[j] = z["q_idx"]
-                        scalars[j] = z["scalars"]
+                    z = self._read_spill(items[j])
+                    for name in arrays:
+                        batch[name].append(z[name])
+                    q_idx[j] = z["q_idx"]
+                    scalars[j] = items[j].scalars
                 for name, arr in arrays.items():
                     arr[start:stop] = np.stack(batch[name])  # one whole shard per write
                 for j in range(start, stop):

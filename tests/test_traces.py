@@ -179,7 +179,7 @@ def _reservoir_kept(offers: list[tuple[int, int]], budget: int, seed: int, tmp_p
             t.prompt = i
             w.offer("single_blocks.0", t)
             assert w.kept_bytes <= budget
-        return {int(np.load(item.spill)["scalars"][5]) for _, _, item in w._heap}
+        return {int(item.scalars[5]) for _, _, item in w._heap}
     finally:
         w.abort()
 
