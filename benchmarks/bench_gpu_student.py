@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-cond", type=int, default=512)
     ap.add_argument("--sides", type=int, nargs="+", default=list(SIDES))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     ap.add_argument("--warmup-ms", type=int, default=100)
     ap.add_argument("--rep-ms", type=int, default=500)
     ap.add_argument("--sweep", action="store_true", help="time KernelConfig variants too")
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     import triton
 
     print(f"device={props.name} SMs={props.multi_processor_count} torch={torch.__version__} triton={triton.__version__}")
-    print(f"B=1 H={args.heads} D={d} bf16; student F={cfg.feature_dim} hidden={cfg.hidden_dim} "
+    print(f"B=1 H={args.heads} D={d} {args.dtype}; student F={cfg.feature_dim} hidden={cfg.hidden_dim} "
           f"landmarks: n_cond + clamp({cfg.landmark_fraction}*img, {cfg.landmark_min}, {cfg.landmark_max}) "
           f"adaptive_alpha={cfg.adaptive_alpha}")
     variants = [("params", cfg)]
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
         for side in args.sides:
             n = args.n_cond + side * side
             g = torch.Generator(device=dev).manual_seed(args.seed + side)
-            q, k, v = (torch.randn(1, args.heads, n, d, generator=g, device=dev).to(torch.bfloat16) for _ in range(3))
+            dt = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+            q, k, v = (torch.randn(1, args.heads, n, d, generator=g, device=dev).to(dt) for _ in range(3))
             sigma = torch.tensor([0.7], device=dev)
             with torch.inference_mode():
                 reason = hkr_fast.fast_path_reason(layer, q, k, v)

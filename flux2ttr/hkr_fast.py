@@ -221,6 +221,10 @@ def fast_forward(
     height*width``; ``sigma``, ``cfg_scale``: float or ``[B]``). Call only when
     :func:`fast_path_reason` returned ``None``.
     """
+    if q.is_cuda and q.device.index is not None and q.device.index != torch.cuda.current_device():
+        # Triton launches on the current device: make it q's for this call.
+        with torch.cuda.device(q.device):
+            return fast_forward(layer, q, k, v, n_cond, sigma, cfg_scale, height=height, width=width, kernel=kernel)
     from flux2ttr import hkr_triton as kt
 
     kc = kernel or KERNEL

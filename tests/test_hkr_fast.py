@@ -219,3 +219,22 @@ def test_layer_forward_takes_fast_path_and_matches(interpreted):
         out = layer(qs, k, v, 8, 0.6, 2.0, height=8, width=8, q_idx=q_idx)
     assert "fused" in hkr_fast.LAST_LAUNCH  # the fast path ran (one fused launch)
     assert out.dtype == torch.float16 and rel(out, ref) < 2e-3
+
+
+def test_strided_layouts_and_batch_rows(interpreted):
+    """q, k, v as [B, N, H, D] tensors viewed as [B, H, N, D] (what a fused qkv projection gives)."""
+    layer = make_layer(small_cfg(), seed=6)
+    g = torch.Generator().manual_seed(21)
+    b, h, n = 3, 2, 8 + 6 * 5
+    q, k, v = (torch.randn(b, n, h, D, generator=g).half().transpose(1, 2) for _ in range(3))
+    assert q.stride(2) == h * D and not q.is_contiguous()
+    sig = torch.tensor([0.1, 0.5, 1.0])
+    cfg = torch.tensor([1.0, 3.5, 7.0])
+    ref = eager(layer, q, k, v, 8, sig, cfg, height=6, width=5)
+    with torch.no_grad():
+        out = hkr_fast.fast_forward(layer, q, k, v, 8, sig, cfg, height=6, width=5, kernel=SMALL)
+    assert rel(out, ref) < 2e-3
+    # each batch row used its own sigma/cfg: swapping them changes that row
+    with torch.no_grad():
+        swapped = hkr_fast.fast_forward(layer, q, k, v, 8, sig.flip(0), cfg.flip(0), height=6, width=5, kernel=SMALL)
+    assert rel(swapped[0], out[0]) > 1e-2 and rel(swapped[1], out[1]) < 1e-6
