@@ -79,14 +79,15 @@ class RoutingHolder:
     """Routing configuration plus the state of one sampling run.
 
     ``students``: layer key -> student module (CPU master copies); ``ready``: keys allowed to route;
-    ``decide(step, sigma, cfg) -> (frozenset of keys, threshold or None)`` picks a step's mask.
+    ``decide(step, sigma, cfg, height, width) -> (frozenset of student-routed keys, threshold or None)``
+    picks a step's mask (``height``/``width``: latent tokens).
     The run fields (``schedule`` .. ``cosine``) are filled during sampling; :meth:`fresh` copies the
     configuration with empty run state, which the OUTER_SAMPLE wrapper does for every run.
     """
 
     students: dict[str, torch.nn.Module]
     ready: frozenset[str]
-    decide: Callable[[int, float, float], tuple[frozenset[str], float | None]]
+    decide: Callable[[int, float, float, int, int], tuple[frozenset[str], float | None]]
     measure: bool = False
     previous_override: Callable | None = None
     label: str = ""
@@ -132,7 +133,8 @@ class RoutingHolder:
         """The step's mask: decided by the first call of the step, then shared by every call."""
         if step not in self.masks:
             cfg = self.cfg()
-            keys, threshold = self.decide(step, sigma, cfg)
+            h, w = (self.call.height, self.call.width) if self.call is not None else (0, 0)
+            keys, threshold = self.decide(step, sigma, cfg, h, w)
             mask = frozenset(keys) & self.ready  # fail-closed: never a non-ready layer
             self.masks[step] = mask
             thr = "-" if threshold is None else f"{threshold:.4f}"
@@ -352,19 +354,19 @@ def model_shape(model: Any) -> ModelShape:
 
 
 def no_controller_policy(ready: frozenset[str], quality_speed: float,
-                         config: PatchConfig = PatchConfig()) -> Callable[[int, float, float], tuple[frozenset[str], float]]:
+                         config: PatchConfig = PatchConfig()) -> Callable[..., tuple[frozenset[str], float]]:
     """Routing without a controller: every ready layer above the ``quality_speed`` cut, none below.
     The logged threshold is the cut."""
     keys = ready if quality_speed >= config.no_controller_cut else frozenset()
 
-    def decide(step: int, sigma: float, cfg: float) -> tuple[frozenset[str], float]:
+    def decide(step: int, sigma: float, cfg: float, height: int, width: int) -> tuple[frozenset[str], float]:
         return keys, config.no_controller_cut
 
     return decide
 
 
 def build_holder(students: dict[str, torch.nn.Module], ready: set[str] | frozenset[str],
-                 decide: Callable[[int, float, float], tuple[frozenset[str], float | None]], *,
+                 decide: Callable[..., tuple[frozenset[str], float | None]], *,
                  measure: bool = False, label: str = "") -> RoutingHolder:
     """A :class:`RoutingHolder` for ``students`` (layer key -> module); only keys in ``ready`` that have
     a student can ever route (fail-closed)."""
@@ -403,6 +405,54 @@ def load_students_for(model: Any, student_path: str | Path) -> tuple[Any, ModelS
     return art, shape
 
 
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of one step's stochastic mask: it depends on (seed, step) only, so a mask never
+    depends on how many calls came before it."""
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) % (2**63))
+
+
+def controller_policy(controller_path: str | Path, student_path: str | Path, art: Any, shape: ModelShape,
+                      quality_speed: float, policy_mode: str, seed: int) -> Callable[..., tuple[frozenset[str], float]]:
+    """Routing by a trained controller: per step, logits from (sigma, cfg, latent height, width) over the
+    layer order it was trained for; only ready layers are eligible (the others always run full).
+
+    ``threshold``: a ready layer runs its student iff ``sigmoid(logit) < threshold_for(quality_speed)``;
+    ``stochastic``: one Bernoulli draw per eligible layer with ``p_full = sigmoid(logit - logit(quality_speed))``
+    from :func:`step_generator`. Checks: the layer order equals the student artifact's layers and the
+    recorded student hash equals ``student_path``'s.
+    """
+    from flux2ttr.artifacts import file_sha256
+    from flux2ttr.controller import ControllerArtifactError, load_controller, sample_mask, threshold_for
+
+    order = sorted(art.layers, key=layer_sort_key)
+    try:
+        controller, layer_keys = load_controller(controller_path, expect_layers=order,
+                                                 expect_student_sha256=file_sha256(student_path))
+    except ControllerArtifactError as e:
+        raise ArtifactMismatch(f"Flux2TTRController: controller artifact does not fit: {e}") from None
+    if controller.cfg.use_prompt_embedding:
+        raise ArtifactMismatch(f"Flux2TTRController: {controller_path} needs a pooled prompt embedding "
+                               "(use_prompt_embedding), which this node does not provide; use a controller "
+                               "trained without it")
+    eligible = [k for k in layer_keys if art.ready.get(k, False)]
+    cols = [layer_keys.index(k) for k in eligible]
+    threshold = threshold_for(quality_speed)
+
+    def decide(step: int, sigma: float, cfg: float, height: int, width: int) -> tuple[frozenset[str], float]:
+        if not cols:
+            return frozenset(), threshold
+        with torch.inference_mode():
+            logits = controller(torch.tensor([sigma]), torch.tensor([cfg]), torch.tensor([float(height)]),
+                                torch.tensor([float(width)]))[0, cols]
+            if policy_mode == "threshold":
+                full = torch.sigmoid(logits.float()) >= threshold
+            else:
+                full = sample_mask(logits, generator=step_generator(seed, step), quality_speed=quality_speed)
+        return frozenset(k for k, f in zip(eligible, full.tolist()) if not f), threshold
+
+    return decide
+
+
 def controller_node(model: Any, student_path: str | Path, controller_path: str | Path | None, *,
                     quality_speed: float, policy_mode: str, seed: int, measure: bool = False,
                     config: PatchConfig = PatchConfig()) -> Any:
@@ -415,7 +465,8 @@ def controller_node(model: Any, student_path: str | Path, controller_path: str |
     else:
         decide = controller_policy(controller_path, student_path, art, shape, float(quality_speed), policy_mode,
                                    int(seed))
-    holder = build_holder(art.layers, ready, decide, measure=measure, label=Path(student_path).name)
+    mode = policy_mode if controller_path is not None else "no-controller"
+    holder = build_holder(art.layers, ready, decide, measure=measure, label=f"{Path(student_path).name} {mode}")
     return patch_model(model, holder)
 
 

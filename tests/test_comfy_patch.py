@@ -12,8 +12,9 @@ import torch
 
 from comfy_harness import TEST_CAPTURE_NODE, TEST_COND_NODE
 from flux2ttr import comfy_patch
-from flux2ttr.artifacts import load_students, save_students
-from flux2ttr.contract import comfy_key
+from flux2ttr.artifacts import file_sha256, load_students, save_students
+from flux2ttr.contract import comfy_key, layer_sort_key
+from flux2ttr.controller import ControllerConfig, TTRController, load_controller, sample_mask, save_controller
 from flux2ttr.hkr import HKRConfig, HKRLayer
 
 LATENT_PX = 128          # EmptyFlux2LatentImage 128 px -> an 8 x 8 token grid
@@ -53,6 +54,18 @@ def setup(comfy, tiny_teacher):
     extra = {**{k: layers[k] for k in singles}, "single_blocks.99": HKRLayer(cfg, num_heads=heads)}
     _save(folder / "students_extra.safetensors", extra, {k: True for k in extra}, cfg, heads)
     (folder / "not_an_artifact.safetensors").write_bytes(b"garbage")
+    # controllers: one trained for students_some, one for another student file, one for other layers
+    order = sorted(layers, key=layer_sort_key)
+    torch.manual_seed(3)
+    ctrl = TTRController(ControllerConfig(), order)
+    with torch.no_grad():  # a policy that clearly prefers the student on some ready layers, full on others
+        ctrl.head[-1].bias.copy_(torch.tensor([-1.5 if i % 2 == 0 else 1.5 for i in range(len(order))]))
+    some_sha = file_sha256(folder / "students_some.safetensors")
+    save_controller(folder / "controller.safetensors", ctrl, student_sha256=some_sha)
+    save_controller(folder / "controller_other_students.safetensors", ctrl,
+                    student_sha256=file_sha256(folder / "students_none.safetensors"))
+    save_controller(folder / "controller_other_layers.safetensors", TTRController(ControllerConfig(), singles),
+                    student_sha256=some_sha)
     base = comfy.run(workflow(name))
     assert base.success, base.error()
     return {"unet": name, "folder": folder, "layers": layer_keys, "ready": {k for k, r in ready_some.items() if r},
@@ -290,3 +303,71 @@ def test_example_workflow_runs_with_a_test_text_encoder(comfy, setup):
     holder = comfy_patch.last_runs()[-1]
     assert holder.call.guidance == pytest.approx(4.0)  # FluxGuidance's widget value reached the model
     assert any(route == "student" for (_, _, route) in holder.routed_calls)
+
+
+def expected_masks(setup, holder, mode: str, quality_speed: float, seed: int) -> dict[int, frozenset]:
+    """The student-routed layers per step, recomputed from the controller file and the run's sigmas."""
+    ctrl, order = load_controller(setup["folder"] / "controller.safetensors")
+    eligible = [k for k in order if k in setup["ready"]]
+    cols = [order.index(k) for k in eligible]
+    out = {}
+    for step in range(STEPS):
+        sigma = holder.schedule[step]
+        with torch.no_grad():
+            logits = ctrl(torch.tensor([sigma]), torch.tensor([GUIDANCE]), torch.tensor([float(GRID)]),
+                          torch.tensor([float(GRID)]))[0, cols]
+        if mode == "threshold":
+            full = (torch.sigmoid(logits) >= quality_speed).tolist()
+        else:
+            gen = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
+            full = sample_mask(logits, generator=gen, quality_speed=quality_speed).tolist()
+        out[step] = frozenset(k for k, f in zip(eligible, full) if not f)
+    return out
+
+
+def test_controller_threshold_mode(comfy, setup):
+    res = comfy.run(workflow(setup["unet"], "students_some.safetensors", controller="controller.safetensors",
+                             policy_mode="threshold", quality_speed=0.5, seed=1))
+    first = latent(res)
+    holder = comfy_patch.last_runs()[-1]
+    assert holder.masks == expected_masks(setup, holder, "threshold", 0.5, 1)
+    routed = set().union(*holder.masks.values())
+    assert routed and routed < setup["ready"]  # the controller splits the ready layers (logit < 0 -> student)
+    assert all("threshold=0.5000" in line and "threshold" in line for line in holder.log_lines)
+    # deterministic: another seed gives the same masks and latent
+    again = latent(comfy.run(workflow(setup["unet"], "students_some.safetensors", controller="controller.safetensors",
+                                      policy_mode="threshold", quality_speed=0.5, seed=99)))
+    assert comfy_patch.last_runs()[-1].masks == holder.masks and torch.equal(first, again)
+    # quality_speed 0: always full attention -> the unpatched latent, bit for bit
+    q0 = latent(comfy.run(workflow(setup["unet"], "students_some.safetensors", controller="controller.safetensors",
+                                   policy_mode="threshold", quality_speed=0.0)))
+    assert torch.equal(q0, setup["base"])
+
+
+def test_controller_stochastic_mode(comfy, setup):
+    masks = {}
+    for seed in (1, 2, 3, 1):
+        res = comfy.run(workflow(setup["unet"], "students_some.safetensors", controller="controller.safetensors",
+                                 policy_mode="stochastic", quality_speed=0.5, seed=seed))
+        latent(res)
+        holder = comfy_patch.last_runs()[-1]
+        assert holder.masks == expected_masks(setup, holder, "stochastic", 0.5, seed)
+        assert len(holder.log_lines) == STEPS
+        masks.setdefault(seed, []).append(holder.masks)
+    assert masks[1][0] == masks[1][1]                    # same seed, same masks
+    assert len({tuple(sorted((s, tuple(sorted(m))) for s, m in ms[0].items())) for ms in masks.values()}) > 1
+    # quality_speed 1: never full on eligible layers -> every ready layer runs its student at every step
+    latent(comfy.run(workflow(setup["unet"], "students_some.safetensors", controller="controller.safetensors",
+                              policy_mode="stochastic", quality_speed=1.0)))
+    assert all(m == frozenset(setup["ready"]) for m in comfy_patch.last_runs()[-1].masks.values())
+
+
+@pytest.mark.parametrize("controller, message", [
+    ("controller_other_students.safetensors", "trained with student artifact sha256"),
+    ("controller_other_layers.safetensors", "was trained for layers"),
+    ("students_some.safetensors", "is this the student artifact?"),
+])
+def test_controller_mismatch_errors(comfy, setup, controller, message):
+    res = comfy.run(workflow(setup["unet"], "students_some.safetensors", controller=controller))
+    assert not res.success
+    assert message in res.error() and "Flux2TTRController" in res.error()
