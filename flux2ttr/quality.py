@@ -196,7 +196,9 @@ def _gemini_client(cfg: QualityConfig) -> Any:
 
     key = cfg.gemini_api_key or os.environ.get(cfg.gemini_api_key_env, "")
     if not key:
-        raise QualityDependencyError(f"Gemini terms are on but no API key: set quality.gemini_api_key or the "
+        from flux2ttr.config import ConfigError  # noqa: PLC0415
+
+        raise ConfigError(f"Gemini terms are on but no API key: set quality.gemini_api_key or the "
                                      f"{cfg.gemini_api_key_env} environment variable")
     opts = types.HttpOptions(base_url=cfg.gemini_base_url or None, timeout=int(cfg.gemini_timeout_s * 1000),
                              retry_options=types.HttpRetryOptions(attempts=cfg.gemini_attempts))

@@ -272,5 +272,7 @@ def test_gemini_failure_skips_terms(server, monkeypatch, caplog, reply):
 
 def test_gemini_needs_a_key(monkeypatch):
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
-    with pytest.raises(QualityDependencyError, match="NO_SUCH_KEY_VAR"):
+    from flux2ttr.config import ConfigError
+
+    with pytest.raises(ConfigError, match="NO_SUCH_KEY_VAR"):
         QualityLoss(QualityConfig(gemini_quality_weight=1.0, gemini_api_key_env="NO_SUCH_KEY_VAR"))
