@@ -35,7 +35,7 @@ from flux2ttr.distill import (
 )
 from flux2ttr.hkr import HKRConfig, HKRLayer
 from flux2ttr.trace_loader import BatchPlanner, split_by_prompt
-from flux2ttr.traces import TraceStore, TraceTuple, TraceWriter
+from flux2ttr.traces import TraceStore, TraceWriter
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_trace_loader import TEACHER, make_store, make_tuple  # noqa: E402
