@@ -1,0 +1,369 @@
+"""The ``train_controller`` stage: REINFORCE training of the per-step, per-layer routing controller.
+
+One iteration:
+
+1. take the next training teacher rollout (prompt, seed, setting) from the rollout store;
+2. the controller maps each denoising step's ``(sigma, cfg, height, width)`` to one logit per routed layer
+   (high = full attention); under ``no_grad`` one Bernoulli mask per step is sampled over the *eligible*
+   layers (ready students only); non-ready layers are forced to full attention and tracked apart;
+3. a live student rollout runs with that mask (same prompt, seed and setting as the teacher rollout);
+4. quality loss vs the teacher rollout (:class:`flux2ttr.quality.QualityLoss`), the full-attention ratio
+   over eligible layers and the policy entropy give the reward (:mod:`flux2ttr.reward`);
+5. the logged actions' log-probs are recomputed with gradients (the policy is a function of sigma only,
+   so the recompute is exact), and the REINFORCE loss ``-(reward - baseline) * sum log_prob`` over
+   eligible layers is minimised with AdamW; the reward baseline (EMA, clamped) is updated after.
+
+Each iteration appends a record (mask, reward, every loss term, ratios) to the records file; checkpoints
+every ``checkpoint_every`` iterations hold the controller weights, AdamW state, baseline and iteration
+count, and a rerun resumes from the last one exactly (the mask of iteration ``i`` comes from a generator
+seeded by ``(seed, i)``). The final artifact records the layer order and the student artifact's sha256.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from flux2ttr.artifacts import StudentArtifact, file_sha256, load_students
+from flux2ttr.checkpoint import CheckpointError, load_checkpoint
+from flux2ttr.config import ConfigError, load_section, to_dict
+from flux2ttr.contract import layer_sort_key
+from flux2ttr.controller import (
+    ControllerConfig,
+    TTRController,
+    load_controller_checkpoint,
+    sample_mask,
+    save_controller,
+    save_controller_checkpoint,
+)
+from flux2ttr.reward import (
+    RewardBaseline,
+    compute_reward,
+    eligible_stats,
+    recompute_log_prob,
+    reinforce_loss,
+    split_eligible,
+)
+from flux2ttr.rollout import RolloutStore, TeacherRollout
+from flux2ttr.student_rollout import make_router, run_student_rollout, schedule
+
+CHECKPOINT_NAME = "controller_ckpt.safetensors"
+RECORDS_NAME = "records.jsonl"
+
+
+class ControllerTrainError(RuntimeError):
+    """The controller stage cannot run on its inputs (message names the file and the fix)."""
+
+
+@dataclass
+class ControllerTrainConfig(ControllerConfig):
+    """params.yaml section ``controller``: the model fields of :class:`ControllerConfig` plus the training loop."""
+
+    students: str = "artifacts/flux2_ttr.safetensors"  # student artifact (input)
+    rollouts: str = "rollouts/teacher"  # teacher rollout store (input)
+    artifact: str = "artifacts/flux2_ttr_controller.safetensors"  # trained controller (output)
+    metrics: str = "metrics/controller.json"  # dvc metrics (output)
+    records: str = "rollouts/controller_records.jsonl"  # per-iteration student rollout records (output)
+    checkpoint_dir: str = "checkpoints/controller"  # resumable checkpoint + records so far
+    iterations: int = 24  # policy updates (one student rollout each)
+    checkpoint_every: int = 8  # iterations between checkpoints (0 = only at the end)
+    lr: float = 3.0e-3  # AdamW
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max grad norm (0 = off)
+    train_seed: int = 0  # mask sampling and prompt order
+    metrics_window: int = 8  # final metrics average the last N iterations
+
+    def __post_init__(self) -> None:
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+        if self.iterations < 1:
+            raise ConfigError(f"controller.iterations must be >= 1, got {self.iterations}")
+        if self.checkpoint_every < 0 or self.metrics_window < 1:
+            raise ConfigError("controller.checkpoint_every must be >= 0 and controller.metrics_window >= 1")
+
+
+# ------------------------------------------------------------------------------------------ eligibility
+def eligibility(layer_keys: list[str], art: StudentArtifact) -> tuple[list[str], list[str]]:
+    """``(eligible, forced_full)``: layers with a *ready* student, and the other routed layers (always full
+    attention). Keys in execution order; a routed layer missing from the artifact is an error."""
+    missing = [k for k in layer_keys if k not in art.layers]
+    if missing:
+        raise ControllerTrainError(f"{art.path}: no student for routed layer(s) {missing}")
+    return split_eligible(layer_keys, art.ready)
+
+
+def full_mask(sampled: torch.Tensor, eligible_cols: list[int], num_layers: int) -> torch.Tensor:
+    """``[S, L]`` bool mask: ``sampled [S, len(eligible_cols)]`` on the eligible columns, True (full) elsewhere."""
+    out = torch.ones(sampled.shape[0], num_layers, dtype=torch.bool)
+    if eligible_cols:
+        out[:, eligible_cols] = sampled.bool()
+    return out
+
+
+def iteration_generator(seed: int, iteration: int) -> torch.Generator:
+    """The mask RNG of one iteration (a pure function of seed and iteration: resume is exact)."""
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(iteration))
+
+
+def controller_inputs(store: RolloutStore) -> dict[str, torch.Tensor]:
+    """Per-step controller inputs of the store's setting: ``sigma, cfg [S]`` fp32, ``height, width [S]``
+    (latent tokens)."""
+    scfg = store.sampler_config()
+    sig = schedule(scfg)
+    S = sig.shape[0]
+    return {"sigma": sig, "cfg": torch.full((S,), float(scfg.guidance)),
+            "height": torch.full((S,), float(scfg.latent_height)), "width": torch.full((S,), float(scfg.latent_width))}
+
+
+def policy_logits(controller: TTRController, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[S, L]`` logits (high = full attention) for every step of a rollout."""
+    return controller(inputs["sigma"], inputs["cfg"], inputs["height"], inputs["width"])
+
+
+# ------------------------------------------------------------------------------------------ records
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_records(path: Path, records: list[dict[str, Any]]) -> None:
+    """All records as JSON lines, written atomically."""
+    _atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------------------ comet
+class _Comet:
+    """Guarded :mod:`flux2ttr.comet_log` use: logging never stops training."""
+
+    def __init__(self, params_path: Path | None, params: dict[str, Any]) -> None:
+        self.logger = None
+        if params_path is None:
+            return
+        try:
+            from flux2ttr import comet_log  # noqa: PLC0415
+
+            ccfg = load_section(comet_log.CometConfig, "comet", params_path)
+            self.logger = comet_log.CometLogger(ccfg, stage="train_controller", params=params)
+        except Exception as e:
+            print(f"train_controller: comet logging off ({type(e).__name__}: {e})", file=sys.stderr)
+
+    def call(self, name: str, *args: Any, **kw: Any) -> None:
+        if self.logger is None:
+            return
+        try:
+            getattr(self.logger, name)(*args, **kw)
+        except Exception as e:
+            print(f"train_controller: comet {name} failed ({type(e).__name__}: {e}); continuing", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------ training
+class ControllerTrainer:
+    """Owns the controller, its optimiser, the baseline and the records; :meth:`train` runs iterations."""
+
+    def __init__(self, cfg: ControllerTrainConfig, teacher, students: StudentArtifact, store: RolloutStore,
+                 quality, *, comet: _Comet | None = None, show_progress: bool = True) -> None:
+        self.cfg, self.teacher, self.art, self.store, self.quality = cfg, teacher, students, store, quality
+        self.comet = comet or _Comet(None, {})
+        self.show_progress = show_progress
+        self.layer_keys = sorted(students.layers, key=layer_sort_key)
+        self.eligible, self.forced = eligibility(self.layer_keys, students)
+        self.eligible_cols = [self.layer_keys.index(k) for k in self.eligible]
+        self.train_rollouts: list[TeacherRollout] = store.entries("train")
+        self.inputs = controller_inputs(store)
+        self.sampler_cfg = store.sampler_config()
+        torch.manual_seed(cfg.train_seed)  # controller init
+        self.controller = TTRController(cfg, self.layer_keys)
+        self.opt = torch.optim.AdamW(self.controller.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.baseline = RewardBaseline(cfg)
+        self.iteration = 0
+        self.records: list[dict[str, Any]] = []
+        self.student_sha256 = file_sha256(students.path)
+
+    # --- checkpoint -----------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return Path(self.cfg.checkpoint_dir) / CHECKPOINT_NAME
+
+    @property
+    def checkpoint_records_path(self) -> Path:
+        return Path(self.cfg.checkpoint_dir) / RECORDS_NAME
+
+    def _identity(self) -> dict[str, Any]:
+        return {"layer_keys": self.layer_keys, "eligible": self.eligible, "student_sha256": self.student_sha256,
+                "setting": self.store.setting, "teacher_sha256": self.store.teacher.get("sha256")}
+
+    def save_checkpoint(self) -> None:
+        # records first: a checkpoint never points past the records it needs
+        write_records(self.checkpoint_records_path, self.records)
+        save_controller_checkpoint(self.checkpoint_path, self.controller, self.opt, self.baseline,
+                                   iteration=self.iteration,
+                                   extra={"identity": self._identity(), "config": to_dict(self.cfg)})
+
+    def try_resume(self) -> bool:
+        """Load the checkpoint if there is one for this exact setup; a mismatching one is an error."""
+        if not self.checkpoint_path.is_file():
+            return False
+        _, header = load_checkpoint(self.checkpoint_path)
+        extra = header.get("extra") or {}
+        if extra.get("identity") != self._identity():
+            raise CheckpointError(f"{self.checkpoint_path}: checkpoint belongs to another setup (layers, "
+                                  "student artifact or rollout setting changed); delete "
+                                  f"{self.cfg.checkpoint_dir} to start over")
+        if extra.get("config") != to_dict(self.cfg):
+            raise CheckpointError(f"{self.checkpoint_path}: controller params changed since the checkpoint; "
+                                  f"delete {self.cfg.checkpoint_dir} to start over")
+        load_controller_checkpoint(self.checkpoint_path, self.controller, self.opt, self.baseline)
+        self.iteration = int(header["iteration"])
+        records = read_records(self.checkpoint_records_path)
+        if len(records) < self.iteration:
+            raise CheckpointError(f"{self.checkpoint_records_path}: {len(records)} records for a checkpoint at "
+                                  f"iteration {self.iteration}; delete {self.cfg.checkpoint_dir} to start over")
+        self.records = records[: self.iteration]
+        return True
+
+    # --- one iteration --------------------------------------------------------------------------
+    def step(self, router) -> dict[str, Any]:
+        cfg, it = self.cfg, self.iteration
+        ro = self.train_rollouts[it % len(self.train_rollouts)]
+        gen = iteration_generator(cfg.train_seed, it)
+        with torch.no_grad():
+            logits = policy_logits(self.controller, self.inputs)  # [S, L]
+            sampled = sample_mask(logits[:, self.eligible_cols], generator=gen)  # [S, E]
+        masks = full_mask(sampled, self.eligible_cols, len(self.layer_keys))
+        stats = eligible_stats(logits, masks, self.eligible_cols)
+        full_ratio, ent = stats["full_ratio"], stats["entropy"]
+        res = run_student_rollout(self.teacher, router, [ro.prompt], self.sampler_cfg, masks, self.layer_keys,
+                                  seeds=[ro.seed], prompt_indices=[ro.prompt_index])
+        q_total, q_terms = self.quality(res.images, ro.image[None], student_latents=res.latents,
+                                        teacher_latents=ro.latents[None], prompts=[ro.prompt])
+        q_total = float(q_total)
+        reward = float(compute_reward(q_total, full_ratio, ent, cfg))
+        baseline_before = float(self.baseline.value)
+        advantage = reward - baseline_before
+        # REINFORCE: log-probs of the logged actions, recomputed with gradients
+        self.opt.zero_grad(set_to_none=True)
+        lp = recompute_log_prob(self.controller, self.inputs, sampled, self.eligible_cols)
+        loss = reinforce_loss(reward, baseline_before, lp)
+        loss.backward()
+        gnorm = float(torch.nn.utils.clip_grad_norm_(self.controller.parameters(),
+                                                     cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+        self.opt.step()
+        self.baseline.update(reward)
+        record = {
+            "iteration": it, "prompt_index": ro.prompt_index, "prompt": ro.prompt, "seed": ro.seed,
+            "layer_keys": self.layer_keys, "eligible": self.eligible, "forced_full": self.forced,
+            "mask": masks.int().tolist(), "sigmas": [float(s) for s in self.inputs["sigma"]],
+            "reward": reward, "baseline": baseline_before, "advantage": advantage,
+            "quality_loss": q_total, "quality_terms": {k: float(v) for k, v in q_terms.items()},
+            "quality_skipped": list(getattr(self.quality, "skipped", [])),
+            "full_ratio": full_ratio, "student_ratio": 1.0 - full_ratio,
+            "full_ratio_all_layers": stats["full_ratio_all_layers"], "entropy": ent,
+            "log_prob_sum": float(lp.detach()), "policy_loss": float(loss.detach()), "grad_norm": gnorm,
+            "seconds": res.seconds,
+        }
+        self.records.append(record)
+        self.iteration += 1
+        return record
+
+    def train(self) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        router = make_router(self.teacher, self.art.layers)
+        try:
+            bar = tqdm(range(self.iteration, cfg.iterations), desc="controller", disable=not self.show_progress)
+            for _ in bar:
+                rec = self.step(router)
+                bar.set_postfix(reward=f"{rec['reward']:.4f}", full=f"{rec['full_ratio']:.2f}")
+                self._log(rec)
+                if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+        finally:
+            router.uninstall()
+        self.save_checkpoint()
+        return self.records
+
+    def _log(self, rec: dict[str, Any]) -> None:
+        flat = {k: rec[k] for k in ("reward", "baseline", "advantage", "quality_loss", "full_ratio",
+                                    "full_ratio_all_layers", "entropy", "policy_loss", "grad_norm", "seconds")}
+        flat.update({f"quality/{k}": v for k, v in rec["quality_terms"].items()})
+        # the first iteration is always logged (so a broken setup shows at once)
+        self.comet.call("log_metrics", flat, step=rec["iteration"], force=rec["iteration"] == 0)
+
+    # --- outputs --------------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        recs = self.records
+        win = recs[-self.cfg.metrics_window:]
+
+        def mean(key: str, rs: list[dict[str, Any]]) -> float:
+            return float(sum(r[key] for r in rs) / len(rs))
+
+        first = recs[: self.cfg.metrics_window]
+        return {
+            "iterations": len(recs), "layers": len(self.layer_keys), "eligible_layers": len(self.eligible),
+            "forced_full_layers": len(self.forced), "forced_full": self.forced,
+            "reward_first": mean("reward", first), "reward_last": mean("reward", win),
+            "quality_loss_first": mean("quality_loss", first), "quality_loss_last": mean("quality_loss", win),
+            "full_ratio_last": mean("full_ratio", win), "entropy_last": mean("entropy", win),
+            "baseline": float(self.baseline.value), "seconds_per_iteration": mean("seconds", recs),
+            "student_sha256": self.student_sha256,
+        }
+
+    def save_artifact(self, path: str | Path) -> None:
+        save_controller(path, self.controller, layer_order=self.layer_keys, student_sha256=self.student_sha256,
+                        eligible=self.eligible, config=to_dict(self.cfg), teacher=self.store.teacher,
+                        metrics=self.summary())
+
+
+def run_stage(params_path: Path) -> None:
+    """DVC stage ``train_controller``."""
+    from flux2ttr.quality import QualityConfig, QualityLoss
+    from flux2ttr.teacher import TeacherConfig, load_teacher
+
+    cfg = load_section(ControllerTrainConfig, "controller", params_path)
+    tcfg = load_section(TeacherConfig, "teacher", params_path)
+    qcfg = load_section(QualityConfig, "quality", params_path)
+    store = RolloutStore(cfg.rollouts)
+    teacher = load_teacher(tcfg)
+    if store.teacher.get("sha256") != teacher.identity.get("sha256"):
+        raise ControllerTrainError(f"{cfg.rollouts}: rollouts were made with another teacher; rerun the rollout stage")
+    art = load_students(cfg.students, expect_num_heads=teacher.num_heads, expect_head_dim=teacher.head_dim)
+    quality = QualityLoss(qcfg)
+    comet = _Comet(params_path, {"controller": to_dict(cfg), "quality": to_dict(qcfg)})
+    trainer = ControllerTrainer(cfg, teacher, art, store, quality, comet=comet)
+    if trainer.try_resume():
+        print(f"train_controller: resumed at iteration {trainer.iteration}")
+    t0 = time.perf_counter()
+    trainer.train()
+    records = trainer.records
+    write_records(Path(cfg.records), records)
+    trainer.save_artifact(cfg.artifact)
+    summary = trainer.summary()
+    summary["train_seconds"] = time.perf_counter() - t0
+    _atomic_write_text(Path(cfg.metrics), json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    comet.call("log_asset", cfg.artifact)
+    comet.call("end")
+    print(f"train_controller: {len(records)} iterations, reward {summary['reward_first']:.4f} -> "
+          f"{summary['reward_last']:.4f}, full ratio {summary['full_ratio_last']:.2f} -> {cfg.artifact}")
