@@ -302,7 +302,9 @@ class HKRLayer(nn.Module):
             from flux2ttr import hkr_fast  # lazy: Triton is optional; the eager path below is the reference
 
             if hkr_fast.fast_path_reason(self, q, k, v) is None:
-                return hkr_fast.fast_forward(self, q, k, v, n_cond, sigma, cfg, height=height, width=width)
+                out = hkr_fast.fast_forward(self, q, k, v, n_cond, sigma, cfg, height=height, width=width)
+                if out is not None:  # None: the kernels do not fit this device
+                    return out
         dtype = q.dtype
         b = q.shape[0]
         with torch.autocast(device_type=q.device.type, enabled=False):

@@ -14,8 +14,10 @@ student is ~1e-3 (see ``benchmarks/bench_gpu_student.py`` and ``benchmarks/GPU_N
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +27,11 @@ FAST_DTYPES = (torch.bfloat16, torch.float16)
 # Tests set this to run the kernels on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1).
 ALLOW_CPU_INTERPRETER = False
 LAST_LAUNCH: dict = {}  # the compiled kernels of the latest call (benchmarks read registers/spills)
+# Feature-MLP widths (hidden and features, after padding to powers of two) whose weights the kernels
+# keep in shared memory; wider MLPs (e.g. feature_dim 128 -> hidden 256: 426 KB > 227 KB on an H100)
+# run eager.
+MAX_WIDTH = 128
+UNAVAILABLE: dict[tuple, str] = {}  # (device, D, HID, FP, adaptive) -> why the kernels could not be built
 
 
 @dataclass(frozen=True)
@@ -54,8 +61,13 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def _shape_key(device: torch.device, d: int, hid: int, fp: int, adaptive: bool) -> tuple:
+    return (str(device), d, hid, fp, bool(adaptive))
+
+
+@functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
-    """True when Triton imports (it is optional: the eager path never needs it)."""
+    """True when Triton imports (it is optional: the eager path never needs it). Cached."""
     try:
         import triton  # noqa: F401
     except Exception:
@@ -96,6 +108,12 @@ def fast_path_reason(layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
         return f"head_dim {d} is not a power of two >= 16"
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         return "last dimension of q, k or v is not contiguous"
+    hid, fp = _pow2(max(16, cfg.hidden_dim)), _pow2(max(16, cfg.feature_dim))
+    if hid > MAX_WIDTH or fp > MAX_WIDTH:
+        return f"feature MLP widths hidden {hid} / features {fp} exceed {MAX_WIDTH} (weights must fit in shared memory)"
+    why = UNAVAILABLE.get(_shape_key(q.device, d, hid, fp, cfg.adaptive_alpha))
+    if why is not None:
+        return why
     if not triton_available():
         return "triton is not installed"
     return None
@@ -214,8 +232,10 @@ def fast_forward(
     height: int,
     width: int,
     kernel: KernelConfig | None = None,
-) -> torch.Tensor:
-    """The student's output ``[B, H, Nq, D]`` in ``q.dtype`` from the two fused passes.
+) -> torch.Tensor | None:
+    """The student's output ``[B, H, Nq, D]`` in ``q.dtype`` from the fused kernels, or ``None`` when
+    they cannot be built for this device (out of shared memory or registers: recorded in
+    :data:`UNAVAILABLE`, warned once; the caller then runs the eager forward).
 
     Same contract as :meth:`HKRLayer.forward` (``q [B,H,Nq,D]``, ``k, v [B,H,N,D]``, ``N = n_cond +
     height*width``; ``sigma``, ``cfg_scale``: float or ``[B]``). Call only when
@@ -278,15 +298,27 @@ def fast_forward(
                 EXP16=kc.exp16 and not interpreting(),
                 SIG_SCALAR=sig_t is None, CFG_SCALAR=cfg_t is None)
     fn = kt._hkr_forward
+    try:
+        _run(fn, kc, args, meta, splits * b * h, n_query, part, stats, q_warps)
+    except Exception as exc:
+        if type(exc).__name__ != "OutOfResources":
+            raise
+        key = _shape_key(dev, d, prep.hid, prep.fp, adaptive)
+        UNAVAILABLE[key] = f"fused kernels do not fit {dev} ({exc}); running eager"
+        warnings.warn(f"flux2ttr.hkr_fast: {UNAVAILABLE[key]}", RuntimeWarning, stacklevel=2)
+        return None
+    return out
+
+
+def _run(fn, kc: KernelConfig, args: list, meta: dict, n_key: int, n_query: int, part, stats, q_warps: int) -> None:
+    splits = part.shape[0]
     if kc.fused:
-        LAST_LAUNCH["fused"] = _launch(fn, splits * b * h + n_query, args, dict(meta, MODE=2),
-                                       q_warps, kc.query_stages)
+        LAST_LAUNCH["fused"] = _launch(fn, n_key + n_query, args, dict(meta, MODE=2), q_warps, kc.query_stages)
     else:
-        LAST_LAUNCH["key"] = _launch(fn, splits * b * h, args, dict(meta, MODE=0), kc.key_warps, kc.key_stages)
+        LAST_LAUNCH["key"] = _launch(fn, n_key, args, dict(meta, MODE=0), kc.key_warps, kc.key_stages)
         if splits > 1:
             torch.sum(part, dim=0, out=stats)
         LAST_LAUNCH["query"] = _launch(fn, n_query, args, dict(meta, MODE=1), q_warps, kc.query_stages)
-    return out
 
 
 # ------------------------------------------------------------------------------ launching

@@ -238,3 +238,38 @@ def test_strided_layouts_and_batch_rows(interpreted):
     with torch.no_grad():
         swapped = hkr_fast.fast_forward(layer, q, k, v, 8, sig.flip(0), cfg.flip(0), height=6, width=5, kernel=SMALL)
     assert rel(swapped[0], out[0]) > 1e-2 and rel(swapped[1], out[1]) < 1e-6
+
+
+def test_wide_feature_mlps_stay_eager(monkeypatch):
+    monkeypatch.setattr(hkr_fast, "ALLOW_CPU_INTERPRETER", True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v = qkv()
+    wide = make_layer(small_cfg(feature_dim=hkr_fast.MAX_WIDTH))  # hidden = 2F = 2 * MAX_WIDTH
+    with torch.no_grad():
+        assert "exceed" in hkr_fast.fast_path_reason(wide, q, k, v)
+
+
+def test_kernels_that_do_not_fit_fall_back_to_eager(interpreted, monkeypatch):
+    class OutOfResources(Exception):  # what Triton raises when shared memory or registers run out
+        pass
+
+    def no_room(*a, **kw):
+        raise OutOfResources("shared memory, Required: 425984, Hardware limit: 232448")
+
+    monkeypatch.setattr(hkr_fast, "_run", no_room)
+    monkeypatch.setattr(hkr_fast, "UNAVAILABLE", {})
+    layer = make_layer(small_cfg(), seed=8)
+    q, k, v = qkv(seed=13)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="do not fit"):
+        out = layer(q, k, v, 8, 0.5, 3.0, height=6, width=5)
+        assert "do not fit" in hkr_fast.fast_path_reason(layer, q, k, v)  # remembered: no retry per call
+    ref = eager(layer, q, k, v, 8, 0.5, 3.0, height=6, width=5)
+    assert torch.equal(out, ref.half())  # the eager forward ran
+
+    def other_error(*a, **kw):
+        raise ValueError("a real bug")
+
+    monkeypatch.setattr(hkr_fast, "_run", other_error)
+    monkeypatch.setattr(hkr_fast, "UNAVAILABLE", {})
+    with torch.no_grad(), pytest.raises(ValueError, match="a real bug"):
+        layer(q, k, v, 8, 0.5, 3.0, height=6, width=5)
