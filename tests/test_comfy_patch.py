@@ -371,3 +371,24 @@ def test_controller_mismatch_errors(comfy, setup, controller, message):
     res = comfy.run(workflow(setup["unet"], "students_some.safetensors", controller=controller))
     assert not res.success
     assert message in res.error() and "Flux2TTRController" in res.error()
+
+
+def test_students_run_in_the_callers_dtype_and_step_lookup():
+    """Pure helpers (no ComfyUI): the student cast to the model's dtype, the step from sigma."""
+    cfg = HKRConfig(feature_dim=8, landmark_min=2)
+    torch.manual_seed(0)
+    layer = HKRLayer(cfg, num_heads=2)
+    holder = comfy_patch.build_holder({"single_blocks.0": layer}, {"single_blocks.0", "single_blocks.1"},
+                                      comfy_patch.no_controller_policy(frozenset({"single_blocks.0"}), 1.0))
+    assert holder.ready == frozenset({"single_blocks.0"})  # a ready key without a student can never route
+    cast = holder.student("single_blocks.0", torch.device("cpu"), torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in cast.parameters())
+    assert all(p.dtype == torch.float32 for p in layer.parameters())  # the artifact's copy is untouched
+    assert holder.student("single_blocks.0", torch.device("cpu"), torch.bfloat16) is cast  # once per run
+    q, k, v = (torch.randn(1, 2, 4 + 9, 128).bfloat16() for _ in range(3))
+    with torch.inference_mode():
+        out = cast(q, k, v, 4, 0.5, 4.0, height=3, width=3)
+    assert out.dtype == torch.bfloat16
+    assert holder.fresh()._cast == {}
+    holder.schedule = [1.0, 0.8, 0.5, 0.0]
+    assert [holder.step_of(s) for s in (1.0, 0.9, 0.8, 0.79, 0.5, 0.2)] == [0, 0, 1, 1, 2, 2]
