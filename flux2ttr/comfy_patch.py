@@ -9,7 +9,7 @@ How a sampling run is routed:
 
 - :func:`patch_model` clones the MODEL and puts a :class:`RoutingHolder` into the clone's
   ``transformer_options`` together with :func:`attention_override` as ComfyUI's
-  ``optimized_attention_override`` and three wrappers: OUTER_SAMPLE (a fresh holder copy per run,
+  ``optimized_attention_override`` and two wrappers: OUTER_SAMPLE (a fresh holder copy per run,
   like ``comfy_extras/nodes_easycache.py``), DIFFUSION_MODEL (the text length, latent grid and guidance
   of the current denoiser call).
 - Every attention call of the run comes to :func:`attention_override` with ``q, k, v [B, H, N, D]``
@@ -19,9 +19,10 @@ How a sampling run is routed:
   cond and uncond alike, reuses it. Layers outside the mask, and non-ready layers always, call the
   native attention (fail-closed: so does any call the student cannot take: an attention mask, extra
   reference tokens, a shape it was not built for).
-- A measurement mode (``measure=True``) keeps native attention everywhere and records, per layer, the
-  cosine similarity between the student's and the native output: the online side of the
-  offline-vs-online check (:func:`cosine_table`).
+- A measurement mode (``controller_node(..., measure=True)``) keeps native attention everywhere and
+  records, per layer, the cosine similarity between the student's and the native output: the online
+  side of the offline-vs-online check (:func:`cosine_table`, :func:`online_vs_offline` against the
+  artifact's ``val_cos_sim``).
 """
 
 from __future__ import annotations
