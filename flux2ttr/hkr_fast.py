@@ -27,10 +27,10 @@ FAST_DTYPES = (torch.bfloat16, torch.float16)
 # Tests set this to run the kernels on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1).
 ALLOW_CPU_INTERPRETER = False
 LAST_LAUNCH: dict = {}  # the compiled kernels of the latest call (benchmarks read registers/spills)
-# Feature-MLP widths (hidden and features, after padding to powers of two) whose weights the kernels
-# keep in shared memory; wider MLPs (e.g. feature_dim 128 -> hidden 256: 426 KB > 227 KB on an H100)
-# run eager.
-MAX_WIDTH = 128
+# Feature widths F (after padding to a power of two) the kernels hold: phi [BLOCK_M, F] and KV [F, D]
+# fp32 tiles live in registers. Hidden widths above KernelConfig.mlp_chunk are computed in chunks.
+MAX_FEATURES = 128
+MAX_HIDDEN = 1024
 UNAVAILABLE: dict[tuple, str] = {}  # (device, D, HID, FP, adaptive) -> why the kernels could not be built
 
 
@@ -51,6 +51,7 @@ class KernelConfig:
     fast_math: bool = True  # SiLU through tanh.approx (one MUFU op); off under the interpreter
     gather_min_tokens: int = 16384  # from this many keys on, copy landmark k/v to contiguous buffers
     fused: bool = True  # one launch: key programs first, query programs wait on per-head flags
+    mlp_chunk: int = 128  # hidden units per chunk of a wider feature MLP (power of two)
     exp16: bool = False  # landmark softmax exp2 in packed fp16 (ex2.approx.f16x2); off under the interpreter
 
 
@@ -109,8 +110,9 @@ def fast_path_reason(layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         return "last dimension of q, k or v is not contiguous"
     hid, fp = _pow2(max(16, cfg.hidden_dim)), _pow2(max(16, cfg.feature_dim))
-    if hid > MAX_WIDTH or fp > MAX_WIDTH:
-        return f"feature MLP widths hidden {hid} / features {fp} exceed {MAX_WIDTH} (weights must fit in shared memory)"
+    if fp > MAX_FEATURES or hid > MAX_HIDDEN:
+        return (f"feature MLP widths features {fp} / hidden {hid} exceed {MAX_FEATURES} / {MAX_HIDDEN} "
+                "(the fused kernels hold [rows, F] fp32 tiles in registers)")
     why = UNAVAILABLE.get(_shape_key(q.device, d, hid, fp, cfg.adaptive_alpha))
     if why is not None:
         return why
@@ -293,7 +295,7 @@ def fast_forward(
         cond if sig_t is None else sig_t, cond if cfg_t is None else cfg_t, sig_s, cfg_s, sig_v, cfg_v,
         c1w, c1b, c2w, c2b, ch,
     ]
-    meta = dict(D=d, HID=prep.hid, FP=prep.fp, CH=_pow2(ch), BLOCK_N=kc.block_n, BLOCK_M=bm, BLOCK_L=kc.block_l,
+    meta = dict(D=d, HID=prep.hid, FP=prep.fp, HC=min(prep.hid, kc.mlp_chunk), CH=_pow2(ch), BLOCK_N=kc.block_n, BLOCK_M=bm, BLOCK_L=kc.block_l,
                 ADAPTIVE=adaptive, FAST=fast_math, GATHERED=gather,
                 EXP16=kc.exp16 and not interpreting(),
                 SIG_SCALAR=sig_t is None, CFG_SCALAR=cfg_t is None)

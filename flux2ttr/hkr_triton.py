@@ -39,22 +39,37 @@ def _silu(x, FAST: tl.constexpr):
 
 @triton.jit
 def _features(x, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, eps, F_REAL,
-              D: tl.constexpr, HID: tl.constexpr, FP: tl.constexpr, FAST: tl.constexpr):
+              D: tl.constexpr, HID: tl.constexpr, FP: tl.constexpr, HC: tl.constexpr, FAST: tl.constexpr):
     """``x [M, D]`` (bf16/fp16) -> ``softplus(MLP(x)) + eps`` ``[M, FP]`` fp32; columns >= F_REAL are 0.
 
-    Weights are pre-transposed ``[in, out]`` row-major in x's dtype; biases fp32.
+    Weights are pre-transposed ``[in, out]`` row-major in x's dtype; biases fp32. ``HC < HID``: the
+    hidden layers are computed in ``HC``-wide chunks (wide MLPs do not fit shared memory whole); each
+    second-layer chunk recomputes the first layer chunk by chunk, so nothing wider than ``HC`` is live.
     """
     offs_d = tl.arange(0, D)
-    offs_h = tl.arange(0, HID)
     offs_f = tl.arange(0, FP)
-    w1 = tl.load(w1_ptr + offs_d[:, None] * HID + offs_h[None, :])
-    h = tl.dot(x, w1) + tl.load(b1_ptr + offs_h)[None, :]
-    h = _silu(h, FAST)
-    w2 = tl.load(w2_ptr + offs_h[:, None] * HID + offs_h[None, :])
-    h = tl.dot(h.to(x.dtype), w2) + tl.load(b2_ptr + offs_h)[None, :]
-    h = _silu(h, FAST)
-    w3 = tl.load(w3_ptr + offs_h[:, None] * FP + offs_f[None, :])
-    z = tl.dot(h.to(x.dtype), w3) + tl.load(b3_ptr + offs_f)[None, :]
+    if HC == HID:
+        offs_h = tl.arange(0, HID)
+        w1 = tl.load(w1_ptr + offs_d[:, None] * HID + offs_h[None, :])
+        h = tl.dot(x, w1) + tl.load(b1_ptr + offs_h)[None, :]
+        h = _silu(h, FAST)
+        w2 = tl.load(w2_ptr + offs_h[:, None] * HID + offs_h[None, :])
+        h = tl.dot(h.to(x.dtype), w2) + tl.load(b2_ptr + offs_h)[None, :]
+        h = _silu(h, FAST)
+        w3 = tl.load(w3_ptr + offs_h[:, None] * FP + offs_f[None, :])
+        z = tl.dot(h.to(x.dtype), w3) + tl.load(b3_ptr + offs_f)[None, :]
+    else:
+        offs_c = tl.arange(0, HC)
+        z = tl.zeros([x.shape[0], FP], dtype=tl.float32) + tl.load(b3_ptr + offs_f)[None, :]
+        for j in range(0, HID // HC):
+            acc = tl.zeros([x.shape[0], HC], dtype=tl.float32) + tl.load(b2_ptr + j * HC + offs_c)[None, :]
+            for i in range(0, HID // HC):
+                w1 = tl.load(w1_ptr + offs_d[:, None] * HID + (i * HC + offs_c)[None, :])
+                h1 = _silu(tl.dot(x, w1) + tl.load(b1_ptr + i * HC + offs_c)[None, :], FAST)
+                w2 = tl.load(w2_ptr + (i * HC + offs_c)[:, None] * HID + (j * HC + offs_c)[None, :])
+                acc = tl.dot(h1.to(x.dtype), w2, acc)
+            w3 = tl.load(w3_ptr + (j * HC + offs_c)[:, None] * FP + offs_f[None, :])
+            z = tl.dot(_silu(acc, FAST).to(x.dtype), w3, z)
     # softplus, stable form: max(z, 0) + log(1 + exp(-|z|)).
     sp = tl.maximum(z, 0.0) + tl.log2(1.0 + tl.exp2(-tl.abs(z) * 1.4426950408889634)) * 0.6931471805599453
     return tl.where(offs_f[None, :] < F_REAL, sp + eps, 0.0)
@@ -94,7 +109,8 @@ def _conditioner(bh, H, sig_ptr, cfg_ptr, sig_stride, cfg_stride, sig_val, cfg_v
 @triton.jit
 def _key_partial(k_ptr, v_ptr, skb, skh, skn, svb, svh, svn, bh, H, split, N, BLOCKS_PER_SPLIT,
                  w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, feat_eps, F_REAL,
-                 D: tl.constexpr, HID: tl.constexpr, FP: tl.constexpr, BLOCK_N: tl.constexpr, FAST: tl.constexpr):
+                 D: tl.constexpr, HID: tl.constexpr, FP: tl.constexpr, HC: tl.constexpr, BLOCK_N: tl.constexpr,
+                 FAST: tl.constexpr):
     """``(KV [FP, D], Ksum [FP])`` fp32 over the keys of ``split`` (``BLOCKS_PER_SPLIT`` blocks)."""
     b = bh // H
     h = bh % H
@@ -108,7 +124,7 @@ def _key_partial(k_ptr, v_ptr, skb, skh, skn, svb, svh, svn, bh, H, split, N, BL
         m = offs_n < N
         kt = tl.load(k_base + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :], mask=m[:, None], other=0.0)
         vt = tl.load(v_base + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :], mask=m[:, None], other=0.0)
-        phi = _features(kt, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, feat_eps, F_REAL, D, HID, FP, FAST)
+        phi = _features(kt, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, feat_eps, F_REAL, D, HID, FP, HC, FAST)
         # The numerator uses the rounded features: round once and use the same values for Ksum.
         phi_r = tl.where(m[:, None], phi, 0.0).to(kt.dtype)
         ks += tl.sum(phi_r.to(tl.float32), axis=0)
@@ -217,7 +233,7 @@ def _hkr_forward(
     part_ptr, stats_ptr, cond_ptr, sync_ptr, idx_ptr, L, N, NQ, H, BH, SPLITS, BLOCKS_PER_SPLIT,
     qk_scale, denom_eps, alpha_ptr, alpha_max, logit_clamp,
     sig_ptr, cfg_ptr, sig_stride, cfg_stride, sig_val, cfg_val, c1w_ptr, c1b_ptr, c2w_ptr, c2b_ptr, CH_REAL,
-    D: tl.constexpr, HID: tl.constexpr, FP: tl.constexpr, CH: tl.constexpr,
+    D: tl.constexpr, HID: tl.constexpr, FP: tl.constexpr, HC: tl.constexpr, CH: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
     MODE: tl.constexpr, ADAPTIVE: tl.constexpr, FAST: tl.constexpr, GATHERED: tl.constexpr, EXP16: tl.constexpr,
     SIG_SCALAR: tl.constexpr, CFG_SCALAR: tl.constexpr,
@@ -244,7 +260,7 @@ def _hkr_forward(
         split = pid // BH
         bh = pid % BH
         kv, ks = _key_partial(k_ptr, v_ptr, skb, skh, skn, svb, svh, svn, bh, H, split, N, BLOCKS_PER_SPLIT,
-                              kw1, kb1, kw2, kb2, kw3, kb3, feat_eps, F_REAL, D, HID, FP, BLOCK_N, FAST)
+                              kw1, kb1, kw2, kb2, kw3, kb3, feat_eps, F_REAL, D, HID, FP, HC, BLOCK_N, FAST)
         offs_d = tl.arange(0, D)
         offs_f = tl.arange(0, FP)
         out = part_ptr + pid.to(tl.int64) * (FP * D + FP)
@@ -285,7 +301,7 @@ def _hkr_forward(
         qt = tl.load(q_base + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :], mask=mm[:, None], other=0.0)
         acc, l_i = _landmarks(qt, kl_ptr, vl_ptr, slkb, slkh, slkn, slvb, slvh, slvn, bh, H, idx_ptr, L, qk_scale,
                               D, BLOCK_M, BLOCK_L, GATHERED, EXP16)
-        phi = _features(qt, qw1, qb1, qw2, qb2, qw3, qb3, feat_eps, F_REAL, D, HID, FP, FAST)
+        phi = _features(qt, qw1, qb1, qw2, qb2, qw3, qb3, feat_eps, F_REAL, D, HID, FP, HC, FAST)
         if MODE == 2:
             while tl.atomic_add(sync_ptr + BH + bh, 0, sem="acquire") == 0:
                 pass

@@ -184,6 +184,7 @@ SMALL = hkr_fast.KernelConfig(block_n=16, block_m=16, block_l=16, block_m_adapti
         ({"adaptive_alpha": True}, {"fused": True, "gather_min_tokens": 0}, "per-row"),
         ({"shared_qk": True, "adaptive_alpha": True}, {"fused": False, "gather_min_tokens": 1 << 30}, 0.9),
         ({"landmark_fraction": 0.0, "landmark_min": 0}, {"fused": True, "block_n": 8}, 0.4),  # text landmarks only
+        ({"feature_dim": 40}, {"fused": True, "mlp_chunk": 32}, 0.4),  # hidden 80 -> 128 in 4 chunks of 32
     ],
 )
 def test_kernels_match_eager_student(interpreted, cfg_kw, kernel_kw, sigma):
@@ -244,7 +245,7 @@ def test_wide_feature_mlps_stay_eager(monkeypatch):
     monkeypatch.setattr(hkr_fast, "ALLOW_CPU_INTERPRETER", True)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     q, k, v = qkv()
-    wide = make_layer(small_cfg(feature_dim=hkr_fast.MAX_WIDTH))  # hidden = 2F = 2 * MAX_WIDTH
+    wide = make_layer(small_cfg(feature_dim=2 * hkr_fast.MAX_FEATURES))
     with torch.no_grad():
         assert "exceed" in hkr_fast.fast_path_reason(wide, q, k, v)
 
