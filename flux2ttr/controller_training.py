@@ -125,9 +125,34 @@ def controller_inputs(store: RolloutStore) -> dict[str, torch.Tensor]:
             "height": torch.full((S,), float(scfg.latent_height)), "width": torch.full((S,), float(scfg.latent_width))}
 
 
+def pooled_prompt_embedding(teacher, prompt: str) -> torch.Tensor:
+    """``[ctx]`` fp32: the mean of the prompt's conditioning rows that are not zero padding (the optional
+    prompt input of the controller; its ``prompt_dim`` must equal the teacher's context width)."""
+    cond = teacher.encode_prompts([prompt])[0].float().cpu()  # [512, ctx], real tokens last
+    real = cond.abs().sum(-1) > 0
+    return cond[real].mean(0) if bool(real.any()) else torch.zeros(cond.shape[-1])
+
+
+def rollout_inputs(base: dict[str, torch.Tensor], controller: TTRController, teacher, prompt: str
+                   ) -> dict[str, torch.Tensor]:
+    """``base`` plus ``prompt_embedding [S, P]`` when the controller takes one."""
+    if not controller.cfg.use_prompt_embedding:
+        return base
+    emb = pooled_prompt_embedding(teacher, prompt)
+    if emb.shape[0] != controller.cfg.prompt_dim:
+        raise ConfigError(f"controller.prompt_dim = {controller.cfg.prompt_dim} but the teacher's prompt embedding "
+                          f"has {emb.shape[0]} channels; set controller.prompt_dim: {emb.shape[0]}")
+    return {**base, "prompt_embedding": emb[None].expand(base["sigma"].shape[0], -1)}
+
+
 def policy_logits(controller: TTRController, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """``[S, L]`` logits (high = full attention) for every step of a rollout."""
-    return controller(inputs["sigma"], inputs["cfg"], inputs["height"], inputs["width"])
+    return controller(inputs["sigma"], inputs["cfg"], inputs["height"], inputs["width"],
+                      inputs.get("prompt_embedding"))
+
+
+# training-loop fields that may change between a checkpoint and its resume (length, logging, output paths)
+_RESUMABLE_FIELDS = ("iterations", "checkpoint_every", "metrics_window", "artifact", "metrics", "records")
 
 
 # ------------------------------------------------------------------------------------------ records
@@ -221,21 +246,24 @@ class ControllerTrainer:
         write_records(self.checkpoint_records_path, self.records)
         save_controller_checkpoint(self.checkpoint_path, self.controller, self.opt, self.baseline,
                                    iteration=self.iteration,
-                                   extra={"identity": self._identity(), "config": to_dict(self.cfg)})
+                                   extra={"fingerprint": self._fingerprint()})
+
+    def _fingerprint(self) -> dict[str, Any]:
+        cfg = {k: v for k, v in to_dict(self.cfg).items() if k not in _RESUMABLE_FIELDS}
+        return {**self._identity(), "config": cfg}
 
     def try_resume(self) -> bool:
-        """Load the checkpoint if there is one for this exact setup; a mismatching one is an error."""
+        """Continue from the checkpoint if it was made by this setup (same layers, students, rollout setting
+        and params apart from the iteration count and output paths). Another setup's checkpoint is ignored
+        with a message (training starts over and overwrites it); a corrupt one is an error."""
         if not self.checkpoint_path.is_file():
             return False
         _, header = load_checkpoint(self.checkpoint_path)
         extra = header.get("extra") or {}
-        if extra.get("identity") != self._identity():
-            raise CheckpointError(f"{self.checkpoint_path}: checkpoint belongs to another setup (layers, "
-                                  "student artifact or rollout setting changed); delete "
-                                  f"{self.cfg.checkpoint_dir} to start over")
-        if extra.get("config") != to_dict(self.cfg):
-            raise CheckpointError(f"{self.checkpoint_path}: controller params changed since the checkpoint; "
-                                  f"delete {self.cfg.checkpoint_dir} to start over")
+        if extra.get("fingerprint") != self._fingerprint():
+            print(f"train_controller: ignoring {self.checkpoint_path} (made with other students, rollouts or "
+                  "controller params); starting over", file=sys.stderr)
+            return False
         load_controller_checkpoint(self.checkpoint_path, self.controller, self.opt, self.baseline)
         self.iteration = int(header["iteration"])
         records = read_records(self.checkpoint_records_path)
@@ -250,8 +278,9 @@ class ControllerTrainer:
         cfg, it = self.cfg, self.iteration
         ro = self.train_rollouts[it % len(self.train_rollouts)]
         gen = iteration_generator(cfg.train_seed, it)
+        inputs = rollout_inputs(self.inputs, self.controller, self.teacher, ro.prompt)
         with torch.no_grad():
-            logits = policy_logits(self.controller, self.inputs)  # [S, L]
+            logits = policy_logits(self.controller, inputs)  # [S, L]
             sampled = sample_mask(logits[:, self.eligible_cols], generator=gen)  # [S, E]
         masks = full_mask(sampled, self.eligible_cols, len(self.layer_keys))
         stats = eligible_stats(logits, masks, self.eligible_cols)
@@ -266,7 +295,7 @@ class ControllerTrainer:
         advantage = reward - baseline_before
         # REINFORCE: log-probs of the logged actions, recomputed with gradients
         self.opt.zero_grad(set_to_none=True)
-        lp = recompute_log_prob(self.controller, self.inputs, sampled, self.eligible_cols)
+        lp = recompute_log_prob(self.controller, inputs, sampled, self.eligible_cols)
         loss = reinforce_loss(reward, baseline_before, lp)
         loss.backward()
         gnorm = float(torch.nn.utils.clip_grad_norm_(self.controller.parameters(),
@@ -294,10 +323,10 @@ class ControllerTrainer:
         router = make_router(self.teacher, self.art.layers)
         try:
             bar = tqdm(range(self.iteration, cfg.iterations), desc="controller", disable=not self.show_progress)
-            for _ in bar:
+            for n, _ in enumerate(bar):
                 rec = self.step(router)
                 bar.set_postfix(reward=f"{rec['reward']:.4f}", full=f"{rec['full_ratio']:.2f}")
-                self._log(rec)
+                self._log(rec, force=n == 0)
                 if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
         finally:
@@ -305,12 +334,12 @@ class ControllerTrainer:
         self.save_checkpoint()
         return self.records
 
-    def _log(self, rec: dict[str, Any]) -> None:
+    def _log(self, rec: dict[str, Any], *, force: bool) -> None:
         flat = {k: rec[k] for k in ("reward", "baseline", "advantage", "quality_loss", "full_ratio",
                                     "full_ratio_all_layers", "entropy", "policy_loss", "grad_norm", "seconds")}
         flat.update({f"quality/{k}": v for k, v in rec["quality_terms"].items()})
-        # the first iteration is always logged (so a broken setup shows at once)
-        self.comet.call("log_metrics", flat, step=rec["iteration"], force=rec["iteration"] == 0)
+        # the first iteration of every run (fresh or resumed) is always logged: a broken setup shows at once
+        self.comet.call("log_metrics", flat, step=rec["iteration"], force=force)
 
     # --- outputs --------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from flux2ttr.artifacts import StudentArtifact, file_sha256, load_students
 from flux2ttr.config import ConfigError, load_section, to_dict
 from flux2ttr.contract import layer_sort_key
 from flux2ttr.controller import load_controller, sample_mask, threshold_mask
-from flux2ttr.controller_training import controller_inputs, eligibility, full_mask, policy_logits
+from flux2ttr.controller_training import controller_inputs, eligibility, full_mask, policy_logits, rollout_inputs
 from flux2ttr.rollout import RolloutStore, TeacherRollout
 from flux2ttr.sampler import sample
 from flux2ttr.student_rollout import make_router, run_student_rollout
@@ -86,7 +86,8 @@ class EvaluateConfig:
 # ------------------------------------------------------------------------------------------ masks
 def controller_masks(controller, inputs: dict[str, torch.Tensor], eligible_cols: list[int], num_layers: int,
                      mode: str, quality_speed: float, generator: torch.Generator) -> torch.Tensor:
-    """``[S, L]`` bool mask (True = full attention) of the controller policy in ``mode``."""
+    """``[S, L]`` bool mask (True = full attention) of the controller policy in ``mode``; ``inputs`` as
+    :func:`flux2ttr.controller_training.rollout_inputs` builds them."""
     with torch.no_grad():
         logits = policy_logits(controller, inputs)[:, eligible_cols]
         if mode == "stochastic":
@@ -186,14 +187,16 @@ def evaluate(cfg: EvaluateConfig, teacher, art: StudentArtifact, store: RolloutS
         jobs = [(qs, mode) for mode in cfg.modes for qs in cfg.quality_speed]
         for j, (qs, mode) in enumerate(tqdm(jobs, desc="evaluate", disable=not show_progress)):
             res = ev.run(f"{mode}@{qs}", lambda i, ro, qs=qs, mode=mode, j=j: controller_masks(
-                controller, ev.inputs, ev.eligible_cols, L, mode, qs, _gen(cfg.seed, j, i)))
+                controller, rollout_inputs(ev.inputs, controller, teacher, ro.prompt), ev.eligible_cols, L, mode,
+                qs, _gen(cfg.seed, j, i)))
             res.update(mode=mode, quality_speed=float(qs),
                        speedup_vs_teacher=teacher_t["seconds_per_image"] / res["seconds_per_image"])
             points.append(res)
 
-        ref_masks = [controller_masks(controller, ev.inputs, ev.eligible_cols, L, "threshold",
-                                      cfg.reference_quality_speed, _gen(cfg.seed, -1, i))
-                     for i in range(len(ev.rollouts))]
+        ref_masks = [controller_masks(controller, rollout_inputs(ev.inputs, controller, teacher, ro.prompt),
+                                      ev.eligible_cols, L, "threshold", cfg.reference_quality_speed,
+                                      _gen(cfg.seed, -1, i))
+                     for i, ro in enumerate(ev.rollouts)]
         n_full = [int(m[:, ev.eligible_cols].sum()) for m in ref_masks]
         reference = ev.run("controller", lambda i, ro: ref_masks[i])
         baselines = {

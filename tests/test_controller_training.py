@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 
 import pytest
 import torch
@@ -97,11 +98,8 @@ def test_resume_is_exact(setup, tmp_path):
     rec_a = straight.train()
     first = _trainer(setup, tmp_path / "b", iterations=2, checkpoint_every=2)
     first.train()
-    resumed = _trainer(setup, tmp_path / "b", iterations=4, checkpoint_every=2)
-    # a different iteration count is a different config: resume needs the same params
-    resumed.cfg.iterations = 2
-    assert resumed.try_resume() and resumed.iteration == 2
-    resumed.cfg.iterations = 4
+    resumed = _trainer(setup, tmp_path / "b", iterations=4, checkpoint_every=2)  # more iterations: resumes
+    assert resumed.try_resume() and resumed.iteration == 2 and len(resumed.records) == 2
     rec_b = resumed.train()
     assert _strip(rec_a) == _strip(rec_b)
     for k, v in straight.controller.state_dict().items():
@@ -111,6 +109,33 @@ def test_resume_is_exact(setup, tmp_path):
         for name in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(torch.as_tensor(sa[i][name]), torch.as_tensor(sb[i][name]))
     assert straight.baseline.state_dict() == resumed.baseline.state_dict()
+    assert resumed.baseline.count == 4
+
+
+def test_checkpoint_of_another_setup_is_ignored(setup, tmp_path):
+    _trainer(setup, tmp_path, iterations=1, checkpoint_every=1).train()
+    other = _trainer(setup, tmp_path, iterations=2, lr=1e-2)  # other params: start over
+    assert not other.try_resume() and other.iteration == 0
+    same = _trainer(setup, tmp_path, iterations=2)
+    assert same.try_resume() and same.iteration == 1
+
+
+def test_prompt_embedding_input(setup, tmp_path):
+    from flux2ttr.config import ConfigError
+    from flux2ttr.controller_training import policy_logits, pooled_prompt_embedding, rollout_inputs
+
+    teacher = setup[0]
+    tr = _trainer(setup, tmp_path, iterations=1, use_prompt_embedding=True, prompt_dim=teacher.context_dim)
+    emb = pooled_prompt_embedding(teacher, "a red fox")
+    cond = teacher.encode_prompts(["a red fox"])[0]
+    torch.testing.assert_close(emb, cond[-3:].mean(0))  # 3 real tokens, left-padded with zeros
+    a, b = (policy_logits(tr.controller, rollout_inputs(tr.inputs, tr.controller, teacher, p)) for p in PROMPTS[:2])
+    assert a.shape == (2, 3) and not torch.allclose(a, b)  # routing depends on the prompt
+    rec = tr.train()[0]
+    assert math.isfinite(rec["log_prob_sum"]) and rec["log_prob_sum"] < 0
+    bad = _trainer(setup, tmp_path / "bad", iterations=1, use_prompt_embedding=True, prompt_dim=7)
+    with pytest.raises(ConfigError, match="prompt_dim: 16"):
+        bad.train()
 
 
 def test_run_stage_outputs(setup, tmp_path, monkeypatch):
@@ -119,13 +144,13 @@ def test_run_stage_outputs(setup, tmp_path, monkeypatch):
     import shutil
 
     shutil.copytree(teacher.folder, tmp_path / "teacher")
-    params = write_params(tmp_path / "params.yaml", {
+    sections = {
         "teacher": dict(out_dir="teacher", **TEACHER),
         "controller": dict(students=str(students), rollouts=str(store_path), iterations=3, checkpoint_every=2),
         "quality": {},
-        "comet": {},
-    })
-    run_stage(params)
+        "comet": dict(offline=True, offline_directory="comet", log_every=5),
+    }
+    run_stage(write_params(tmp_path / "params.yaml", sections))
     recs = read_records(tmp_path / "rollouts" / "controller_records.jsonl")
     assert [r["iteration"] for r in recs] == [0, 1, 2]
     assert {"mask", "reward", "quality_terms", "full_ratio", "quality_loss", "entropy"} <= set(recs[0])
@@ -137,4 +162,16 @@ def test_run_stage_outputs(setup, tmp_path, monkeypatch):
 
     ctrl, layer_keys = load_controller(tmp_path / "artifacts" / "flux2_ttr_controller.safetensors",
                                        student_sha256=file_sha256(students))
-    assert layer_keys == keys
+    assert layer_keys == keys and ctrl.header["eligible"] == [keys[0], keys[2]]
+
+    # resumed run with more iterations: its first iteration (3) is logged although log_every is 5
+    sections["controller"]["iterations"] = 5
+    run_stage(write_params(tmp_path / "params.yaml", sections))
+    assert [r["iteration"] for r in read_records(tmp_path / "rollouts" / "controller_records.jsonl")] == list(range(5))
+    logged = []
+    for archive in sorted((tmp_path / "comet").glob("*.zip")):
+        with zipfile.ZipFile(archive) as z:
+            msgs = [json.loads(x) for x in z.read("messages.json").decode().splitlines() if x.strip()]
+        logged.append(sorted({m["payload"]["metric"]["step"] for m in msgs if m["type"] == "metric_msg"
+                              and m["payload"]["metric"]["metricName"] == "reward"}))
+    assert logged == [[0], [3]]
