@@ -35,6 +35,26 @@ def test_loader_registers_all_five_nodes_with_display_names(comfy):
     assert (comfy.base / "models" / "approximate_attention").is_dir()
 
 
+def test_model_folder_keeps_paths_from_extra_model_paths(comfy, tmp_path):
+    import importlib
+
+    pack_nodes = importlib.import_module(comfy.nodes.NODE_CLASS_MAPPINGS["Flux2TTRController"].__module__)
+    fp = comfy.folder_paths
+    extra = tmp_path / "shared_artifacts"
+    extra.mkdir()
+    (extra / "from_yaml.safetensors").write_bytes(b"x")
+    fp.add_model_folder_path("approximate_attention", str(extra))  # what extra_model_paths.yaml does
+    try:
+        pack_nodes.register_model_folder()
+        paths = fp.get_folder_paths("approximate_attention")
+        assert str(extra) in paths and str(comfy.base / "models" / "approximate_attention") in paths
+        # the node's dropdown offers files from every registered path
+        kind, spec = comfy.nodes.NODE_CLASS_MAPPINGS["Flux2TTRController"].INPUT_TYPES()["required"]["student_artifact"]
+        assert kind == "COMBO" and "from_yaml.safetensors" in spec["options"]
+    finally:
+        fp.folder_names_and_paths["approximate_attention"][0].remove(str(extra))
+
+
 def test_random_seed_batch_is_splitmix64(comfy):
     prompt = {"1": {"class_type": "RandomSeedBatch", "inputs": {"base_seed": 0, "count": 3}}, "2": capture("1")}
     res = comfy.run(prompt)

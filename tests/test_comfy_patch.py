@@ -25,7 +25,7 @@ FLUX2_TXT = 512          # ComfyUI left-pads FLUX.2 conditioning to 512 tokens
 
 
 def _save(path, layers: dict, ready: dict, cfg: HKRConfig, num_heads: int) -> None:
-    metrics = {k: {"cosine": 0.5} for k in layers}
+    metrics = {k: {"val_cos_sim": 0.5} for k in layers}
     save_students(path, layers, cfg, num_heads=num_heads, ready=ready, metrics=metrics,
                   train_config={"test": True}, teacher={"name": "tiny"})
 
@@ -270,6 +270,8 @@ def test_measure_mode_records_cosine_and_keeps_native(comfy, setup):
             nat = c["out"].reshape(b, n, h, d).transpose(1, 2)
             want.append(torch.nn.functional.cosine_similarity(s.double(), nat.double(), dim=-1).mean().item())
         assert table[key] == pytest.approx(sum(want) / len(want), abs=1e-6)
+    paired = comfy_patch.online_vs_offline(holder, art.metrics)
+    assert paired == {key: (table[key], 0.5) for key in table}
 
 
 def test_example_workflow_runs_with_a_test_text_encoder(comfy, setup):
