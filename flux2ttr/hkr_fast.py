@@ -295,9 +295,9 @@ def fast_forward(
         cond if sig_t is None else sig_t, cond if cfg_t is None else cfg_t, sig_s, cfg_s, sig_v, cfg_v,
         c1w, c1b, c2w, c2b, ch,
     ]
-    meta = dict(D=d, HID=prep.hid, FP=prep.fp, HC=min(prep.hid, kc.mlp_chunk), CH=_pow2(ch), BLOCK_N=kc.block_n, BLOCK_M=bm, BLOCK_L=kc.block_l,
-                ADAPTIVE=adaptive, FAST=fast_math, GATHERED=gather,
-                EXP16=kc.exp16 and not interpreting(),
+    meta = dict(D=d, HID=prep.hid, FP=prep.fp, HC=min(prep.hid, kc.mlp_chunk), CH=_pow2(ch),
+                BLOCK_N=kc.block_n, BLOCK_M=bm, BLOCK_L=kc.block_l, ADAPTIVE=adaptive, FAST=fast_math,
+                GATHERED=gather, EXP16=kc.exp16 and not interpreting(),
                 SIG_SCALAR=sig_t is None, CFG_SCALAR=cfg_t is None)
     fn = kt._hkr_forward
     try:
@@ -313,6 +313,7 @@ def fast_forward(
 
 
 def _run(fn, kc: KernelConfig, args: list, meta: dict, n_key: int, n_query: int, part, stats, q_warps: int) -> None:
+    """Launch the fused kernel (``kc.fused``) or the key pass, the partial-sum reduction and the query pass."""
     splits = part.shape[0]
     if kc.fused:
         LAST_LAUNCH["fused"] = _launch(fn, n_key + n_query, args, dict(meta, MODE=2), q_warps, kc.query_stages)
