@@ -135,7 +135,7 @@ def _key_partial(k_ptr, v_ptr, skb, skh, skn, svb, svh, svn, bh, H, split, N, BL
 @triton.jit
 def _landmarks(qt, k_ptr, v_ptr, skb, skh, skn, svb, svh, svn, bh, H, idx_ptr, L, qk_scale,
                D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, GATHERED: tl.constexpr,
-               EXP16: tl.constexpr):
+               EXP16: tl.constexpr, EVEN_L: tl.constexpr):
     """Online softmax of ``qt [BM, D]`` over the ``L`` landmark keys: ``(acc [BM, D], l [BM])`` fp32,
     the output being ``acc / l``. ``GATHERED``: k/v hold the landmarks themselves (``idx`` unused)."""
     b = bh // H
@@ -151,22 +151,32 @@ def _landmarks(qt, k_ptr, v_ptr, skb, skh, skn, svb, svh, svn, bh, H, idx_ptr, L
         lm = offs_l < L
         if GATHERED:
             tok = offs_l.to(tl.int64)
+        elif EVEN_L:
+            tok = tl.load(idx_ptr + offs_l).to(tl.int64)
         else:
             tok = tl.load(idx_ptr + offs_l, mask=lm, other=0).to(tl.int64)
-        kl = tl.load(k_base + tok[None, :] * skn + offs_d[:, None], mask=lm[None, :], other=0.0)  # [D, BL]
-        s = tl.dot(qt, kl) * qk_scale
-        s = tl.where(lm[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        if EVEN_L:  # every step full: no masks (L = 512 text + 256 image landmarks at FLUX.2 sizes)
+            kl = tl.load(k_base + tok[None, :] * skn + offs_d[:, None])  # [D, BL]
+            s = tl.dot(qt, kl)
+        else:
+            kl = tl.load(k_base + tok[None, :] * skn + offs_d[:, None], mask=lm[None, :], other=0.0)
+            s = tl.where(lm[None, :], tl.dot(qt, kl), float("-inf"))
+        # Row max on the raw scores (scaling by qk_scale > 0 commutes with max); one FMA per score below.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
         if EXP16:
             # Packed half-precision exp2: two per MUFU op. p is rounded to 16 bits for the PV product
             # anyway; fp16 keeps 10 mantissa bits on (-inf, 0] -> (0, 1].
-            p = tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [(s - m_new[:, None]).to(tl.float16)],
+            p = tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r",
+                                          [(s * qk_scale - m_new[:, None]).to(tl.float16)],
                                           dtype=tl.float16, is_pure=True, pack=2).to(tl.float32)
         else:
-            p = tl.exp2(s - m_new[:, None])
+            p = tl.exp2(s * qk_scale - m_new[:, None])
         corr = tl.exp2(m_i - m_new)
         l_i = l_i * corr + tl.sum(p, axis=1)
-        vl = tl.load(v_base + tok[:, None] * svn + offs_d[None, :], mask=lm[:, None], other=0.0)  # [BL, D]
+        if EVEN_L:
+            vl = tl.load(v_base + tok[:, None] * svn + offs_d[None, :])  # [BL, D]
+        else:
+            vl = tl.load(v_base + tok[:, None] * svn + offs_d[None, :], mask=lm[:, None], other=0.0)
         acc = tl.dot(p.to(qt.dtype), vl, acc * corr[:, None])
         m_i = m_new
     return acc, l_i
@@ -236,6 +246,7 @@ def _hkr_forward(
     D: tl.constexpr, HID: tl.constexpr, FP: tl.constexpr, HC: tl.constexpr, CH: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
     MODE: tl.constexpr, ADAPTIVE: tl.constexpr, FAST: tl.constexpr, GATHERED: tl.constexpr, EXP16: tl.constexpr,
+    EVEN_L: tl.constexpr, MLP_FIRST: tl.constexpr,
     SIG_SCALAR: tl.constexpr, CFG_SCALAR: tl.constexpr,
 ):
     """The student forward, 1-D grid. ``MODE`` 0: key pass only (``SPLITS * BH`` programs) writing fp32
@@ -299,9 +310,12 @@ def _hkr_forward(
         offs_d = tl.arange(0, D)
         q_base = q_ptr + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
         qt = tl.load(q_base + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :], mask=mm[:, None], other=0.0)
+        if MLP_FIRST:
+            phi = _features(qt, qw1, qb1, qw2, qb2, qw3, qb3, feat_eps, F_REAL, D, HID, FP, HC, FAST)
         acc, l_i = _landmarks(qt, kl_ptr, vl_ptr, slkb, slkh, slkn, slvb, slvh, slvn, bh, H, idx_ptr, L, qk_scale,
-                              D, BLOCK_M, BLOCK_L, GATHERED, EXP16)
-        phi = _features(qt, qw1, qb1, qw2, qb2, qw3, qb3, feat_eps, F_REAL, D, HID, FP, HC, FAST)
+                              D, BLOCK_M, BLOCK_L, GATHERED, EXP16, EVEN_L)
+        if not MLP_FIRST:
+            phi = _features(qt, qw1, qb1, qw2, qb2, qw3, qb3, feat_eps, F_REAL, D, HID, FP, HC, FAST)
         if MODE == 2:
             while tl.atomic_add(sync_ptr + BH + bh, 0, sem="acquire") == 0:
                 pass
