@@ -4,9 +4,10 @@
     python benchmarks/bench_distill_io.py --store S --steps 40 --reader-threads 1 2 4
 
 Three numbers (all in tuples/s):
-  read      the PrefetchLoader alone (zarr read + zstd decode + float32 conversion), no training;
+  read      the PrefetchLoader alone (zarr read + zstd decode + float32 conversion), no training; and
+            again from a warm in-memory TupleCache (distill.cache_mib), what later epochs see;
   train     train_step on batches already in memory (forward + backward + AdamW), no reading;
-  pipeline  both together, as the distill stage runs them.
+  pipeline  both together, as the distill stage runs them (with the cache, cold at the start).
 The reader keeps up when read >> train and pipeline ~= train. Uses the ``distill`` and ``hkr`` sections of
 ``--params`` for batch size, swap-layer range and the student shape. Not a test: numbers depend on the machine.
 """
@@ -22,7 +23,7 @@ import torch
 from flux2ttr.config import load_section
 from flux2ttr.distill import DistillConfig, _build_layer, train_step
 from flux2ttr.hkr import HKRConfig
-from flux2ttr.trace_loader import BatchPlanner, PrefetchLoader, split_by_prompt
+from flux2ttr.trace_loader import BatchPlanner, PrefetchLoader, TupleCache, split_by_prompt
 from flux2ttr.traces import TraceStore
 
 
@@ -32,9 +33,10 @@ def planner_for(store: TraceStore, cfg: DistillConfig) -> BatchPlanner:
                         min_layers=cfg.min_swap_layers, max_layers=cfg.max_swap_layers, seed=cfg.seed)
 
 
-def bench_read(store: TraceStore, cfg: DistillConfig, steps: int, threads: int, prefetch: int) -> float:
+def bench_read(store: TraceStore, cfg: DistillConfig, steps: int, threads: int, prefetch: int,
+               cache: TupleCache | None = None) -> float:
     loader = PrefetchLoader(store, planner_for(store, cfg), stop_step=steps, prefetch_steps=prefetch,
-                            reader_threads=threads)
+                            reader_threads=threads, cache=cache)
     t0 = time.perf_counter()
     with loader:
         for _ in loader:
@@ -67,8 +69,9 @@ def bench_pipeline(store: TraceStore, cfg: DistillConfig, hkr: HKRConfig, steps:
                    prefetch: int) -> float:
     heads = store.shapes(store.layers[0], store.groups(store.layers[0])[0][0])["q_sub"][0]
     states = {k: _build_layer(k, cfg, hkr, heads) for k in store.layers}
+    cache = TupleCache(cfg.cache_mib * 2**20) if cfg.cache_mib > 0 else None
     loader = PrefetchLoader(store, planner_for(store, cfg), stop_step=steps, prefetch_steps=prefetch,
-                            reader_threads=threads)
+                            reader_threads=threads, cache=cache)
     n = 0
     t0 = time.perf_counter()
     with loader:
@@ -95,7 +98,12 @@ def main() -> None:
           f"layers/step {cfg.min_swap_layers}..{cfg.max_swap_layers}, torch threads {torch.get_num_threads()}")
     for threads in args.reader_threads or [cfg.reader_threads]:
         r = bench_read(store, cfg, args.steps, threads, cfg.prefetch_steps)
-        print(f"read      {r:8.1f} tuples/s  (reader_threads={threads}, prefetch_steps={cfg.prefetch_steps})")
+        print(f"read      {r:8.1f} tuples/s  (zarr, reader_threads={threads}, prefetch_steps={cfg.prefetch_steps})")
+    if cfg.cache_mib > 0:
+        cache = TupleCache(cfg.cache_mib * 2**20)
+        bench_read(store, cfg, args.steps, cfg.reader_threads, cfg.prefetch_steps, cache)  # fills the cache
+        rc = bench_read(store, cfg, args.steps, cfg.reader_threads, cfg.prefetch_steps, cache)
+        print(f"read      {rc:8.1f} tuples/s  (warm TupleCache, {cache.nbytes / 2**20:.0f} MiB held)")
     t = bench_train(store, cfg, hkr, args.steps)
     print(f"train     {t:8.1f} tuples/s  (model step only, data in memory)")
     p = bench_pipeline(store, cfg, hkr, args.steps, cfg.reader_threads, cfg.prefetch_steps)

@@ -54,7 +54,15 @@ from flux2ttr.contract import layer_sort_key
 from flux2ttr.hkr import HKRConfig, HKRLayer
 from flux2ttr.losses import KendallDistillLoss
 from flux2ttr.readiness import Readiness
-from flux2ttr.trace_loader import BatchPlanner, PrefetchLoader, Split, layer_seed, read_batch, split_by_prompt
+from flux2ttr.trace_loader import (
+    BatchPlanner,
+    PrefetchLoader,
+    Split,
+    TupleCache,
+    layer_seed,
+    read_batch,
+    split_by_prompt,
+)
 from flux2ttr.traces import TraceStore, TraceStoreError
 
 _BATCH_TENSORS = ("q_sub", "k", "v", "teacher_sub", "sigma", "cfg")
@@ -98,6 +106,7 @@ class DistillConfig:
     seed: int = 0  # student init, data order, layer selection, validation split
     prefetch_steps: int = 4  # steps of batches read ahead of training
     reader_threads: int = 2  # threads reading the zarr store
+    cache_mib: int = 1024  # decoded training tuples kept in memory (fp32 MiB; 0 = always stream from zarr)
     torch_threads: int = 1  # torch intra-op threads (0 = torch default); 1 leaves a core to the readers and
     # avoids OpenMP spin contention on a busy machine (2 threads were 5-20x slower on a shared 2-core box)
     device: str = "cpu"  # where students train ("cuda" on a GPU machine); the store is read on the CPU
@@ -117,8 +126,8 @@ class DistillConfig:
             raise ValueError(f"distill.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.lr <= 0 or self.loss_lr <= 0:
             raise ValueError("distill.lr and distill.loss_lr must be positive")
-        if self.grad_clip < 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.torch_threads < 0:
-            raise ValueError("distill.grad_clip, weight_decay, warmup_steps and torch_threads must be >= 0")
+        if min(self.grad_clip, self.weight_decay, self.warmup_steps, self.torch_threads, self.cache_mib) < 0:
+            raise ValueError("distill.grad_clip, weight_decay, warmup_steps, torch_threads and cache_mib must be >= 0")
 
 
 # ------------------------------------------------------------------------------------------ teacher check
@@ -377,7 +386,7 @@ def _fingerprint(cfg: DistillConfig, hkr: HKRConfig, store: TraceStore, layers: 
     """What must match for a checkpoint to be resumed: everything that shapes the weights (not the step
     count, I/O, validation size or readiness rules, which may change between a run and its resume)."""
     skip = {"steps", "resume", "progress", "checkpoint_every", "val_every", "artifact", "metrics", "plots_dir",
-            "checkpoint_dir", "prefetch_steps", "reader_threads", "torch_threads", "val_max_tuples",
+            "checkpoint_dir", "prefetch_steps", "reader_threads", "cache_mib", "torch_threads", "val_max_tuples",
             "val_batch_size", "ema_decay", "readiness_threshold", "readiness_hysteresis", "min_updates", "device"}
     train = {k: v for k, v in to_dict(cfg).items() if k not in skip}
     blob = json.dumps({"distill": train, "hkr": to_dict(hkr), "store": store.attrs, "layers": layers,
@@ -691,8 +700,9 @@ def train(
         tuples_trained = 0
         merged: dict[str, dict[str, Any]] | None = None
         last_val = -1
+        cache = TupleCache(cfg.cache_mib * 2**20) if cfg.cache_mib > 0 else None
         with PrefetchLoader(store, planner, stop_step=stop, prefetch_steps=cfg.prefetch_steps,
-                            reader_threads=cfg.reader_threads) as loader:
+                            reader_threads=cfg.reader_threads, cache=cache) as loader:
             for sb in loader:
                 t0 = time.perf_counter()
                 for key, batch in sb.batches.items():
@@ -729,7 +739,9 @@ def train(
             torch.nn.utils.vector_to_parameters(flat.to(cfg.device), holder.parameters())
             students[key] = holder
         all_history = [r for part in _all_gather_json(history, world) for r in part]
-        counts = _all_gather_json({"tuples_trained": tuples_trained, "train_seconds": t_train}, world)
+        counts = _all_gather_json({"tuples_trained": tuples_trained, "train_seconds": t_train,
+                                   "cache_hits": cache.hits if cache else 0,
+                                   "cache_misses": cache.misses if cache else 0}, world)
         assert merged is not None
         ready = {k: bool(merged[k]["ready"]) for k in all_layers}
         dists = [m["val_cos_dist"] for m in merged.values() if "val_cos_dist" in m]
@@ -749,6 +761,8 @@ def train(
             "tuples_trained_this_run": int(total_tuples),
             "train_seconds_this_run": round(train_seconds, 3),
             "tuples_per_s_trained": round(total_tuples / train_seconds, 3) if train_seconds > 0 else None,
+            "reader_cache_hits": int(sum(c["cache_hits"] for c in counts)),  # tuples served from memory
+            "reader_cache_misses": int(sum(c["cache_misses"] for c in counts)),  # tuples read from zarr
             "stage_seconds": round(time.perf_counter() - t_start, 3),
             "val_prompts": len(split.val_prompts),
             "train_prompts": len(split.train_prompts),

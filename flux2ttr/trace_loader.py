@@ -10,7 +10,8 @@ batch plan, and background prefetch.
   a pure function of its small, JSON-serialisable state (:meth:`BatchPlanner.state_dict`) and a resumed
   run reads exactly the batches an uninterrupted one would.
 * :class:`PrefetchLoader` walks the plan ahead of the trainer in a background *thread* and reads the
-  batches with a small thread pool. Threads, not forked processes: zarr runs its own event loop thread
+  batches with a small thread pool, optionally through a :class:`TupleCache` (a store that fits in
+  memory is read from zarr only once). Threads, not forked processes: zarr runs its own event loop thread
   and a forked reader can hang; zstd decoding and numpy copies release the GIL, so threads overlap
   reading with the model step.
 """
@@ -235,6 +236,38 @@ class StepBatch:
 _DONE = object()
 
 
+class TupleCache:
+    """Decoded tuples kept in memory, up to ``max_bytes`` (first read, first kept; nothing is evicted).
+
+    A store that fits is read from zarr once and every later epoch is served from memory; a larger one
+    keeps a fixed part in memory and streams the rest. Thread-safe (the reader threads share it).
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._rows: dict[tuple[str, int, int], dict[str, torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, int, int]) -> dict[str, torch.Tensor] | None:
+        with self._lock:
+            row = self._rows.get(key)
+            if row is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+            return row
+
+    def put(self, key: tuple[str, int, int], row: dict[str, torch.Tensor]) -> None:
+        size = sum(t.numel() * t.element_size() for t in row.values())
+        with self._lock:
+            if key not in self._rows and self.nbytes + size <= self.max_bytes:
+                self._rows[key] = row
+                self.nbytes += size
+
+
 class PrefetchLoader:
     """Iterate :class:`StepBatch` for steps ``planner.step .. stop_step - 1`` with background reads.
 
@@ -244,8 +277,9 @@ class PrefetchLoader:
     """
 
     def __init__(self, store: TraceStore | str | Path, planner: BatchPlanner, *, stop_step: int,
-                 prefetch_steps: int = 4, reader_threads: int = 2) -> None:
+                 prefetch_steps: int = 4, reader_threads: int = 2, cache: TupleCache | None = None) -> None:
         self.store = store if isinstance(store, TraceStore) else TraceStore.open(store)
+        self.cache = cache
         self.planner = planner
         self.stop_step = int(stop_step)
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, int(prefetch_steps)))
@@ -256,7 +290,18 @@ class PrefetchLoader:
         self.tuples_read = 0
 
     def _read(self, req: BatchRequest) -> dict[str, torch.Tensor]:
-        return read_batch(self.store, req.layer, req.n_tokens, list(req.rows))
+        rows = list(req.rows)
+        if self.cache is None:
+            return read_batch(self.store, req.layer, req.n_tokens, rows)
+        have = {r: self.cache.get((req.layer, req.n_tokens, r)) for r in dict.fromkeys(rows)}
+        missing = [r for r, row in have.items() if row is None]
+        if missing:
+            batch = read_batch(self.store, req.layer, req.n_tokens, missing)
+            for i, r in enumerate(missing):
+                have[r] = {k: v[i].clone() for k, v in batch.items()}
+                self.cache.put((req.layer, req.n_tokens, r), have[r])
+        names = have[rows[0]].keys()
+        return {k: torch.stack([have[r][k] for r in rows]) for k in names}
 
     def _put(self, item: Any) -> bool:
         while not self._stop.is_set():

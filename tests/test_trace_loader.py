@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from flux2ttr.trace_loader import BatchPlanner, PrefetchLoader, read_batch, split_by_prompt
+from flux2ttr.trace_loader import BatchPlanner, PrefetchLoader, TupleCache, read_batch, split_by_prompt
 from flux2ttr.traces import TraceStore, TraceTuple, TraceWriter
 
 TEACHER = {"name": "unit-teacher", "sha256": "abc123"}
@@ -196,3 +196,31 @@ def test_read_batch_equals_store_read(tmp_path, dtype):
             assert fast[name].dtype == ref[name].dtype and torch.equal(fast[name], ref[name]), (rows, name)
     with pytest.raises(IndexError):
         read_batch(store, "single_blocks.0", 20, [12])
+
+
+def test_tuple_cache_serves_identical_batches_within_budget(store_path):
+    store = TraceStore.open(store_path)
+    groups = _groups(split_by_prompt(store, 0.34, seed=0), store)
+
+    def run(cache):
+        planner = BatchPlanner(groups, batch_size=2, min_layers=1, max_layers=3, seed=9)
+        with PrefetchLoader(store, planner, stop_step=40, prefetch_steps=3, reader_threads=2, cache=cache) as ld:
+            return list(ld)
+
+    plain = run(None)
+    big = TupleCache(1 << 30)
+    cached = run(big)
+    for a, b in zip(plain, cached):
+        assert a.batches.keys() == b.batches.keys()
+        for layer in a.batches:
+            for name, t in a.batches[layer].items():
+                assert torch.equal(t, b.batches[layer][name]) and t.dtype == b.batches[layer][name].dtype
+    n_train = sum(len(r) for g in groups.values() for _, r in g)
+    assert len(big._rows) == n_train  # every training tuple read from zarr once ...
+    # ... and served from memory afterwards (two reader threads may both miss a row at an epoch edge)
+    assert n_train <= big.misses < n_train + 8 and big.hits > 2 * big.misses
+    one_row = next(iter(big._rows.values()))
+    row_bytes = sum(t.numel() * t.element_size() for t in one_row.values())
+    small = TupleCache(5 * row_bytes + row_bytes // 2)
+    run(small)
+    assert len(small._rows) == 5 and small.nbytes <= small.max_bytes
