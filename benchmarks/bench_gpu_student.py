@@ -200,7 +200,7 @@ def sweep(layer, q, k, v, args, side, sigma) -> list[dict]:
     """Time launch-shape variants of the fused path (same inputs); checks each against the default."""
     base = hkr_fast.KERNEL
     grid = []
-    for kw in [{}, {"mlp_first": True}, {"exp16": True}, {"mlp_first": True, "exp16": True}, {"fused": False}]:
+    for kw in [{}, {"block_l": 64}, {"mlp_first": True}, {"programs_per_sm": 3}, {"fused": False}]:
         grid.append(dataclasses.replace(base, **kw))
     ref = hkr_fast.fast_forward(layer, q, k, v, args.n_cond, sigma, 3.5, height=side, width=side).float()
     res = []
