@@ -693,7 +693,9 @@ def train(
         if cfg.progress and rank == 0:
             from tqdm import tqdm  # noqa: PLC0415
 
-            bar = tqdm(total=cfg.steps, initial=start, desc="distill", unit="step", dynamic_ncols=True)
+            # under DVC stderr is a log file: update it every few seconds, not on every step
+            bar = tqdm(total=cfg.steps, initial=start, desc="distill", unit="step", dynamic_ncols=True,
+                       mininterval=0.1 if sys.stderr.isatty() else 5.0)
         step = start
         plan_state = planner.state_dict()
         t_train = 0.0
