@@ -200,7 +200,7 @@ def sweep(layer, q, k, v, args, side, sigma) -> list[dict]:
     """Time launch-shape variants of the fused path (same inputs); checks each against the default."""
     base = hkr_fast.KERNEL
     grid = []
-    for kw in [{}, {"block_l": 64}, {"mlp_first": True}, {"programs_per_sm": 3}, {"fused": False}]:
+    for kw in [{}, {"mlp_first_min_tokens": 0}, {"mlp_first_min_tokens": 1 << 40}, {"fused": False}]:
         grid.append(dataclasses.replace(base, **kw))
     ref = hkr_fast.fast_forward(layer, q, k, v, args.n_cond, sigma, 3.5, height=side, width=side).float()
     res = []
@@ -216,7 +216,7 @@ def sweep(layer, q, k, v, args, side, sigma) -> list[dict]:
             t, e = float("nan"), repr(exc)[:120]
         d = {k: getattr(kc, k) for k in ("block_n", "programs_per_sm", "key_warps", "key_stages", "block_m",
                                           "block_l", "query_warps", "query_stages", "fast_math",
-                                          "gather_min_tokens", "fused", "exp16", "mlp_first")}
+                                          "gather_min_tokens", "fused", "exp16", "mlp_first_min_tokens")}
         d["regs_spills"] = {n: (getattr(ck, "n_regs", None), getattr(ck, "n_spills", None))
                             for n, ck in hkr_fast.LAST_LAUNCH.items()}
         d.update(ms=t, diff_vs_default=e, host_us=host_us(f) if t == t else None)

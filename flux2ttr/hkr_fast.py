@@ -52,7 +52,9 @@ class KernelConfig:
     gather_min_tokens: int = 16384  # from this many keys on, copy landmark k/v to contiguous buffers
     fused: bool = True  # one launch: key programs first, query programs wait on per-head flags
     mlp_chunk: int = 128  # hidden units per chunk of a wider feature MLP (power of two)
-    mlp_first: bool = False  # query programs: feature MLP before the landmark softmax (register live ranges)
+    # Query programs with at least this many queries run the feature MLP before the landmark softmax
+    # (other register live ranges, fewer spills: -4% at 16k/66k tokens, +3% at 4.6k).
+    mlp_first_min_tokens: int = 16384
     exp16: bool = False  # landmark softmax exp2 in packed fp16 (ex2.approx.f16x2); off under the interpreter
 
 
@@ -299,7 +301,7 @@ def fast_forward(
     meta = dict(D=d, HID=prep.hid, FP=prep.fp, HC=min(prep.hid, kc.mlp_chunk), CH=_pow2(ch),
                 BLOCK_N=kc.block_n, BLOCK_M=bm, BLOCK_L=kc.block_l, ADAPTIVE=adaptive, FAST=fast_math,
                 GATHERED=gather, EXP16=kc.exp16 and not interpreting(), EVEN_L=idx.numel() % kc.block_l == 0,
-                MLP_FIRST=kc.mlp_first,
+                MLP_FIRST=nq >= kc.mlp_first_min_tokens,
                 SIG_SCALAR=sig_t is None, CFG_SCALAR=cfg_t is None)
     fn = kt._hkr_forward
     try:

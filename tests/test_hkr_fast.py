@@ -184,7 +184,7 @@ SMALL = hkr_fast.KernelConfig(block_n=16, block_m=16, block_l=16, block_m_adapti
         ({"adaptive_alpha": True}, {"fused": True, "gather_min_tokens": 0}, "per-row"),
         ({"shared_qk": True, "adaptive_alpha": True}, {"fused": False, "gather_min_tokens": 1 << 30}, 0.9),
         ({"landmark_fraction": 0.0, "landmark_min": 0}, {"fused": True, "block_n": 8}, 0.4),  # text landmarks only
-        ({"feature_dim": 40}, {"fused": True, "mlp_chunk": 32, "mlp_first": True}, 0.4),  # hidden 128 in 4 chunks
+        ({"feature_dim": 40}, {"fused": True, "mlp_chunk": 32, "mlp_first_min_tokens": 0}, 0.4),  # hidden 128 in 4 chunks
         ({"landmark_fraction": 0.0, "landmark_min": 8}, {"fused": True}, 0.4),  # L = 8 + 8: full landmark steps
     ],
 )
