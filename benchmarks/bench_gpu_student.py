@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kernel", type=str, default="", help="KernelConfig overrides as JSON, e.g. '{\"fused\": true}'")
     ap.add_argument("--adaptive", action="store_true", help="also run with adaptive_alpha")
     ap.add_argument("--json", type=Path, default=None, help="write all numbers here")
+    ap.add_argument("--check", action="store_true", help="only run GPU correctness cases (batch 2, strided "
+                    "layouts, per-row sigma/cfg, odd landmark counts, adaptive, shared_qk, fp16) and exit")
     args = ap.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -95,6 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"B=1 H={args.heads} D={d} {args.dtype}; student F={cfg.feature_dim} hidden={cfg.hidden_dim} "
           f"landmarks: n_cond + clamp({cfg.landmark_fraction}*img, {cfg.landmark_min}, {cfg.landmark_max}) "
           f"adaptive_alpha={cfg.adaptive_alpha}")
+    if args.check:
+        check_cases(cfg, args, dev)
+        return
     variants = [("params", cfg)]
     if args.adaptive:
         variants.append(("adaptive", dataclasses.replace(cfg, adaptive_alpha=True)))
@@ -147,6 +152,38 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         print(f"{r['variant']:>9} {r['tokens']:>7} {r['landmarks']:>6} {r['sdpa_ms']:>9.3f} {r['student_ms']:>11.3f} "
               f"{r['speedup']:>8.2f}x {r['rel_err']:>9.2e} {r['student_tflops']:>8.1f} {r['host_us']:>8.1f}")
+
+
+def check_cases(cfg: HKRConfig, args, dev: torch.device) -> None:
+    """Fused path vs the fp32 eager student on cases the timing table does not cover; prints rel err."""
+    cases = [
+        ("B=2, [B,N,H,D] views, per-row sigma/cfg", {}, 2, 48, True, torch.bfloat16),
+        ("L % 128 != 0 (landmark_max 200)", {"landmark_max": 200}, 1, 64, False, torch.bfloat16),
+        ("adaptive alpha, B=2", {"adaptive_alpha": True}, 2, 64, False, torch.bfloat16),
+        ("shared_qk, fp16", {"shared_qk": True}, 1, 64, False, torch.float16),
+        ("16k+ tokens: gathered landmarks, MLP first", {}, 1, 128, True, torch.bfloat16),
+        ("feature_dim 128 (hidden 256, chunked MLP)", {"feature_dim": 128}, 1, 64, False, torch.bfloat16),
+    ]
+    h, d = args.heads, cfg.head_dim
+    for name, kw, b, side, strided, dt in cases:
+        c = dataclasses.replace(cfg, **kw)
+        torch.manual_seed(args.seed)
+        layer = perturb(HKRLayer(c, num_heads=h), args.seed).to(dev).eval()
+        n = args.n_cond + side * side
+        g = torch.Generator(device=dev).manual_seed(args.seed + 7)
+        if strided:
+            q, k, v = (torch.randn(b, n, h, d, generator=g, device=dev).to(dt).transpose(1, 2) for _ in range(3))
+        else:
+            q, k, v = (torch.randn(b, h, n, d, generator=g, device=dev).to(dt) for _ in range(3))
+        sig = torch.linspace(0.2, 0.9, b, device=dev)
+        cf = torch.linspace(1.0, 4.0, b, device=dev)
+        with torch.inference_mode():
+            reason = hkr_fast.fast_path_reason(layer, q, k, v)
+            out = layer(q, k, v, args.n_cond, sig, cf, height=side, width=side)
+            c.fast_path = False
+            ref = layer(q.float(), k.float(), v.float(), args.n_cond, sig, cf, height=side, width=side)
+            c.fast_path = True
+        print(f"  check {name:<45} fast={reason is None} rel_err={rel_err(out, ref):.2e}", flush=True)
 
 
 def host_us(fn, calls: int = 50) -> float:
