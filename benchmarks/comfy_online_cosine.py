@@ -1,0 +1,80 @@
+"""Offline numbers hold online: per-layer cosine between student and native attention measured inside
+the real ComfyUI while it samples the pipeline's teacher, next to the artifact's validation figure.
+
+Run from a project folder where the pipeline has produced ``teachers/tiny`` and
+``artifacts/flux2_ttr.safetensors`` (``dvc repro distill``):
+
+    python benchmarks/comfy_online_cosine.py [--root .] [--prompts 4]
+
+Sampling uses ComfyUI's KSampler (euler, simple) with the sampler section's steps, size and guidance
+and the teacher's own prompt encoder for the capture prompts; the patch runs in measurement mode
+(``measure=True``), so sampling stays native while every student layer is evaluated on the same q, k, v.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", type=Path, default=Path("."), help="project folder holding the pipeline outputs")
+    ap.add_argument("--prompts", type=int, default=4, help="capture prompts to sample")
+    args = ap.parse_args()
+    root = args.root.resolve()
+
+    import comfy_harness
+    import torch
+
+    comfy = comfy_harness.start_comfy(Path(tempfile.mkdtemp(prefix="comfy_cosine_")))
+    from flux2ttr.capture import CaptureConfig
+    from flux2ttr.config import load_section
+    from flux2ttr.distill import DistillConfig
+    from flux2ttr.sampler import SamplerConfig
+    from flux2ttr.teacher import SINGLE_FILE_NAME, TeacherConfig, load_tiny_teacher
+
+    params = root / "params.yaml"
+    tcfg = load_section(TeacherConfig, "teacher", params)
+    scfg = load_section(SamplerConfig, "sampler", params)
+    ccfg = load_section(CaptureConfig, "capture", params)
+    dcfg = load_section(DistillConfig, "distill", params)
+    folder = root / tcfg.out_dir
+    name = comfy.add_model_file("diffusion_models", folder / SINGLE_FILE_NAME)
+
+    import nodes
+
+    from flux2ttr import comfy_patch
+    from flux2ttr.artifacts import load_students
+
+    art = load_students(root / dcfg.artifact)
+    teacher = load_tiny_teacher(tcfg, folder)
+    prompts = json.loads((root / ccfg.prompts).read_text())[: args.prompts]
+    model = nodes.UNETLoader().load_unet(name, "default")[0]
+    patched = comfy_patch.controller_node(model, art.path, None, quality_speed=1.0, policy_mode="threshold", seed=0,
+                                          measure=True)
+    online: dict[str, list[float]] = {}
+    for i, prompt in enumerate(prompts):
+        cond = [[teacher.encode_prompts([prompt]), {"guidance": scfg.guidance}]]
+        lat = {"samples": torch.zeros(1, 128, scfg.height // 16, scfg.width // 16)}
+        nodes.common_ksampler(patched, scfg.seed + i, scfg.steps, 1.0, "euler", "simple", cond, cond, lat)
+        for key, (value, _) in comfy_patch.online_vs_offline(comfy_patch.last_runs()[-1], art.metrics).items():
+            online.setdefault(key, []).append(value)
+    print(f"{len(prompts)} prompts x {scfg.steps} steps, {scfg.width}x{scfg.height} px, guidance {scfg.guidance}")
+    print(f"| layer | ready | offline {comfy_patch.OFFLINE_COSINE_METRIC} | online cosine (ComfyUI) | online - offline |")
+    print("| --- | --- | --- | --- | --- |")
+    for key, values in online.items():
+        on = sum(values) / len(values)
+        off = art.metrics.get(key, {}).get(comfy_patch.OFFLINE_COSINE_METRIC)
+        off_s, diff = ("-", "-") if off is None else (f"{off:.4f}", f"{on - off:+.4f}")
+        print(f"| {key} | {art.ready.get(key, False)} | {off_s} | {on:.4f} | {diff} |")
+
+
+if __name__ == "__main__":
+    main()
