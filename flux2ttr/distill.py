@@ -84,6 +84,7 @@ class DistillConfig:
     steps: int = 300  # optimisation steps (each trains min..max_swap_layers layers)
     batch_size: int = 4  # tuples per layer per step
     lr: float = 2.0e-3  # AdamW learning rate of the student layers
+    alpha_lr: float = 5.0e-2  # AdamW lr of the fusion scalars alpha_logit, alpha_gamma (no weight decay)
     warmup_steps: int = 20  # per-layer linear lr warm-up (in that layer's updates)
     weight_decay: float = 0.01  # AdamW decoupled weight decay
     adam_beta1: float = 0.9
@@ -124,8 +125,8 @@ class DistillConfig:
             raise ValueError(f"distill.val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"distill.ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.lr <= 0 or self.loss_lr <= 0:
-            raise ValueError("distill.lr and distill.loss_lr must be positive")
+        if min(self.lr, self.loss_lr, self.alpha_lr) <= 0:
+            raise ValueError("distill.lr, distill.alpha_lr and distill.loss_lr must be positive")
         if min(self.grad_clip, self.weight_decay, self.warmup_steps, self.torch_threads, self.cache_mib) < 0:
             raise ValueError("distill.grad_clip, weight_decay, warmup_steps, torch_threads and cache_mib must be >= 0")
 
@@ -239,8 +240,13 @@ def _build_layer(key: str, cfg: DistillConfig, hkr: HKRConfig, num_heads: int) -
     torch.manual_seed((int(cfg.seed) * 1_000_003 + layer_seed(key)) % (2**63 - 1))
     student = HKRLayer(hkr, num_heads=num_heads).to(cfg.device)
     loss = KendallDistillLoss.from_config(hkr).to(cfg.device)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                            eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    # the fusion scalars get their own lr (and no weight decay): at the network lr a logit moves ~0.1/100 updates
+    fusion = [student.alpha_logit, student.alpha_gamma]
+    rest = [p for p in student.parameters() if all(p is not f for f in fusion)]
+    opt = torch.optim.AdamW([{"params": rest, "base_lr": cfg.lr},
+                             {"params": fusion, "base_lr": cfg.alpha_lr, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                            weight_decay=cfg.weight_decay)
     loss_opt = torch.optim.Adam(loss.parameters(), lr=cfg.loss_lr)
     return LayerState(student, loss, opt, loss_opt)
 
@@ -303,7 +309,7 @@ def train_step(st: LayerState, batch: dict[str, torch.Tensor], cfg: DistillConfi
         st.skipped_nonfinite += 1
         return False
     for g in st.opt.param_groups:
-        g["lr"] = _warmup_lr(cfg, st.updates)
+        g["lr"] = g["base_lr"] * _warmup_lr(cfg, st.updates) / cfg.lr
     st.opt.step()
     st.loss_opt.step()
     st.updates += 1
