@@ -25,10 +25,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +40,6 @@ from flux2ttr.contract import layer_sort_key
 from flux2ttr.controller import load_controller, sample_mask, threshold_mask
 from flux2ttr.controller_training import controller_inputs, eligibility, full_mask, policy_logits, rollout_inputs
 from flux2ttr.rollout import RolloutStore, TeacherRollout
-from flux2ttr.sampler import sample
 from flux2ttr.student_rollout import make_router, run_student_rollout
 
 MODES = ("stochastic", "threshold")
@@ -177,8 +174,10 @@ def _gen(seed: int, *parts: int) -> torch.Generator:
 
 
 def evaluate(cfg: EvaluateConfig, teacher, art: StudentArtifact, store: RolloutStore, controller,
-             layer_keys: list[str], quality, *, show_progress: bool = True) -> dict[str, Any]:
-    """All scores as the ``metrics/eval.json`` dict (see the module docstring); ``images`` kept on the side."""
+             layer_keys: list[str], quality, *, show_progress: bool = True
+             ) -> tuple[dict[str, Any], dict[str, list[torch.Tensor]], list[TeacherRollout]]:
+    """``(metrics, images, rollouts)``: every score as the ``metrics/eval.json`` dict (see the module
+    docstring), the student images ``[3, H, W]`` of each named policy per eval rollout, and those rollouts."""
     ev = Evaluator(teacher, art, store, quality, layer_keys)
     S, L = ev.sampler_cfg.steps, len(layer_keys)
     try:

@@ -20,7 +20,7 @@ from flux2ttr.controller_training import (
 )
 from flux2ttr.quality import QualityConfig, QualityLoss
 from flux2ttr.rollout import RolloutConfig, RolloutStore, record_rollouts, write_store
-from rollout_fixtures import PROMPTS, TEACHER, make_students, make_teacher, write_params, write_prompts
+from rollout_fixtures import PROMPTS, TEACHER, make_students, make_teacher, write_params
 
 ROLLOUT = dict(num_prompts=3, eval_prompts=1, steps=2, height=32, width=32, seed=3)
 
