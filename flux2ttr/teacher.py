@@ -455,10 +455,29 @@ def _require(path_str: str, param: str, *, kind: str = "path") -> Path:
     return path
 
 
+def match_comfyui_qk_norm(model: torch.nn.Module) -> torch.nn.Module:
+    """Give the attention QK RMSNorms ComfyUI's epsilon (``None``: torch uses ``finfo(dtype).eps``)
+    instead of diffusers' ``1e-6``, in place; returns ``model``.
+
+    Why: FLUX.2's zero-padded text tokens have tiny pre-norm q/k, where the two epsilons differ visibly
+    (1.9e-4 relative on the tiny teacher); with the same epsilon the pipeline teacher equals what
+    ComfyUI runs to float32 rounding, so students distilled offline meet the same attention online.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.RMSNorm):
+            module.eps = None
+    return model
+
+
 def load_transformer(path: str | Path, config_dir: str | Path | None = None, *, param: str = "transformer",
                      dtype: torch.dtype = torch.float32):
     """A ``Flux2Transformer2DModel`` from a single ``.safetensors`` file (with ``config_dir/transformer``)
-    or a diffusers folder (``config.json`` in it or in ``transformer/``). Local files only."""
+    or a diffusers folder (``config.json`` in it or in ``transformer/``). Local files only. QK norms
+    follow ComfyUI (:func:`match_comfyui_qk_norm`)."""
+    return match_comfyui_qk_norm(_load_transformer(path, config_dir, param=param, dtype=dtype))
+
+
+def _load_transformer(path: str | Path, config_dir: str | Path | None, *, param: str, dtype: torch.dtype):
     from diffusers import Flux2Transformer2DModel
 
     path = Path(path)

@@ -303,6 +303,5 @@ def test_comfyui_detects_and_runs_the_file(comfy, written, teacher):
     with torch.no_grad():
         ref = dm(x, torch.tensor([0.7, 0.7]), cond, guidance=torch.tensor([4.0, 4.0])).flatten(2).transpose(1, 2)
         out = teacher.denoise(x.flatten(2).transpose(1, 2), 0.7, cond, 4.0, h, w)
-    # fp32 implementations differ in RoPE/embedding rounding; the sharp tiny attention amplifies it
-    # (measured 1.3e-4; 1.5e-5 with qk_norm_scale 1.0)
-    assert ((out - ref).norm() / ref.norm()).item() < 1e-3
+    # the loader gives the QK norms ComfyUI's epsilon, so the two agree to float32 rounding
+    assert ((out - ref).norm() / ref.norm()).item() < 2e-6
