@@ -21,6 +21,7 @@ seeded by ``(seed, i)``). The final artifact records the layer order and the stu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -151,6 +152,21 @@ def policy_logits(controller: TTRController, inputs: dict[str, torch.Tensor]) ->
                       inputs.get("prompt_embedding"))
 
 
+# the modules whose code decides what an iteration does: a change there means the checkpoint is stale
+_CODE_MODULES = ("controller_training", "controller", "reward", "quality", "student_rollout", "router", "sampler",
+                 "hkr")
+
+
+def code_digest() -> str:
+    """sha256 over the source of the modules an iteration runs (part of the resume fingerprint)."""
+    h = hashlib.sha256()
+    here = Path(__file__).resolve().parent
+    for name in _CODE_MODULES:
+        h.update(name.encode())
+        h.update((here / f"{name}.py").read_bytes())
+    return h.hexdigest()
+
+
 # training-loop fields that may change between a checkpoint and its resume (length, logging, output paths)
 _RESUMABLE_FIELDS = ("iterations", "checkpoint_every", "metrics_window", "artifact", "metrics", "records")
 
@@ -250,7 +266,7 @@ class ControllerTrainer:
 
     def _fingerprint(self) -> dict[str, Any]:
         cfg = {k: v for k, v in to_dict(self.cfg).items() if k not in _RESUMABLE_FIELDS}
-        return {**self._identity(), "config": cfg}
+        return {**self._identity(), "config": cfg, "code": code_digest()}
 
     def try_resume(self) -> bool:
         """Continue from the checkpoint if it was made by this setup (same layers, students, rollout setting

@@ -112,12 +112,17 @@ def test_resume_is_exact(setup, tmp_path):
     assert resumed.baseline.count == 4
 
 
-def test_checkpoint_of_another_setup_is_ignored(setup, tmp_path):
+def test_checkpoint_of_another_setup_is_ignored(setup, tmp_path, monkeypatch):
+    import flux2ttr.controller_training as ct
+
     _trainer(setup, tmp_path, iterations=1, checkpoint_every=1).train()
     other = _trainer(setup, tmp_path, iterations=2, lr=1e-2)  # other params: start over
     assert not other.try_resume() and other.iteration == 0
     same = _trainer(setup, tmp_path, iterations=2)
     assert same.try_resume() and same.iteration == 1
+    real = ct.code_digest()
+    monkeypatch.setattr(ct, "code_digest", lambda: real[::-1])  # the training code changed: start over
+    assert not _trainer(setup, tmp_path, iterations=2).try_resume()
 
 
 def test_prompt_embedding_input(setup, tmp_path):
