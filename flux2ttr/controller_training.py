@@ -13,6 +13,11 @@ One iteration:
    so the recompute is exact), and the REINFORCE loss ``-(reward - baseline) * sum log_prob`` over
    eligible layers is minimised with AdamW; the reward baseline (EMA, clamped) is updated after.
 
+Steps 2-4 run ``group_size`` times per iteration on the same prompt and seed (masks drawn one after the
+other from the iteration's generator); with more than one sample each one's baseline is the leave-one-out
+mean of the group's other rewards and the loss is the group mean (:func:`flux2ttr.reward.group_baselines`).
+Records are one per rollout (``iteration``, ``sample``).
+
 Each iteration appends a record (mask, reward, every loss term, ratios) to the records file; checkpoints
 every ``checkpoint_every`` iterations hold the controller weights, AdamW state, baseline and iteration
 count, and a rerun resumes from the last one exactly (the mask of iteration ``i`` comes from a generator
@@ -50,6 +55,7 @@ from flux2ttr.reward import (
     RewardBaseline,
     compute_reward,
     eligible_stats,
+    group_baselines,
     recompute_log_prob,
     reinforce_loss,
     split_eligible,
@@ -75,7 +81,8 @@ class ControllerTrainConfig(ControllerConfig):
     metrics: str = "metrics/controller.json"  # dvc metrics (output)
     records: str = "rollouts/controller_records.jsonl"  # per-iteration student rollout records (output)
     checkpoint_dir: str = "checkpoints/controller"  # resumable checkpoint + records so far
-    iterations: int = 24  # policy updates (one student rollout each)
+    iterations: int = 24  # policy updates (group_size student rollouts each)
+    group_size: int = 1  # masks sampled per iteration on one prompt/seed; > 1: leave-one-out group baseline
     checkpoint_every: int = 8  # iterations between checkpoints (0 = only at the end)
     lr: float = 3.0e-3  # AdamW
     weight_decay: float = 0.0
@@ -87,6 +94,8 @@ class ControllerTrainConfig(ControllerConfig):
         parent = getattr(super(), "__post_init__", None)
         if parent is not None:
             parent()
+        if self.group_size < 1:
+            raise ConfigError(f"controller.group_size must be >= 1, got {self.group_size}")
         if self.iterations < 1:
             raise ConfigError(f"controller.iterations must be >= 1, got {self.iterations}")
         if self.checkpoint_every < 0 or self.metrics_window < 1:
@@ -283,56 +292,66 @@ class ControllerTrainer:
         load_controller_checkpoint(self.checkpoint_path, self.controller, self.opt, self.baseline)
         self.iteration = int(header["iteration"])
         records = read_records(self.checkpoint_records_path)
-        if len(records) < self.iteration:
+        if len(records) < self.iteration * self.cfg.group_size:
             raise CheckpointError(f"{self.checkpoint_records_path}: {len(records)} records for a checkpoint at "
                                   f"iteration {self.iteration}; delete {self.cfg.checkpoint_dir} to start over")
-        self.records = records[: self.iteration]
+        self.records = records[: self.iteration * self.cfg.group_size]
         return True
 
     # --- one iteration --------------------------------------------------------------------------
-    def step(self, router) -> dict[str, Any]:
+    def step(self, router) -> list[dict[str, Any]]:
+        """One policy update: ``group_size`` masks sampled on one prompt/seed, one record per rollout."""
         cfg, it = self.cfg, self.iteration
         ro = self.train_rollouts[it % len(self.train_rollouts)]
         gen = iteration_generator(cfg.train_seed, it)
         inputs = rollout_inputs(self.inputs, self.controller, self.teacher, ro.prompt)
         with torch.no_grad():
             logits = policy_logits(self.controller, inputs)  # [S, L]
-            sampled = sample_mask(logits[:, self.eligible_cols], generator=gen)  # [S, E]
-        masks = full_mask(sampled, self.eligible_cols, len(self.layer_keys))
-        stats = eligible_stats(logits, masks, self.eligible_cols)
-        full_ratio, ent = stats["full_ratio"], stats["entropy"]
-        res = run_student_rollout(self.teacher, router, [ro.prompt], self.sampler_cfg, masks, self.layer_keys,
-                                  seeds=[ro.seed], prompt_indices=[ro.prompt_index])
-        q_total, q_terms = self.quality(res.images, ro.image[None], student_latents=res.latents,
-                                        teacher_latents=ro.latents[None], prompts=[ro.prompt])
-        q_total = float(q_total)
-        reward = float(compute_reward(q_total, full_ratio, ent, cfg))
-        baseline_before = float(self.baseline.value)
-        advantage = reward - baseline_before
-        # REINFORCE: log-probs of the logged actions, recomputed with gradients
+        rolls = []
+        for _ in range(cfg.group_size):
+            with torch.no_grad():
+                sampled = sample_mask(logits[:, self.eligible_cols], generator=gen)  # [S, E]
+            masks = full_mask(sampled, self.eligible_cols, len(self.layer_keys))
+            stats = eligible_stats(logits, masks, self.eligible_cols)
+            res = run_student_rollout(self.teacher, router, [ro.prompt], self.sampler_cfg, masks, self.layer_keys,
+                                      seeds=[ro.seed], prompt_indices=[ro.prompt_index])
+            q_total, q_terms = self.quality(res.images, ro.image[None], student_latents=res.latents,
+                                            teacher_latents=ro.latents[None], prompts=[ro.prompt])
+            q_total = float(q_total)
+            reward = float(compute_reward(q_total, stats["full_ratio"], stats["entropy"], cfg))
+            rolls.append((sampled, masks, stats, res, q_total, q_terms, reward))
+        rewards = [r[-1] for r in rolls]
+        baselines = group_baselines(rewards, float(self.baseline.value))
+        # REINFORCE: log-probs of the logged actions, recomputed with gradients; group mean of the losses
         self.opt.zero_grad(set_to_none=True)
-        lp = recompute_log_prob(self.controller, inputs, sampled, self.eligible_cols)
-        loss = reinforce_loss(reward, baseline_before, lp)
-        loss.backward()
+        lps, losses = [], []
+        for (sampled, *_rest), reward, base in zip(rolls, rewards, baselines):
+            lp = recompute_log_prob(self.controller, inputs, sampled, self.eligible_cols)
+            lps.append(lp)
+            losses.append(reinforce_loss(reward, base, lp) / cfg.group_size)
+        torch.stack(losses).sum().backward()
         gnorm = float(torch.nn.utils.clip_grad_norm_(self.controller.parameters(),
                                                      cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
         self.opt.step()
-        self.baseline.update(reward)
-        record = {
-            "iteration": it, "prompt_index": ro.prompt_index, "prompt": ro.prompt, "seed": ro.seed,
-            "layer_keys": self.layer_keys, "eligible": self.eligible, "forced_full": self.forced,
-            "mask": masks.int().tolist(), "sigmas": [float(s) for s in self.inputs["sigma"]],
-            "reward": reward, "baseline": baseline_before, "advantage": advantage,
-            "quality_loss": q_total, "quality_terms": {k: float(v) for k, v in q_terms.items()},
-            "quality_skipped": list(getattr(self.quality, "skipped", [])),
-            "full_ratio": full_ratio, "student_ratio": 1.0 - full_ratio,
-            "full_ratio_all_layers": stats["full_ratio_all_layers"], "entropy": ent,
-            "log_prob_sum": float(lp.detach()), "policy_loss": float(loss.detach()), "grad_norm": gnorm,
-            "seconds": res.seconds,
-        }
-        self.records.append(record)
+        out = []
+        for k, ((sampled, masks, stats, res, q_total, q_terms, reward), base, lp, loss) in enumerate(
+                zip(rolls, baselines, lps, losses)):
+            self.baseline.update(reward)  # the EMA sees every reward (it is the baseline when group_size = 1)
+            out.append({
+                "iteration": it, "sample": k, "prompt_index": ro.prompt_index, "prompt": ro.prompt, "seed": ro.seed,
+                "layer_keys": self.layer_keys, "eligible": self.eligible, "forced_full": self.forced,
+                "mask": masks.int().tolist(), "sigmas": [float(s) for s in self.inputs["sigma"]],
+                "reward": reward, "baseline": base, "advantage": reward - base,
+                "quality_loss": q_total, "quality_terms": {k2: float(v) for k2, v in q_terms.items()},
+                "quality_skipped": list(getattr(self.quality, "skipped", [])),
+                "full_ratio": stats["full_ratio"], "student_ratio": 1.0 - stats["full_ratio"],
+                "full_ratio_all_layers": stats["full_ratio_all_layers"], "entropy": stats["entropy"],
+                "log_prob_sum": float(lp.detach()), "policy_loss": float(loss.detach()), "grad_norm": gnorm,
+                "seconds": res.seconds,
+            })
+        self.records.extend(out)
         self.iteration += 1
-        return record
+        return out
 
     def train(self) -> list[dict[str, Any]]:
         cfg = self.cfg
@@ -340,9 +359,10 @@ class ControllerTrainer:
         try:
             bar = tqdm(range(self.iteration, cfg.iterations), desc="controller", disable=not self.show_progress)
             for n, _ in enumerate(bar):
-                rec = self.step(router)
-                bar.set_postfix(reward=f"{rec['reward']:.4f}", full=f"{rec['full_ratio']:.2f}")
-                self._log(rec, force=n == 0)
+                recs = self.step(router)
+                bar.set_postfix(reward=f"{recs[-1]['reward']:.4f}", full=f"{recs[-1]['full_ratio']:.2f}")
+                for rec in recs:
+                    self._log(rec, force=n == 0 and rec["sample"] == 0)
                 if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
         finally:
@@ -355,19 +375,21 @@ class ControllerTrainer:
                                     "full_ratio_all_layers", "entropy", "policy_loss", "grad_norm", "seconds")}
         flat.update({f"quality/{k}": v for k, v in rec["quality_terms"].items()})
         # the first iteration of every run (fresh or resumed) is always logged: a broken setup shows at once
-        self.comet.call("log_metrics", flat, step=rec["iteration"], force=force)
+        step = rec["iteration"] * self.cfg.group_size + rec["sample"]  # one Comet step per rollout
+        self.comet.call("log_metrics", flat, step=step, force=force)
 
     # --- outputs --------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         recs = self.records
-        win = recs[-self.cfg.metrics_window:]
+        n = self.cfg.metrics_window * self.cfg.group_size  # the window counts iterations, records are rollouts
+        win = recs[-n:]
 
         def mean(key: str, rs: list[dict[str, Any]]) -> float:
             return float(sum(r[key] for r in rs) / len(rs))
 
-        first = recs[: self.cfg.metrics_window]
+        first = recs[:n]
         return {
-            "iterations": len(recs), "layers": len(self.layer_keys), "eligible_layers": len(self.eligible),
+            "iterations": self.iteration, "rollouts": len(recs), "group_size": self.cfg.group_size, "layers": len(self.layer_keys), "eligible_layers": len(self.eligible),
             "forced_full_layers": len(self.forced), "forced_full": self.forced,
             "reward_first": mean("reward", first), "reward_last": mean("reward", win),
             "quality_loss_first": mean("quality_loss", first), "quality_loss_last": mean("quality_loss", win),

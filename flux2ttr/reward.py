@@ -11,6 +11,12 @@ so one catastrophic rollout cannot drag the baseline far down (the advantage of 
 inflated). The first update sets the baseline to that value; later ones ``b <- m*b + (1-m)*x``.
 
 REINFORCE: ``loss = -(reward - baseline) * sum(log_prob of the logged actions over eligible layers)``.
+
+Group baseline (``group_size`` K > 1 masks sampled per iteration on the same prompt and seed): sample k's
+baseline is the leave-one-out mean of the other rewards of its group, ``b_k = (sum_j r_j - r_k) / (K - 1)``,
+and the iteration's loss is the group mean ``(1/K) sum_k -(r_k - b_k) * log_prob_k``. Prompt/seed difficulty
+cancels inside the group, so only the masks' effect is credited (much lower variance than the EMA). With
+K = 1 the baseline is the clamped EMA above (which is updated with every reward either way).
 """
 
 from __future__ import annotations
@@ -69,6 +75,18 @@ class RewardBaseline:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.value, self.count = float(state["value"]), int(state["count"])
         self.momentum, self.floor = float(state["momentum"]), float(state["floor"])
+
+
+def group_baselines(rewards: list[float], ema_value: float) -> list[float]:
+    """Per-sample baselines of one iteration's group: the EMA value when there is one sample, else the
+    leave-one-out mean ``(sum(rewards) - r_k) / (K - 1)`` (see the module docstring)."""
+    k = len(rewards)
+    if k == 0:
+        raise ValueError("group_baselines needs at least one reward")
+    if k == 1:
+        return [float(ema_value)]
+    total = float(sum(float(r) for r in rewards))
+    return [(total - float(r)) / (k - 1) for r in rewards]
 
 
 def reinforce_loss(reward: float, baseline: float, log_prob_sum: torch.Tensor) -> torch.Tensor:

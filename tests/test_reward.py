@@ -94,3 +94,19 @@ def test_reinforce_loss_and_recompute_matches_sampling_time():
     with pytest.raises(ValueError, match="actions must be"):
         recompute_log_prob(ctrl, inputs, actions[:, :2], eligible)
     assert float(recompute_log_prob(ctrl, inputs, actions[:, :0], []).detach()) == 0.0
+
+
+def test_group_baselines_leave_one_out_and_ema_fallback():
+    from flux2ttr.reward import group_baselines
+
+    assert group_baselines([-0.2], ema_value=-0.05) == [-0.05]  # one sample: the EMA baseline
+    r = [-0.1, -0.3, 0.2, 0.0]
+    b = group_baselines(r, ema_value=123.0)  # the EMA plays no part in a group
+    assert b == pytest.approx([(-0.3 + 0.2 + 0.0) / 3, (-0.1 + 0.2 + 0.0) / 3, (-0.1 - 0.3 + 0.0) / 3,
+                               (-0.1 - 0.3 + 0.2) / 3])
+    adv = [x - y for x, y in zip(r, b)]
+    # leave-one-out advantages are K/(K-1) times the deviation from the group mean, so they sum to zero
+    mean = sum(r) / 4
+    assert adv == pytest.approx([(x - mean) * 4 / 3 for x in r])
+    with pytest.raises(ValueError):
+        group_baselines([], 0.0)
