@@ -25,18 +25,15 @@ Every problem raises :class:`ArtifactError` naming the file and what does not ma
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from flux2ttr.atomic import atomic_save_safetensors, file_sha256  # noqa: F401 - file_sha256 is public here
 from flux2ttr.config import ConfigError, from_dict, to_dict
 from flux2ttr.contract import layer_sort_key
 from flux2ttr.hkr import HKRConfig, HKRLayer
@@ -70,26 +67,8 @@ class StudentArtifact:
         return int(self.header["num_heads"])
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes (the controller records the student artifact it was trained with)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _atomic_save(tensors: dict[str, torch.Tensor], header: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(header, sort_keys=True)})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_save_safetensors(path, tensors, {METADATA_KEY: json.dumps(header, sort_keys=True)})
 
 
 def _json_clean(obj: Any, where: str) -> Any:

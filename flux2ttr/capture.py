@@ -13,7 +13,6 @@ it is complete.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flux2ttr.atomic import atomic_write_json
 from flux2ttr.config import ConfigError, load_section, to_dict
 from flux2ttr.contract import RunState, layer_sort_key
 from flux2ttr.traces import STORAGE_DTYPES, TraceStore, TraceTuple, TraceWriter
@@ -182,13 +182,6 @@ def capture(teacher: Any, prompts: list[str], cfg: CaptureConfig, sampler_cfg: A
     }
 
 
-def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-
-
 def run_stage(params_path: Path) -> None:
     """DVC stage ``capture``: params sections ``teacher``, ``sampler``, ``capture``; writes ``capture.store``
     (and ``capture.metrics``)."""
@@ -203,6 +196,6 @@ def run_stage(params_path: Path) -> None:
     teacher = load_teacher(teacher_cfg)
     stats = capture(teacher, prompts, cfg, sampler_cfg, prompts_file=cfg.prompts)
     if cfg.metrics:
-        _atomic_write_json(Path(cfg.metrics), stats)
+        atomic_write_json(Path(cfg.metrics), stats)
     print(f"captured {stats['kept']} of {stats['offered']} tuples ({stats['disk_mib']:.1f} MiB on disk, "
           f"{stats['files']} files) to {cfg.store} in {stats['seconds_total']:.1f} s")

@@ -11,14 +11,13 @@ hyper-parameters, data-plan position, readiness, histories, ...). Files are writ
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from flux2ttr.atomic import atomic_save_safetensors
 
 FORMAT = "flux2ttr.checkpoint"
 SCHEMA_VERSION = 1
@@ -35,15 +34,7 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], header: 
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {METADATA_KEY: json.dumps({"format": FORMAT, "schema": SCHEMA_VERSION, **header}, sort_keys=True)}
     clean = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(clean, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_save_safetensors(path, clean, meta)
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -31,7 +31,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from flux2ttr.artifacts import save_students
+from flux2ttr.atomic import atomic_write_text
 from flux2ttr.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -462,19 +462,6 @@ def _load_ckpt(path: Path, states: dict[str, LayerState], readiness: Readiness) 
 # ------------------------------------------------------------------------------------------ outputs
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 PLOT_METRICS = ("val_cos_dist", "val_cos_dist_ema", "val_nmse", "val_p95_err")
 
 
@@ -498,7 +485,7 @@ def write_plots(plots_dir: Path, history: list[dict[str, Any]], layers: list[str
         for s in steps:
             w.writerow([s, *[("" if k not in table[s] else f"{table[s][k]:.6g}") for k in layers]])
         path = plots_dir / f"{metric}.csv"
-        _atomic_text(path, buf.getvalue())
+        atomic_write_text(path, buf.getvalue())
         written.append(path)
     return written
 
@@ -780,7 +767,7 @@ def train(
             metrics_ser = {k: merged[k] for k in all_layers}
             save_students(cfg.artifact, students, hkr, num_heads=num_heads, ready=ready, metrics=metrics_ser,
                           train_config=train_config, teacher=store.attrs["teacher"])
-            _atomic_text(Path(cfg.metrics), json.dumps({"summary": summary, "layers": metrics_ser}, indent=2,
+            atomic_write_text(Path(cfg.metrics), json.dumps({"summary": summary, "layers": metrics_ser}, indent=2,
                                                        sort_keys=True) + "\n")
             write_plots(Path(cfg.plots_dir), all_history, all_layers)
             comet.artifact(Path(cfg.artifact))

@@ -33,6 +33,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from flux2ttr.atomic import atomic_save_safetensors, atomic_write_text, file_sha256, published_mode
 from flux2ttr.config import ConfigError, load_section, to_dict
 from flux2ttr.contract import FLUX2_COND_TOKENS, RunState
 
@@ -105,31 +106,11 @@ def torch_dtype(name: str) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------------
 # atomic writes and hashing
 # ----------------------------------------------------------------------------------------------------
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, _umask_mode(0o666))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask_mode(mode: int) -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
-
-
 def _replace_dir(tmp_dir: Path, final: Path) -> None:
     """Move a fully written ``tmp_dir`` to ``final`` (an old ``final`` is moved aside, then removed).
     Temp files are private (0600); the published folder gets the usual permissions."""
     for p in [tmp_dir, *tmp_dir.rglob("*")]:
-        os.chmod(p, _umask_mode(0o777 if p.is_dir() else 0o666))
+        os.chmod(p, published_mode(0o777 if p.is_dir() else 0o666))
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -139,14 +120,6 @@ def _replace_dir(tmp_dir: Path, final: Path) -> None:
     os.replace(tmp_dir, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -398,20 +371,9 @@ def build_tiny_codec(cfg: TeacherConfig) -> dict[str, torch.Tensor]:
 
 def save_single_file(model, path: Path, metadata: dict[str, Any] | None = None) -> None:
     """Write a diffusers FLUX.2 transformer as the original single-file layout (atomic)."""
-    from safetensors.torch import save_file
 
     tensors = diffusers_to_bfl(model.state_dict())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(metadata or {}, sort_keys=True)})
-        os.chmod(tmp, _umask_mode(0o666))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_save_safetensors(path, tensors, {METADATA_KEY: json.dumps(metadata or {}, sort_keys=True)})
 
 
 def write_tiny_teacher(cfg: TeacherConfig, out_dir: str | Path | None = None) -> Path:
@@ -435,7 +397,7 @@ def write_tiny_teacher(cfg: TeacherConfig, out_dir: str | Path | None = None) ->
             "codec_sha256": file_sha256(tmp / EXTRAS_FILE_NAME),
             "file": SINGLE_FILE_NAME,
         }
-        _atomic_write_text(tmp / IDENTITY_FILE_NAME, json.dumps(identity, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(tmp / IDENTITY_FILE_NAME, json.dumps(identity, indent=2, sort_keys=True) + "\n")
         _replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -784,5 +746,5 @@ def run_stage(params_path: Path) -> None:
         return
     validate_diffusers_paths(cfg)
     out = Path(cfg.out_dir)
-    _atomic_write_text(out / IDENTITY_FILE_NAME, json.dumps(diffusers_identity(cfg), indent=2, sort_keys=True) + "\n")
+    atomic_write_text(out / IDENTITY_FILE_NAME, json.dumps(diffusers_identity(cfg), indent=2, sort_keys=True) + "\n")
     print(f"diffusers FLUX.2 teacher identity written to {out / IDENTITY_FILE_NAME}")
