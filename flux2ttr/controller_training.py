@@ -432,5 +432,5 @@ def run_stage(params_path: Path) -> None:
     _atomic_write_text(Path(cfg.metrics), json.dumps(summary, indent=2, sort_keys=True) + "\n")
     comet.call("log_asset", cfg.artifact)
     comet.call("end")
-    print(f"train_controller: {len(records)} iterations, reward {summary['reward_first']:.4f} -> "
+    print(f"train_controller: {trainer.iteration} iterations x {cfg.group_size} rollouts, reward {summary['reward_first']:.4f} -> "
           f"{summary['reward_last']:.4f}, full ratio {summary['full_ratio_last']:.2f} -> {cfg.artifact}")
