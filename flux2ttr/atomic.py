@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,22 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def replace_dir(tmp_dir: Path, final: Path) -> None:
+    """Publish a fully written folder ``tmp_dir`` as ``final`` (an old ``final`` is moved aside, then
+    removed). Temp files are private (0600/0700); the published folder gets the usual permissions."""
+    for p in [tmp_dir, *tmp_dir.rglob("*")]:
+        os.chmod(p, published_mode(0o777 if p.is_dir() else 0o666))
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(tmp_dir, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -24,8 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from flux2ttr.atomic import atomic_save_safetensors
 from flux2ttr.config import ConfigError
 
 FORMAT = "flux2ttr.controller"
@@ -200,19 +198,6 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ artifact
-def _atomic_save(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_controller(path: str | Path, model: TTRController, *, student_sha256: str,
                     layer_order: list[str] | None = None, config: dict[str, Any] | None = None,
                     teacher: dict[str, Any] | None = None, layer_keys: list[str] | None = None,
@@ -231,7 +216,7 @@ def save_controller(path: str | Path, model: TTRController, *, student_sha256: s
         "metrics": metrics or {},
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    _atomic_save(Path(path), tensors, {METADATA_KEY: json.dumps(header, sort_keys=True)})
+    atomic_save_safetensors(path, tensors, {METADATA_KEY: json.dumps(header, sort_keys=True)})
 
 
 def read_controller_header(path: str | Path) -> dict[str, Any]:

@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +37,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from flux2ttr.atomic import atomic_write_json, atomic_write_text
 from flux2ttr.artifacts import StudentArtifact, file_sha256, load_students
 from flux2ttr.checkpoint import CheckpointError, load_checkpoint
 from flux2ttr.config import ConfigError, load_section, to_dict
@@ -181,22 +180,9 @@ _RESUMABLE_FIELDS = ("iterations", "checkpoint_every", "metrics_window", "artifa
 
 
 # ------------------------------------------------------------------------------------------ records
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_records(path: Path, records: list[dict[str, Any]]) -> None:
     """All records as JSON lines, written atomically."""
-    _atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -429,7 +415,7 @@ def run_stage(params_path: Path) -> None:
     trainer.save_artifact(cfg.artifact)
     summary = trainer.summary()
     summary["train_seconds"] = time.perf_counter() - t0
-    _atomic_write_text(Path(cfg.metrics), json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(Path(cfg.metrics), summary)
     comet.call("log_asset", cfg.artifact)
     comet.call("end")
     print(f"train_controller: {trainer.iteration} iterations x {cfg.group_size} rollouts, reward {summary['reward_first']:.4f} -> "

@@ -24,9 +24,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +31,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from flux2ttr.atomic import atomic_write_bytes, atomic_write_json
 from flux2ttr.artifacts import StudentArtifact, file_sha256, load_students
 from flux2ttr.config import ConfigError, load_section, to_dict
 from flux2ttr.contract import layer_sort_key
@@ -234,19 +232,6 @@ def evaluate(cfg: EvaluateConfig, teacher, art: StudentArtifact, store: RolloutS
 
 
 # ------------------------------------------------------------------------------------------ outputs
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def plot_quality_vs_speed(metrics: dict[str, Any], path: Path, table: Path | None = None) -> None:
     """Quality loss against full-attention ratio (lower-left is better) per mode, baselines as markers."""
     import matplotlib
@@ -279,13 +264,13 @@ def plot_quality_vs_speed(metrics: dict[str, Any], path: Path, table: Path | Non
     fig.tight_layout()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    _atomic_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
     if table is not None:
         out = io.StringIO()
         w = csv.DictWriter(out, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-        _atomic_bytes(table, out.getvalue().encode())
+        atomic_write_bytes(table, out.getvalue().encode())
 
 
 def image_grid(rollouts: list[TeacherRollout], images: dict[str, list[torch.Tensor]], names: list[str],
@@ -309,7 +294,7 @@ def image_grid(rollouts: list[TeacherRollout], images: dict[str, list[torch.Tens
             grid.paste(Image.fromarray(arr), (c * W, label_h + r * H))
     buf = io.BytesIO()
     grid.save(buf, format="PNG")
-    _atomic_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
     return grid.size
 
 
@@ -331,7 +316,7 @@ def run_stage(params_path: Path) -> None:
     metrics, images, rollouts = evaluate(cfg, teacher, art, store, controller, layer_keys, QualityLoss(qcfg))
     metrics["config"] = to_dict(cfg)
     Path(cfg.metrics).parent.mkdir(parents=True, exist_ok=True)
-    _atomic_bytes(Path(cfg.metrics), (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_json(Path(cfg.metrics), metrics)
     plot_quality_vs_speed(metrics, Path(cfg.plot), Path(cfg.plot_table))
     image_grid(rollouts, images, ["controller", "all_student", "random"], Path(cfg.grid), cfg.grid_rollouts)
     c = metrics["comparison"]

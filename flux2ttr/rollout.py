@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -33,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from flux2ttr.atomic import replace_dir
 from flux2ttr.config import ConfigError, load_section
 from flux2ttr.prompts import load_prompts
 from flux2ttr.sampler import PIXELS_PER_TOKEN, SamplerConfig, sample
@@ -177,15 +177,7 @@ def write_store(path: str | Path, rollouts: list[TeacherRollout], *, setting: di
         meta = {"format": FORMAT, "schema": SCHEMA_VERSION, "setting": setting, "teacher": teacher,
                 "entries": entries, **(extra or {})}
         (tmp / INDEX_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -33,7 +32,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from flux2ttr.atomic import atomic_save_safetensors, atomic_write_text, file_sha256, published_mode
+from flux2ttr.atomic import atomic_save_safetensors, atomic_write_text, file_sha256, replace_dir
 from flux2ttr.config import ConfigError, load_section, to_dict
 from flux2ttr.contract import FLUX2_COND_TOKENS, RunState
 
@@ -106,22 +105,6 @@ def torch_dtype(name: str) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------------
 # atomic writes and hashing
 # ----------------------------------------------------------------------------------------------------
-def _replace_dir(tmp_dir: Path, final: Path) -> None:
-    """Move a fully written ``tmp_dir`` to ``final`` (an old ``final`` is moved aside, then removed).
-    Temp files are private (0600); the published folder gets the usual permissions."""
-    for p in [tmp_dir, *tmp_dir.rglob("*")]:
-        os.chmod(p, published_mode(0o777 if p.is_dir() else 0o666))
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-    os.replace(tmp_dir, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 # ----------------------------------------------------------------------------------------------------
 # diffusers <-> original (BFL) single-file layout
 # ----------------------------------------------------------------------------------------------------
@@ -398,7 +381,7 @@ def write_tiny_teacher(cfg: TeacherConfig, out_dir: str | Path | None = None) ->
             "file": SINGLE_FILE_NAME,
         }
         atomic_write_text(tmp / IDENTITY_FILE_NAME, json.dumps(identity, indent=2, sort_keys=True) + "\n")
-        _replace_dir(tmp, final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
