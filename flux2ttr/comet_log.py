@@ -13,13 +13,14 @@ import hashlib
 import logging
 import re
 import subprocess
+import sys
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from flux2ttr.config import ConfigError
+from flux2ttr.config import ConfigError, load_section
 
 log = logging.getLogger("flux2ttr.comet")
 
@@ -182,3 +183,28 @@ class CometLogger:
             self._warn("end", e)
         finally:
             self.experiment = None
+
+
+class GuardedComet:
+    """A :class:`CometLogger` built from the params file's ``comet`` section for stage ``stage``, with
+    every call guarded: a missing section, comet trouble or a failing call never stops a stage.
+    ``params_path=None`` (or a failed start) gives a logger that does nothing."""
+
+    def __init__(self, params_path: Path | None, stage: str, params: dict[str, Any]) -> None:
+        self.stage = stage
+        self.logger: CometLogger | None = None
+        if params_path is None:
+            return
+        try:
+            self.logger = CometLogger(load_section(CometConfig, "comet", params_path), stage=stage, params=params)
+        except Exception as e:  # missing module, bad section, comet trouble: run anyway
+            print(f"{stage}: comet logging off ({type(e).__name__}: {e})", file=sys.stderr)
+
+    def call(self, name: str, *args: Any, **kw: Any) -> None:
+        """``logger.<name>(*args, **kw)`` if logging is on; a failure is printed and swallowed."""
+        if self.logger is None:
+            return
+        try:
+            getattr(self.logger, name)(*args, **kw)
+        except Exception as e:
+            print(f"{self.stage}: comet {name} failed ({type(e).__name__}: {e}); continuing", file=sys.stderr)

@@ -37,9 +37,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from flux2ttr.atomic import atomic_write_json, atomic_write_text
 from flux2ttr.artifacts import StudentArtifact, file_sha256, load_students
+from flux2ttr.atomic import atomic_write_json, atomic_write_text
 from flux2ttr.checkpoint import CheckpointError, load_checkpoint
+from flux2ttr.comet_log import GuardedComet
 from flux2ttr.config import ConfigError, load_section, to_dict
 from flux2ttr.contract import layer_sort_key
 from flux2ttr.controller import (
@@ -191,39 +192,14 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-# ------------------------------------------------------------------------------------------ comet
-class _Comet:
-    """Guarded :mod:`flux2ttr.comet_log` use: logging never stops training."""
-
-    def __init__(self, params_path: Path | None, params: dict[str, Any]) -> None:
-        self.logger = None
-        if params_path is None:
-            return
-        try:
-            from flux2ttr import comet_log  # noqa: PLC0415
-
-            ccfg = load_section(comet_log.CometConfig, "comet", params_path)
-            self.logger = comet_log.CometLogger(ccfg, stage="train_controller", params=params)
-        except Exception as e:
-            print(f"train_controller: comet logging off ({type(e).__name__}: {e})", file=sys.stderr)
-
-    def call(self, name: str, *args: Any, **kw: Any) -> None:
-        if self.logger is None:
-            return
-        try:
-            getattr(self.logger, name)(*args, **kw)
-        except Exception as e:
-            print(f"train_controller: comet {name} failed ({type(e).__name__}: {e}); continuing", file=sys.stderr)
-
-
 # ------------------------------------------------------------------------------------------ training
 class ControllerTrainer:
     """Owns the controller, its optimiser, the baseline and the records; :meth:`train` runs iterations."""
 
     def __init__(self, cfg: ControllerTrainConfig, teacher, students: StudentArtifact, store: RolloutStore,
-                 quality, *, comet: _Comet | None = None, show_progress: bool = True) -> None:
+                 quality, *, comet: GuardedComet | None = None, show_progress: bool = True) -> None:
         self.cfg, self.teacher, self.art, self.store, self.quality = cfg, teacher, students, store, quality
-        self.comet = comet or _Comet(None, {})
+        self.comet = comet or GuardedComet(None, "train_controller", {})
         self.show_progress = show_progress
         self.layer_keys = sorted(students.layers, key=layer_sort_key)
         self.eligible, self.forced = eligibility(self.layer_keys, students)
@@ -404,7 +380,7 @@ def run_stage(params_path: Path) -> None:
         raise ControllerTrainError(f"{cfg.rollouts}: rollouts were made with another teacher; rerun the rollout stage")
     art = load_students(cfg.students, expect_num_heads=teacher.num_heads, expect_head_dim=teacher.head_dim)
     quality = QualityLoss(qcfg)
-    comet = _Comet(params_path, {"controller": to_dict(cfg), "quality": to_dict(qcfg)})
+    comet = GuardedComet(params_path, "train_controller", {"controller": to_dict(cfg), "quality": to_dict(qcfg)})
     trainer = ControllerTrainer(cfg, teacher, art, store, quality, comet=comet)
     if trainer.try_resume():
         print(f"train_controller: resumed at iteration {trainer.iteration}")

@@ -49,6 +49,7 @@ from flux2ttr.checkpoint import (
     optimizer_to_flat,
     save_checkpoint,
 )
+from flux2ttr.comet_log import GuardedComet
 from flux2ttr.config import load_params, load_section, to_dict
 from flux2ttr.contract import layer_sort_key
 from flux2ttr.hkr import HKRConfig, HKRLayer
@@ -515,29 +516,11 @@ def summary_lines(layer_metrics: dict[str, dict[str, Any]], threshold: float) ->
 # ------------------------------------------------------------------------------------------ comet
 
 
-class _Comet:
-    """Integration with :mod:`flux2ttr.comet_log`: every call is guarded, logging never stops training."""
+class _Comet(GuardedComet):
+    """Distill's Comet metrics on top of :class:`~flux2ttr.comet_log.GuardedComet` (never stops training)."""
 
     def __init__(self, params_path: Path | None, train_config: dict[str, Any]) -> None:
-        self.logger = None
-        if params_path is None:
-            return
-        try:
-            from flux2ttr import comet_log  # noqa: PLC0415
-
-            ccfg = load_section(comet_log.CometConfig, "comet", params_path)
-            self.logger = comet_log.CometLogger(ccfg, stage="distill", params=train_config)
-        except Exception as e:  # missing module, bad section, comet trouble: train anyway
-            print(f"distill: comet logging off ({type(e).__name__}: {e})", file=sys.stderr)
-            self.logger = None
-
-    def _call(self, name: str, *args: Any, **kw: Any) -> None:
-        if self.logger is None:
-            return
-        try:
-            getattr(self.logger, name)(*args, **kw)
-        except Exception as e:
-            print(f"distill: comet {name} failed ({type(e).__name__}: {e}); continuing", file=sys.stderr)
+        super().__init__(params_path, "distill", train_config)
 
     def validation(self, step: int, layer_metrics: dict[str, dict[str, Any]]) -> None:
         flat: dict[str, float] = {}
@@ -549,17 +532,17 @@ class _Comet:
             flat[f"{key}/ready"] = float(bool(m.get("ready")))
         flat["ready_layers"] = float(sum(1 for m in layer_metrics.values() if m.get("ready")))
         flat["pareto_frontier"] = pareto_frontier(layer_metrics)
-        self._call("log_metrics", flat, step=step, force=True)
+        self.call("log_metrics", flat, step=step, force=True)
         for name in ("val_cos_dist", "val_nmse", "val_p95_err"):
             vals = [float(m[name]) for m in layer_metrics.values() if name in m]
             if vals:
-                self._call("log_quantiles", name, vals, step=step, force=True)
+                self.call("log_quantiles", name, vals, step=step, force=True)
 
     def artifact(self, path: Path) -> None:
-        self._call("log_asset", path)
+        self.call("log_asset", path)
 
     def end(self) -> None:
-        self._call("end")
+        self.call("end")
 
 
 # ------------------------------------------------------------------------------------------ main loop

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from flux2ttr.atomic import atomic_write_bytes, atomic_write_json
 from flux2ttr.artifacts import StudentArtifact, file_sha256, load_students
+from flux2ttr.atomic import atomic_write_bytes, atomic_write_json
 from flux2ttr.config import ConfigError, load_section, to_dict
 from flux2ttr.contract import layer_sort_key
 from flux2ttr.controller import load_controller, sample_mask, threshold_mask
