@@ -6,7 +6,7 @@ prints the median wall time of each and the overhead per offered tuple against p
 * ``plain``: ``sample(..., router=None)``, the unpatched model;
 * ``router``: the attention router installed with a no-op observer on the captured layers (the cost of
   routing the attention call through Python and computing the native output for observers);
-* ``capture``: :func:`flux2ttr.capture.capture` with the params' budget (reservoir: only some tuples
+* ``capture``: :func:`flux2ttr.traces.capture.capture` with the params' budget (reservoir: only some tuples
   are spilled), the store write on close counted separately;
 * ``capture-all``: the same with an unbounded budget (every tuple kept: the worst case).
 
@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from flux2ttr.capture import CaptureConfig, capture, resolve_layers, resolve_steps
 from flux2ttr.config import load_section
-from flux2ttr.prompts import load_prompts
-from flux2ttr.router import AttentionRouter
-from flux2ttr.sampler import SamplerConfig, sample
-from flux2ttr.teacher import TeacherConfig, TeacherError, load_teacher, write_tiny_teacher
+from flux2ttr.teachers.prompts import load_prompts
+from flux2ttr.teachers.router import AttentionRouter
+from flux2ttr.teachers.sampler import SamplerConfig, sample
+from flux2ttr.teachers.teacher import TeacherConfig, TeacherError, load_teacher, write_tiny_teacher
+from flux2ttr.traces.capture import CaptureConfig, capture, resolve_layers, resolve_steps
 
 
 def _batches(prompts: list[str], batch_size: int) -> list[list[int]]:

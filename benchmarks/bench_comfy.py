@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests"))  # the shared test helpers (helpers.comfy)
 
 
 def main() -> None:
@@ -27,8 +27,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    import comfy_harness
     import torch
+
+    from helpers import comfy as comfy_harness
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_comfy_"))
     comfy = comfy_harness.start_comfy(tmp / "comfy")
@@ -37,10 +38,10 @@ def main() -> None:
 
     import nodes
 
-    from flux2ttr import comfy_patch
-    from flux2ttr.artifacts import save_students
+    from flux2ttr.comfy import patch as comfy_patch
     from flux2ttr.config import load_section
-    from flux2ttr.hkr import HKRConfig, HKRLayer
+    from flux2ttr.students.artifacts import save_students
+    from flux2ttr.students.hkr import HKRConfig, HKRLayer
 
     hkr = load_section(HKRConfig, "hkr", REPO / "params.yaml")
     singles = [k for k in teacher.layer_keys if k.startswith("single_blocks.")]

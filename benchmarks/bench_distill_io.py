@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from flux2ttr.config import load_section
-from flux2ttr.distill import DistillConfig, _build_layer, train_step
-from flux2ttr.hkr import HKRConfig
-from flux2ttr.trace_loader import BatchPlanner, PrefetchLoader, TupleCache, split_by_prompt
-from flux2ttr.traces import TraceStore
+from flux2ttr.distill.trainer import DistillConfig, _build_layer, train_step
+from flux2ttr.students.hkr import HKRConfig
+from flux2ttr.traces.loader import BatchPlanner, PrefetchLoader, TupleCache, split_by_prompt
+from flux2ttr.traces.store import TraceStore
 
 
 def planner_for(store: TraceStore, cfg: DistillConfig) -> BatchPlanner:

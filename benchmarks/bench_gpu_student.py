@@ -7,7 +7,7 @@
 For each image size (``side x side`` latent tokens after patching: 1024 px -> 64 x 64 = 4,096 image
 tokens) it draws fresh random ``q, k, v [1, H, n_cond + side^2, D]`` in bf16 and prints: tokens, SDPA ms
 (PyTorch ``scaled_dot_product_attention``, FlashAttention-class), student ms (``HKRLayer.forward`` in
-inference mode, which dispatches to :mod:`flux2ttr.hkr_fast`), ratio SDPA / student (the speed-up), and
+inference mode, which dispatches to :mod:`flux2ttr.students.fast_path`), ratio SDPA / student (the speed-up), and
 the relative error ``||out - ref|| / ||ref||`` against the fp32 eager student on the same (upcast)
 inputs. The student config is ``params.yaml`` section ``hkr``; its conditioner and alpha are
 perturbed from their identity initialisation (seeded) so every term of the blend is exercised.
@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from flux2ttr import hkr_fast
 from flux2ttr.config import load_section
-from flux2ttr.hkr import HKRConfig, HKRLayer, landmark_indices
+from flux2ttr.students import fast_path
+from flux2ttr.students.hkr import HKRConfig, HKRLayer
+from flux2ttr.students.landmarks import landmark_indices
 
 SIDES = (64, 128, 256)  # 1024², 2048², 4096² images: 16x VAE downsampling then 2x2 patches -> side = px / 16
 
@@ -87,8 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     dev = torch.device("cuda")
     cfg = load_section(HKRConfig, "hkr", args.params) if args.params.is_file() else HKRConfig()
     if args.kernel:
-        hkr_fast.KERNEL = dataclasses.replace(hkr_fast.KERNEL, **json.loads(args.kernel))
-        print("kernel config:", hkr_fast.KERNEL)
+        fast_path.KERNEL = dataclasses.replace(fast_path.KERNEL, **json.loads(args.kernel))
+        print("kernel config:", fast_path.KERNEL)
     d = cfg.head_dim
     props = torch.cuda.get_device_properties(dev)
     import triton
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
             q, k, v = (torch.randn(1, args.heads, n, d, generator=g, device=dev).to(dt) for _ in range(3))
             sigma = torch.tensor([0.7], device=dev)
             with torch.inference_mode():
-                reason = hkr_fast.fast_path_reason(layer, q, k, v)
+                reason = fast_path.fast_path_reason(layer, q, k, v)
                 if reason is not None:
                     raise SystemExit(f"fast path not taken: {reason}")
                 run = lambda: layer(q, k, v, args.n_cond, sigma, 3.5, height=side, width=side)  # noqa: E731
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
                     row["sweep"] = sweep(layer, q, k, v, args, side, sigma)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-            del q, k, v, out
+            del out  # q, k, v are rebound next iteration; the closures above read them
             torch.cuda.empty_cache()
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
@@ -178,7 +179,7 @@ def check_cases(cfg: HKRConfig, args, dev: torch.device) -> None:
         sig = torch.linspace(0.2, 0.9, b, device=dev)
         cf = torch.linspace(1.0, 4.0, b, device=dev)
         with torch.inference_mode():
-            reason = hkr_fast.fast_path_reason(layer, q, k, v)
+            reason = fast_path.fast_path_reason(layer, q, k, v)
             out = layer(q, k, v, args.n_cond, sig, cf, height=side, width=side)
             c.fast_path = False
             ref = layer(q.float(), k.float(), v.float(), args.n_cond, sig, cf, height=side, width=side)
@@ -235,16 +236,16 @@ def profile(fn, calls: int = 20) -> dict[str, float]:
 
 def sweep(layer, q, k, v, args, side, sigma) -> list[dict]:
     """Time launch-shape variants of the fused path (same inputs); checks each against the default."""
-    base = hkr_fast.KERNEL
+    base = fast_path.KERNEL
     grid = []
     for kw in [{}, {"mlp_first_min_tokens": 0}, {"mlp_first_min_tokens": 1 << 40}, {"fused": False}]:
         grid.append(dataclasses.replace(base, **kw))
-    ref = hkr_fast.fast_forward(layer, q, k, v, args.n_cond, sigma, 3.5, height=side, width=side).float()
+    ref = fast_path.fast_forward(layer, q, k, v, args.n_cond, sigma, 3.5, height=side, width=side).float()
     res = []
     for kc in grid:
-        hkr_fast.LAST_LAUNCH.clear()
+        fast_path.LAST_LAUNCH.clear()
         try:
-            f = lambda: hkr_fast.fast_forward(layer, q, k, v, args.n_cond, sigma, 3.5, height=side,  # noqa: E731
+            f = lambda: fast_path.fast_forward(layer, q, k, v, args.n_cond, sigma, 3.5, height=side,  # noqa: E731
                                               width=side, kernel=kc)
             o = f()
             e = rel_err(o, ref)
@@ -255,7 +256,7 @@ def sweep(layer, q, k, v, args, side, sigma) -> list[dict]:
                                           "block_l", "query_warps", "query_stages", "fast_math",
                                           "gather_min_tokens", "fused", "exp16", "mlp_first_min_tokens")}
         d["regs_spills"] = {n: (getattr(ck, "n_regs", None), getattr(ck, "n_spills", None))
-                            for n, ck in hkr_fast.LAST_LAUNCH.items()}
+                            for n, ck in fast_path.LAST_LAUNCH.items()}
         d.update(ms=t, diff_vs_default=e, host_us=host_us(f) if t == t else None)
         print("  sweep", json.dumps(d), flush=True)
         res.append(d)

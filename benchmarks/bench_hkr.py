@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from flux2ttr.config import load_section
-from flux2ttr.hkr import HKRConfig, HKRLayer
+from flux2ttr.students.hkr import HKRConfig, HKRLayer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests"))  # the shared test helpers (helpers.comfy)
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     args = ap.parse_args()
     root = args.root.resolve()
 
-    import comfy_harness
+    from helpers import comfy as comfy_harness
 
     src = comfy_harness.comfyui_path()
     work = Path(tempfile.mkdtemp(prefix="flux2ttr_new_user_"))
@@ -54,7 +54,7 @@ def main() -> None:
     assert comfy_harness.load_pack(comfy, comfy_dir / "custom_nodes" / "flux2ttr"), "pack failed to load"
     unet = comfy.add_model_file("diffusion_models", root / "teachers" / "tiny" / "flux2_tiny.safetensors")
 
-    from flux2ttr import comfy_patch
+    from flux2ttr.comfy import patch as comfy_patch
 
     ui = json.loads((comfy_dir / "custom_nodes" / "flux2ttr" / "example_workflows" /
                      "flux2ttr_controller.json").read_text())

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests"))  # the shared test helpers (helpers.comfy)
 
 
 def main() -> None:
@@ -30,15 +30,16 @@ def main() -> None:
     args = ap.parse_args()
     root = args.root.resolve()
 
-    import comfy_harness
     import torch
 
+    from helpers import comfy as comfy_harness
+
     comfy = comfy_harness.start_comfy(Path(tempfile.mkdtemp(prefix="comfy_cosine_")))
-    from flux2ttr.capture import CaptureConfig
     from flux2ttr.config import load_section
-    from flux2ttr.distill import DistillConfig
-    from flux2ttr.sampler import SamplerConfig
-    from flux2ttr.teacher import SINGLE_FILE_NAME, TeacherConfig, load_tiny_teacher
+    from flux2ttr.distill.trainer import DistillConfig
+    from flux2ttr.teachers.sampler import SamplerConfig
+    from flux2ttr.teachers.teacher import SINGLE_FILE_NAME, TeacherConfig, load_tiny_teacher
+    from flux2ttr.traces.capture import CaptureConfig
 
     params = root / "params.yaml"
     tcfg = load_section(TeacherConfig, "teacher", params)
@@ -50,8 +51,8 @@ def main() -> None:
 
     import nodes
 
-    from flux2ttr import comfy_patch
-    from flux2ttr.artifacts import load_students
+    from flux2ttr.comfy import patch as comfy_patch
+    from flux2ttr.students.artifacts import load_students
 
     art = load_students(root / dcfg.artifact)
     teacher = load_tiny_teacher(tcfg, folder)

@@ -1,5 +1,5 @@
-"""The pack's nodes: schemas only; the work is done by ``flux2ttr.comfy_patch`` and
-``flux2ttr.utility_nodes``."""
+"""The pack's nodes: schemas only; the work is done by ``flux2ttr.comfy.patch`` and
+``flux2ttr.comfy.utility_nodes``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import folder_paths
 from comfy_api.latest import io
 
 try:
-    from flux2ttr import comfy_patch, utility_nodes
+    from flux2ttr.comfy import patch as comfy_patch
+    from flux2ttr.comfy import utility_nodes
 except ImportError as e:  # the pack is installed but the library is not in ComfyUI's Python
     raise ImportError(f"flux2ttr node pack: cannot import the flux2ttr library ({e}); run "
                       "`pip install -e /path/to/flux2ttr` with ComfyUI's Python") from e

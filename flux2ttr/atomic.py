@@ -74,7 +74,7 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 def atomic_save_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str]) -> None:
     """``safetensors.torch.save_file`` made atomic."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # noqa: PLC0415
 
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 

@@ -1,12 +1,13 @@
 """The ``flux2ttr`` command line: every DVC stage, plus ``inspect`` and ``comfy-install``.
 
-Each stage command calls ``run_stage(params_path)`` of its library module (imported lazily so that
-``flux2ttr --help`` stays fast); ``stages/<name>.py`` calls the same function for DVC.
+Each stage command calls ``run_stage(params_path)`` of the project's ``stages/<name>.py`` (imported
+lazily so that ``flux2ttr --help`` stays fast), the same function ``dvc repro`` runs.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 from pathlib import Path
 
 import click
@@ -16,20 +17,30 @@ _PARAMS = click.option(
     show_default=True, help="params file holding every tunable number",
 )
 
-# command name -> library module whose run_stage(params_path) does the work
+# command name -> module of stages/ (beside params.yaml) whose run_stage(params_path) does the work
 STAGES = {
-    "teacher": "flux2ttr.teacher",
-    "capture": "flux2ttr.capture",
-    "distill": "flux2ttr.distill",
-    "rollout": "flux2ttr.rollout",
-    "train-controller": "flux2ttr.controller_training",
-    "evaluate": "flux2ttr.evaluate",
+    "teacher": "teacher",
+    "capture": "capture",
+    "distill": "distill",
+    "rollout": "rollout",
+    "train-controller": "train_controller",
+    "evaluate": "evaluate",
 }
 
 
 def run_stage(name: str, params_path: Path) -> None:
-    """Run stage ``name`` (a key of :data:`STAGES`) with the params file at ``params_path``."""
-    module = importlib.import_module(STAGES[name])
+    """Run stage ``name`` (a key of :data:`STAGES`) with the params file at ``params_path``.
+
+    The stage modules belong to the project checkout (``stages/`` beside ``params.yaml``), as in
+    ``dvc.yaml``; the library itself holds no stage glue."""
+    root = Path(params_path).resolve().parent
+    if not (root / "stages" / f"{STAGES[name]}.py").is_file():
+        raise click.ClickException(
+            f"{root / 'stages' / (STAGES[name] + '.py')} not found: run `flux2ttr {name}` in the flux2ttr project "
+            f"checkout (where dvc.yaml and params.yaml are) or pass --params PATH/params.yaml")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    module = importlib.import_module(f"stages.{STAGES[name]}")
     module.run_stage(params_path)
 
 
@@ -59,7 +70,7 @@ for _name in STAGES:
 @click.option("--queries", default=4, show_default=True, help="stored queries drawn by --heatmap")
 def inspect_cmd(store: Path, as_json: bool, heatmap_layer: str | None, out_path: Path | None, queries: int) -> None:
     """Summarise a captured trace STORE (and optionally draw attention heatmaps)."""
-    from flux2ttr import inspect as inspect_mod
+    from flux2ttr.traces import inspect as inspect_mod  # noqa: PLC0415
 
     inspect_mod.run_inspect(store, as_json=as_json, heatmap_layer=heatmap_layer, out_path=out_path,
                             queries=queries)
@@ -72,7 +83,7 @@ def inspect_cmd(store: Path, as_json: bool, heatmap_layer: str | None, out_path:
 @click.option("--copy", "copy_pack", is_flag=True, help="copy the node pack instead of symlinking it")
 def comfy_install_cmd(comfyui_dir: Path, artifacts: Path, copy_pack: bool) -> None:
     """Install the node pack and the pipeline's artifacts into a ComfyUI checkout."""
-    from flux2ttr import comfy_install
+    from flux2ttr.comfy import install as comfy_install  # noqa: PLC0415
 
     comfy_install.install(comfyui_dir, artifacts_dir=artifacts, copy_pack=copy_pack)
 

@@ -8,8 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flux2ttr.atomic import (atomic_save_safetensors, atomic_write, atomic_write_json, atomic_write_text,
-                             file_sha256)
+from flux2ttr.atomic import atomic_save_safetensors, atomic_write, atomic_write_json, atomic_write_text, file_sha256
 
 
 def test_write_and_replace(tmp_path):

@@ -52,16 +52,16 @@ def test_repo_params_sections_all_load():
     params_path = Path(__file__).resolve().parents[1] / "params.yaml"
     params = load_params(params_path)
     owners = {
-        "hkr": ("flux2ttr.hkr", "HKRConfig"),
-        "teacher": ("flux2ttr.teacher", "TeacherConfig"),
-        "sampler": ("flux2ttr.sampler", "SamplerConfig"),
-        "capture": ("flux2ttr.capture", "CaptureConfig"),
-        "distill": ("flux2ttr.distill", "DistillConfig"),
-        "quality": ("flux2ttr.quality", "QualityConfig"),
+        "hkr": ("flux2ttr.students.hkr", "HKRConfig"),
+        "teacher": ("flux2ttr.teachers.teacher", "TeacherConfig"),
+        "sampler": ("flux2ttr.teachers.sampler", "SamplerConfig"),
+        "capture": ("flux2ttr.traces.capture", "CaptureConfig"),
+        "distill": ("flux2ttr.distill.trainer", "DistillConfig"),
+        "quality": ("flux2ttr.routing.quality", "QualityConfig"),
         "comet": ("flux2ttr.comet_log", "CometConfig"),
-        "rollout": ("flux2ttr.rollout", "RolloutConfig"),
-        "controller": ("flux2ttr.controller_training", "ControllerTrainConfig"),
-        "evaluate": ("flux2ttr.evaluate", "EvaluateConfig"),
+        "rollout": ("flux2ttr.routing.rollouts", "RolloutConfig"),
+        "controller": ("flux2ttr.routing.training", "ControllerTrainConfig"),
+        "evaluate": ("flux2ttr.routing.evaluate", "EvaluateConfig"),
     }
     assert set(owners) == set(params), "params.yaml sections and their owners differ"
     for name, (mod, cls) in owners.items():

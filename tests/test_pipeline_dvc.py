@@ -48,8 +48,9 @@ def repo_copy(tmp_path: Path) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_dvc_repro_capture_then_noop(repo_copy: Path):
-    from flux2ttr.traces import TraceStore
+    from flux2ttr.traces.store import TraceStore
 
     _run([sys.executable, "-m", "dvc", "repro", "capture"], repo_copy)
     store = TraceStore.open(repo_copy / "traces/capture.zarr")

@@ -1,0 +1,1 @@
+"""The ComfyUI runtime: what the node pack imports (core dependencies only: torch, safetensors, numpy)."""

@@ -1,0 +1,486 @@
+"""Routing FLUX.2 attention to flux2ttr students inside ComfyUI.
+
+Everything the ``Flux2TTRController`` node does lives here; the node only declares its inputs.
+ComfyUI is never imported at module level: the patch talks to ComfyUI through what it hands over
+(a ``ModelPatcher``, ``transformer_options``, wrapper executors), and ``comfy.patcher_extension`` is
+imported inside :func:`patch_model` only.
+
+How a sampling run is routed:
+
+- :func:`patch_model` clones the MODEL and puts a :class:`RoutingHolder` into the clone's
+  ``transformer_options`` together with :func:`attention_override` as ComfyUI's
+  ``optimized_attention_override`` and two wrappers: OUTER_SAMPLE (a fresh holder copy per run,
+  like ``comfy_extras/nodes_easycache.py``), DIFFUSION_MODEL (the text length, latent grid and guidance
+  of the current denoiser call).
+- Every attention call of the run comes to :func:`attention_override` with ``q, k, v [B, H, N, D]``
+  (after QK-norm and RoPE), ``block_type``/``block_index`` (the layer key) and ``sigmas``. The step is
+  found from ``sigma`` in the run's schedule (``sample_sigmas``); the first call of a step decides the
+  step's mask (which layers run their student) and logs one line; every later call of the step,
+  cond and uncond alike, reuses it. Layers outside the mask, and non-ready layers always, call the
+  native attention (fail-closed: so does any call the student cannot take: an attention mask, extra
+  reference tokens, a shape it was not built for).
+- A measurement mode (``controller_node(..., measure=True)``) keeps native attention everywhere and
+  records, per layer, the cosine similarity between the student's and the native output: the online
+  side of the offline-vs-online check (:func:`cosine_table`, :func:`online_vs_offline` against the
+  artifact's ``val_cos_sim``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from flux2ttr.contract import comfy_key, layer_sort_key
+
+LOG = logging.getLogger("flux2ttr.comfy")
+
+HOLDER_KEY = "flux2ttr"        # transformer_options key of the per-run RoutingHolder
+WRAPPER_KEY = "flux2ttr"       # key of our wrappers on the ModelPatcher
+POLICY_MODES = ("stochastic", "threshold")
+
+
+class ArtifactMismatch(ValueError):
+    """An artifact does not fit the model or the other artifact; the message says what and how to fix."""
+
+
+@dataclass(frozen=True)
+class PatchConfig:
+    """Routing numbers of the ComfyUI patch (the node has no params.yaml; these are its defaults).
+
+    ``no_controller_cut``: without a controller, every ready layer runs its student when
+    ``quality_speed >= no_controller_cut`` and none does below it.
+    """
+
+    no_controller_cut: float = 0.5
+
+
+# --------------------------------------------------------------------------------------------------
+# the per-run state
+
+
+@dataclass
+class CallInfo:
+    """What the DIFFUSION_MODEL wrapper saw of the current denoiser call."""
+
+    n_txt: int          # conditioning tokens (the context length ComfyUI passes, 512 for FLUX.2)
+    height: int         # latent image-token grid (FLUX.2 patch size is 1: the latent's h, w)
+    width: int
+    guidance: float | None
+
+
+@dataclass
+class RoutingHolder:
+    """Routing configuration plus the state of one sampling run.
+
+    ``students``: layer key -> student module (CPU master copies); ``ready``: keys allowed to route;
+    ``decide(step, sigma, cfg, height, width) -> (frozenset of student-routed keys, threshold or None)``
+    picks a step's mask (``height``/``width``: latent tokens).
+    The run fields (``schedule`` .. ``cosine``) are filled during sampling; :meth:`fresh` copies the
+    configuration with empty run state, which the OUTER_SAMPLE wrapper does for every run.
+    """
+
+    students: dict[str, torch.nn.Module]
+    ready: frozenset[str]
+    decide: Callable[[int, float, float, int, int], tuple[frozenset[str], float | None]]
+    measure: bool = False
+    previous_override: Callable | None = None
+    label: str = ""
+    # run state
+    schedule: list[float] | None = None
+    call: CallInfo | None = None
+    sampler_cfg: float | None = None
+    masks: dict[int, frozenset[str]] = field(default_factory=dict)
+    log_lines: list[str] = field(default_factory=list)
+    routed_calls: Counter = field(default_factory=Counter)     # (step, key, "student"|"native") -> calls
+    fallbacks: Counter = field(default_factory=Counter)        # reason -> calls sent native against the mask
+    cosine: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    _cast: dict[tuple[str, str, torch.dtype], torch.nn.Module] = field(default_factory=dict)
+
+    def fresh(self) -> "RoutingHolder":
+        """A copy with the same students/controller and empty run state."""
+        return RoutingHolder(students=self.students, ready=self.ready, decide=self.decide, measure=self.measure,
+                             previous_override=self.previous_override, label=self.label)
+
+    def student(self, key: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+        """The student of ``key`` in the model's device and dtype (cast once per run)."""
+        ck = (key, str(device), dtype)
+        if ck not in self._cast:
+            module = self.students[key]
+            if next(module.parameters()).device != device or next(module.parameters()).dtype != dtype:
+                module = copy.deepcopy(module).to(device=device, dtype=dtype)
+            self._cast[ck] = module.eval()
+        return self._cast[ck]
+
+    def step_of(self, sigma: float) -> int:
+        """0-based step whose interval ``(schedule[i+1], schedule[i]]`` holds ``sigma``."""
+        sched = self.schedule
+        if not sched or len(sched) < 2:
+            return 0
+        tol = 1e-6 * max(1.0, abs(sigma))
+        step = 0
+        for i in range(len(sched) - 1):
+            if sched[i] >= sigma - tol:
+                step = i
+        return step
+
+    def mask_for(self, step: int, sigma: float) -> frozenset[str]:
+        """The step's mask: decided by the first call of the step, then shared by every call."""
+        if step not in self.masks:
+            cfg = self.cfg()
+            h, w = (self.call.height, self.call.width) if self.call is not None else (0, 0)
+            keys, threshold = self.decide(step, sigma, cfg, h, w)
+            mask = frozenset(keys) & self.ready  # fail-closed: never a non-ready layer
+            self.masks[step] = mask
+            thr = "-" if threshold is None else f"{threshold:.4f}"
+            line = (f"flux2ttr{(' ' + self.label) if self.label else ''} step {step}: sigma={sigma:.4f} "
+                    f"threshold={thr} students={sorted(mask, key=layer_sort_key)}")
+            self.log_lines.append(line)
+            LOG.info(line)
+        return self.masks[step]
+
+    def cfg(self) -> float:
+        """The guidance the students were distilled with: the model's guidance input, else the sampler cfg."""
+        if self.call is not None and self.call.guidance is not None:
+            return self.call.guidance
+        return float(self.sampler_cfg) if self.sampler_cfg is not None else 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# the hooks ComfyUI calls
+
+
+def _native(holder: RoutingHolder | None, func: Callable, args: tuple, kwargs: dict) -> torch.Tensor:
+    if holder is not None and holder.previous_override is not None:
+        return holder.previous_override(func, *args, **kwargs)
+    return func(*args, **kwargs)
+
+
+def _as_native_layout(out: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """Student output ``[B, H, N, D]`` in the layout ComfyUI's attention returns (``[B, N, H*D]``
+    unless ``skip_output_reshape``)."""
+    if kwargs.get("skip_output_reshape", False):
+        return out
+    b, h, n, d = out.shape
+    return out.transpose(1, 2).reshape(b, n, h * d)
+
+
+def _sigma_of(transformer_options: dict) -> float | None:
+    sig = transformer_options.get("sigmas")
+    if sig is None:
+        return None
+    if isinstance(sig, torch.Tensor):
+        return float(sig.detach().flatten()[0].float().cpu())
+    return float(sig)
+
+
+def token_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean cosine similarity of ``a`` and ``b`` (``[B, H, N, D]``) over every (row, head, token),
+    computed in float64 along ``D``: the per-query figure a student's validation reports."""
+    a64, b64 = a.double(), b.double()
+    cos = torch.nn.functional.cosine_similarity(a64, b64, dim=-1, eps=1e-12)
+    return float(cos.mean())
+
+
+def attention_override(func: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """ComfyUI's ``optimized_attention_override``: ``func`` is the native attention, ``args`` are
+    ``(q, k, v, heads)`` with ``q, k, v [B, H, N, D]`` (``skip_reshape=True`` in FLUX.2)."""
+    topts = kwargs.get("transformer_options") or {}
+    holder: RoutingHolder | None = topts.get(HOLDER_KEY)
+    if holder is None or len(args) < 3 or not kwargs.get("skip_reshape", False):
+        return _native(holder, func, args, kwargs)
+    block_type, block_index = topts.get("block_type"), topts.get("block_index")
+    sigma = _sigma_of(topts)
+    if block_type not in ("single", "double") or block_index is None or sigma is None:
+        return _native(holder, func, args, kwargs)
+    key = comfy_key(block_type, block_index)
+    if holder.schedule is None and topts.get("sample_sigmas") is not None:
+        holder.schedule = [float(s) for s in topts["sample_sigmas"].flatten().tolist()]
+    step = holder.step_of(sigma)
+    routed = key in holder.mask_for(step, sigma)
+    if key not in holder.students or not (routed or holder.measure):
+        holder.routed_calls[(step, key, "native")] += 1
+        return _native(holder, func, args, kwargs)
+
+    q, k, v = args[0], args[1], args[2]
+    reason = _cannot_route(holder, topts, q, kwargs)
+    if reason:
+        holder.fallbacks[reason] += 1
+        holder.routed_calls[(step, key, "native")] += 1
+        return _native(holder, func, args, kwargs)
+    n_cond = _n_cond(holder, topts)
+    student = holder.student(key, q.device, q.dtype)
+    with torch.inference_mode():
+        out = student(q, k, v, n_cond, sigma, holder.cfg(), height=holder.call.height, width=holder.call.width)
+    if holder.measure:
+        native = _native(holder, func, args, kwargs)
+        native_bhnd = native if kwargs.get("skip_output_reshape", False) else \
+            native.reshape(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
+        holder.cosine[key].append(token_cosine(out, native_bhnd))
+        holder.routed_calls[(step, key, "native")] += 1
+        return native
+    holder.routed_calls[(step, key, "student")] += 1
+    return _as_native_layout(out.to(q.dtype), kwargs)
+
+
+def _n_cond(holder: RoutingHolder, topts: dict) -> int:
+    """Conditioning tokens: ``img_slice[0]`` where ComfyUI passes it (single blocks), else the text length."""
+    img_slice = topts.get("img_slice")
+    if img_slice is not None:
+        return int(img_slice[0])
+    return int(holder.call.n_txt)
+
+
+def _cannot_route(holder: RoutingHolder, topts: dict, q: torch.Tensor, kwargs: dict) -> str:
+    """Why this call must stay native ('' when the student can take it)."""
+    if kwargs.get("mask") is not None:
+        return "attention mask"
+    if holder.call is None:
+        return "no denoiser call info"
+    n_cond = _n_cond(holder, topts)
+    if q.shape[2] != n_cond + holder.call.height * holder.call.width:
+        return "token count is not text + latent grid (reference latents?)"
+    return ""
+
+
+def diffusion_model_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
+    """DIFFUSION_MODEL wrapper: record the text length, latent grid and guidance of this call.
+
+    ComfyUI calls it as ``(x [B, C, h, w], timestep, context [B, T, C], y, guidance, ref_latents,
+    control, transformer_options)``.
+    """
+    topts = args[7] if len(args) > 7 and isinstance(args[7], dict) else kwargs.get("transformer_options", {})
+    holder: RoutingHolder | None = topts.get(HOLDER_KEY) if isinstance(topts, dict) else None
+    if holder is not None:
+        x = args[0]
+        context = args[2] if len(args) > 2 else kwargs.get("context")
+        guidance = args[4] if len(args) > 4 else kwargs.get("guidance")
+        g = None
+        if guidance is not None:
+            g = float(guidance.flatten()[0]) if isinstance(guidance, torch.Tensor) else float(guidance)
+        holder.call = CallInfo(n_txt=int(context.shape[1]), height=int(x.shape[-2]), width=int(x.shape[-1]),
+                               guidance=g)
+    return executor(*args, **kwargs)
+
+
+def outer_sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
+    """OUTER_SAMPLE wrapper: a fresh holder for this run (masks, logs, casts), dropped at the end.
+
+    ``args`` are ``(noise, latent_image, sampler, sigmas, ...)`` of ``CFGGuider.outer_sample``.
+    """
+    import comfy.model_patcher  # lazily: ComfyUI is only importable inside ComfyUI  # noqa: PLC0415
+
+    guider = executor.class_obj
+    orig_options = guider.model_options
+    try:
+        guider.model_options = comfy.model_patcher.create_model_options_clone(orig_options)
+        topts = guider.model_options["transformer_options"]
+        holder: RoutingHolder = topts[HOLDER_KEY].fresh()
+        sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
+        if sigmas is not None:
+            holder.schedule = [float(s) for s in sigmas.flatten().tolist()]
+        holder.sampler_cfg = getattr(guider, "cfg", None)
+        topts[HOLDER_KEY] = holder
+        _LAST_RUNS.append(holder)
+        del _LAST_RUNS[:-_KEEP_RUNS]
+        return executor(*args, **kwargs)
+    finally:
+        guider.model_options = orig_options
+
+
+# the last few runs' holders, for tests and the measurement mode (cleared holders stay inspectable)
+_KEEP_RUNS = 8
+_LAST_RUNS: list[RoutingHolder] = []
+
+
+def last_runs() -> list[RoutingHolder]:
+    """Holders of the most recent sampling runs (oldest first)."""
+    return list(_LAST_RUNS)
+
+
+def cosine_table(holder: RoutingHolder) -> dict[str, float]:
+    """Per-layer mean cosine (student vs native) recorded by a ``measure=True`` run."""
+    return {key: sum(v) / len(v) for key, v in sorted(holder.cosine.items(), key=lambda kv: layer_sort_key(kv[0]))
+            if v}
+
+
+# --------------------------------------------------------------------------------------------------
+# building the patch
+
+
+def patch_model(model: Any, holder: RoutingHolder) -> Any:
+    """A clone of ComfyUI ``ModelPatcher`` ``model`` routed by ``holder``; ``model`` is untouched."""
+    import comfy.patcher_extension  # noqa: PLC0415
+
+    patched = model.clone()
+    topts = patched.model_options.setdefault("transformer_options", {})
+    holder.previous_override = topts.get("optimized_attention_override")
+    topts[HOLDER_KEY] = holder
+    topts["optimized_attention_override"] = attention_override
+    patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
+    patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
+                                 diffusion_model_wrapper)
+    return patched
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the artifacts are checked against: the FLUX.2 transformer inside a ComfyUI MODEL."""
+
+    num_heads: int
+    head_dim: int
+    layers: tuple[str, ...]   # attention layer keys in execution order
+
+
+def model_shape(model: Any) -> ModelShape:
+    """Heads, head_dim and layer keys of the FLUX.2 diffusion model inside ComfyUI ``model``."""
+    dm = getattr(getattr(model, "model", None), "diffusion_model", None)
+    params = getattr(dm, "params", None)
+    if dm is None or params is None or not hasattr(dm, "single_blocks") or not hasattr(dm, "double_blocks"):
+        raise ArtifactMismatch("Flux2TTRController: the MODEL is not a FLUX.2 transformer (no double_blocks/"
+                               "single_blocks); load a FLUX.2 model with UNETLoader")
+    num_heads = int(params.num_heads)
+    head_dim = int(params.hidden_size) // num_heads
+    layers = tuple([f"double_blocks.{i}" for i in range(len(dm.double_blocks))]
+                   + [f"single_blocks.{i}" for i in range(len(dm.single_blocks))])
+    return ModelShape(num_heads=num_heads, head_dim=head_dim, layers=layers)
+
+
+def no_controller_policy(ready: frozenset[str], quality_speed: float,
+                         config: PatchConfig = PatchConfig()) -> Callable[..., tuple[frozenset[str], float]]:
+    """Routing without a controller: every ready layer above the ``quality_speed`` cut, none below.
+    The logged threshold is the cut."""
+    keys = ready if quality_speed >= config.no_controller_cut else frozenset()
+
+    def decide(step: int, sigma: float, cfg: float, height: int, width: int) -> tuple[frozenset[str], float]:
+        return keys, config.no_controller_cut
+
+    return decide
+
+
+def build_holder(students: dict[str, torch.nn.Module], ready: set[str] | frozenset[str],
+                 decide: Callable[..., tuple[frozenset[str], float | None]], *,
+                 measure: bool = False, label: str = "") -> RoutingHolder:
+    """A :class:`RoutingHolder` for ``students`` (layer key -> module); only keys in ``ready`` that have
+    a student can ever route (fail-closed)."""
+    ready = frozenset(k for k in ready if k in students)
+    return RoutingHolder(students=dict(students), ready=ready, decide=decide, measure=measure, label=label)
+
+
+def validate_inputs(quality_speed: float, policy_mode: str, seed: int) -> None:
+    """The node's scalar inputs, with errors that name the input."""
+    if not isinstance(quality_speed, (int, float)) or not 0.0 <= float(quality_speed) <= 1.0 \
+            or math.isnan(float(quality_speed)):
+        raise ValueError(f"Flux2TTRController: quality_speed must be in [0, 1], got {quality_speed!r}")
+    if policy_mode not in POLICY_MODES:
+        raise ValueError(f"Flux2TTRController: policy_mode must be one of {POLICY_MODES}, got {policy_mode!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"Flux2TTRController: seed must be a non-negative integer, got {seed!r}")
+
+
+def load_students_for(model: Any, student_path: str | Path) -> tuple[Any, ModelShape]:
+    """Load the student artifact and check it against the MODEL: head count and head_dim of the
+    teacher, and that every layer it holds exists in the model (feature_dim comes from its header and
+    is checked against its own tensors by the loader)."""
+    from flux2ttr.students.artifacts import ArtifactError, load_students  # noqa: PLC0415
+
+    shape = model_shape(model)
+    try:
+        art = load_students(student_path, expect_head_dim=shape.head_dim, expect_num_heads=shape.num_heads)
+    except ArtifactError as e:
+        raise ArtifactMismatch(f"Flux2TTRController: student artifact does not fit this model: {e}") from None
+    unknown = sorted(set(art.layers) - set(shape.layers), key=layer_sort_key)
+    if unknown:
+        raise ArtifactMismatch(
+            f"Flux2TTRController: {student_path}: layer(s) {unknown} do not exist in this model (it has "
+            f"{len(shape.layers)} attention layers: {shape.layers[0]} .. {shape.layers[-1]}); the artifact was "
+            "distilled from another FLUX.2 variant")
+    return art, shape
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of one step's stochastic mask: it depends on (seed, step) only, so a mask never
+    depends on how many calls came before it."""
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) % (2**63))
+
+
+def controller_policy(controller_path: str | Path, student_path: str | Path, art: Any, shape: ModelShape,
+                      quality_speed: float, policy_mode: str, seed: int) -> Callable[..., tuple[frozenset[str], float]]:
+    """Routing by a trained controller: per step, logits from (sigma, cfg, latent height, width) over the
+    layer order it was trained for; only ready layers are eligible (the others always run full).
+
+    ``threshold``: a ready layer runs its student iff ``sigmoid(logit) < threshold_for(quality_speed)``;
+    ``stochastic``: one Bernoulli draw per eligible layer with ``p_full = sigmoid(logit - logit(quality_speed))``
+    from :func:`step_generator`. Checks: the layer order equals the student artifact's layers and the
+    recorded student hash equals ``student_path``'s.
+    """
+    from flux2ttr.routing.controller import ControllerArtifactError, load_controller, sample_mask, threshold_for  # noqa: PLC0415
+    from flux2ttr.students.artifacts import file_sha256  # noqa: PLC0415
+
+    order = sorted(art.layers, key=layer_sort_key)
+    try:
+        controller, layer_keys = load_controller(controller_path, expect_layers=order,
+                                                 expect_student_sha256=file_sha256(student_path))
+    except ControllerArtifactError as e:
+        raise ArtifactMismatch(f"Flux2TTRController: controller artifact does not fit: {e}") from None
+    if controller.cfg.use_prompt_embedding:
+        raise ArtifactMismatch(f"Flux2TTRController: {controller_path} needs a pooled prompt embedding "
+                               "(use_prompt_embedding), which this node does not provide; use a controller "
+                               "trained without it")
+    eligible = [k for k in layer_keys if art.ready.get(k, False)]
+    cols = [layer_keys.index(k) for k in eligible]
+    threshold = threshold_for(quality_speed)
+
+    def decide(step: int, sigma: float, cfg: float, height: int, width: int) -> tuple[frozenset[str], float]:
+        if not cols:
+            return frozenset(), threshold
+        with torch.inference_mode():
+            logits = controller(torch.tensor([sigma]), torch.tensor([cfg]), torch.tensor([float(height)]),
+                                torch.tensor([float(width)]))[0, cols]
+            if policy_mode == "threshold":
+                full = torch.sigmoid(logits.float()) >= threshold
+            else:
+                full = sample_mask(logits, generator=step_generator(seed, step), quality_speed=quality_speed)
+        return frozenset(k for k, f in zip(eligible, full.tolist()) if not f), threshold
+
+    return decide
+
+
+def controller_node(model: Any, student_path: str | Path, controller_path: str | Path | None, *,
+                    quality_speed: float, policy_mode: str, seed: int, measure: bool = False,
+                    config: PatchConfig = PatchConfig()) -> Any:
+    """What ``Flux2TTRController`` does: validate, load the artifacts, return the patched clone."""
+    validate_inputs(quality_speed, policy_mode, seed)
+    art, shape = load_students_for(model, student_path)
+    ready = frozenset(k for k, r in art.ready.items() if r)
+    if controller_path is None:
+        decide = no_controller_policy(ready, float(quality_speed), config)
+    else:
+        decide = controller_policy(controller_path, student_path, art, shape, float(quality_speed), policy_mode,
+                                   int(seed))
+    mode = policy_mode if controller_path is not None else "no-controller"
+    holder = build_holder(art.layers, ready, decide, measure=measure, label=f"{Path(student_path).name} {mode}")
+    return patch_model(model, holder)
+
+
+OFFLINE_COSINE_METRIC = "val_cos_sim"   # what the distill stage stores per layer in the student header
+
+
+def online_vs_offline(holder: RoutingHolder, metrics: dict[str, dict[str, Any]],
+                      metric: str = OFFLINE_COSINE_METRIC) -> dict[str, tuple[float, float | None]]:
+    """``{layer: (online cosine measured in ComfyUI, offline validation cosine from the artifact)}`` for a
+    ``measure=True`` run; both are means over (row, head, query token) of the cosine along ``D``."""
+    table = cosine_table(holder)
+    out = {}
+    for key, online in table.items():
+        off = metrics.get(key, {}).get(metric)
+        out[key] = (online, None if off is None else float(off))
+    return out

@@ -1,0 +1,760 @@
+"""The distill stage: train one HKR student per captured layer from a trace store.
+
+Reads ``(q_sub, k, v, teacher_sub, sigma, cfg, n_cond, h, w)`` tuples from the store, streams them in a
+shuffled, prefetched order (:mod:`flux2ttr.traces.loader`) and trains each layer's student with the
+Kendall loss (:mod:`flux2ttr.students.losses`): per layer one AdamW over the student (lr, weight decay, grad
+clip) and one Adam over the two loss log-variances ``s_h``, ``s_c``. Each step trains a random subset
+of layers (``min_swap_layers .. max_swap_layers``, least-trained first, so all layers are covered).
+
+Validation holds out whole prompts. Per layer it measures, over every ``(tuple, head, query)`` token:
+
+* ``val_cos_dist``: mean of ``1 - cos(student, teacher)`` over ``D`` (``val_cos_sim = 1 - val_cos_dist``),
+* ``val_nmse``: ``sum |s - t|^2 / sum |t|^2``,
+* ``val_p95_err``: 95th percentile of the per-token relative error ``|s - t| / |t|``,
+* ``val_cos_dist_ema``: exponential moving average of ``val_cos_dist`` over validations,
+
+and readiness is decided fail-closed with hysteresis (:mod:`flux2ttr.distill.readiness`).
+
+Outputs: the student artifact (readiness and metrics in its header), ``metrics/distill.json``, per-layer
+plot tables (CSV, one column per layer) and checkpoints every ``checkpoint_every`` steps from which a
+rerun resumes exactly (weights, AdamW moments, loss optimiser, data-plan position, readiness).
+
+Under ``torchrun --nproc-per-node N`` (gloo on CPU, NCCL not needed: layers never share gradients) the
+layers are sharded round-robin across ranks; rank 0 gathers every layer and writes the outputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from flux2ttr.atomic import atomic_write_text
+from flux2ttr.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    optimizer_from_flat,
+    optimizer_to_flat,
+    save_checkpoint,
+)
+from flux2ttr.comet_log import GuardedComet
+from flux2ttr.config import load_section, to_dict
+from flux2ttr.contract import layer_sort_key
+from flux2ttr.distill.readiness import Readiness
+from flux2ttr.provenance import source_digest
+from flux2ttr.students.artifacts import save_students
+from flux2ttr.students.hkr import HKRConfig, HKRLayer
+from flux2ttr.students.losses import KendallDistillLoss
+from flux2ttr.traces.loader import (
+    BatchPlanner,
+    PrefetchLoader,
+    Split,
+    TupleCache,
+    layer_seed,
+    read_batch,
+    split_by_prompt,
+)
+from flux2ttr.traces.store import TraceStore, TraceStoreError
+
+_BATCH_TENSORS = ("q_sub", "k", "v", "teacher_sub", "sigma", "cfg")
+
+
+class DistillError(RuntimeError):
+    """The distill stage cannot run on its inputs (message names the file and the fix)."""
+
+
+@dataclass
+class DistillConfig:
+    """params.yaml section ``distill``."""
+
+    store: str = "traces/capture.zarr"  # trace store written by the capture stage
+    artifact: str = "artifacts/flux2_ttr.safetensors"  # student artifact (output)
+    metrics: str = "metrics/distill.json"  # dvc metrics (output)
+    plots_dir: str = "plots/distill"  # per-layer plot tables, one CSV per metric (output)
+    checkpoint_dir: str = "checkpoints/distill"  # resumable checkpoints (one file per rank)
+    steps: int = 300  # optimisation steps (each trains min..max_swap_layers layers)
+    batch_size: int = 4  # tuples per layer per step
+    lr: float = 2.0e-3  # AdamW learning rate of the student layers
+    alpha_lr: float = 5.0e-2  # AdamW lr of the fusion scalars alpha_logit, alpha_gamma (no weight decay)
+    warmup_steps: int = 20  # per-layer linear lr warm-up (in that layer's updates)
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1.0e-8
+    grad_clip: float = 1.0  # max global grad norm per layer per update; 0 = off
+    loss_lr: float = 1.0e-2  # Adam lr of the Kendall log-variances s_h, s_c
+    min_swap_layers: int = 1  # layers trained per step: uniform in [min, max] (clamped to layer count)
+    max_swap_layers: int = 4
+    val_fraction: float = 0.2  # fraction of prompts held out for validation (whole prompts)
+    val_max_tuples: int = 16  # validation tuples per layer (kept in memory)
+    val_batch_size: int = 4  # tuples per validation forward
+    val_every: int = 50  # validate every this many steps (and at the end)
+    ema_decay: float = 0.7  # EMA of the validation cosine distance: ema = d * ema + (1 - d) * new
+    readiness_threshold: float = 0.15  # ready when val cosine distance < this (cos sim > 0.85) ...
+    readiness_hysteresis: float = 1.2  # ... and stays ready until it exceeds 1.2 x threshold
+    min_updates: int = 100  # ... and only after this many updates of the layer
+    checkpoint_every: int = 100  # steps between checkpoints (and one at the end)
+    resume: bool = True  # continue from a matching checkpoint in checkpoint_dir
+    seed: int = 0  # student init, data order, layer selection, validation split
+    prefetch_steps: int = 4  # steps of batches read ahead of training
+    reader_threads: int = 2  # threads reading the zarr store
+    cache_mib: int = 1024  # decoded training tuples kept in memory (fp32 MiB; 0 = always stream from zarr)
+    torch_threads: int = 1  # torch intra-op threads (0 = torch default); 1 leaves a core to the readers and
+    # avoids OpenMP spin contention on a busy machine (2 threads were 5-20x slower on a shared 2-core box)
+    device: str = "cpu"  # where students train ("cuda" on a GPU machine); the store is read on the CPU
+    progress: bool = True  # tqdm progress bar
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "val_max_tuples", "val_batch_size", "val_every", "checkpoint_every",
+                     "prefetch_steps", "reader_threads", "min_swap_layers", "max_swap_layers"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"distill.{name} must be positive, got {getattr(self, name)}")
+        if self.min_swap_layers > self.max_swap_layers:
+            raise ValueError(f"distill.min_swap_layers ({self.min_swap_layers}) > max_swap_layers "
+                             f"({self.max_swap_layers})")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"distill.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"distill.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if min(self.lr, self.loss_lr, self.alpha_lr) <= 0:
+            raise ValueError("distill.lr, distill.alpha_lr and distill.loss_lr must be positive")
+        if min(self.grad_clip, self.weight_decay, self.warmup_steps, self.torch_threads, self.cache_mib) < 0:
+            raise ValueError("distill.grad_clip, weight_decay, warmup_steps, torch_threads and cache_mib must be >= 0")
+
+
+# ------------------------------------------------------------------------------------------ teacher check
+
+
+TEACHER_IDENTITY_KEYS = ("kind", "sha256")  # what must agree: the teacher kind and its weights' hash
+
+
+def expected_teacher_identity(params_path: str | Path) -> dict[str, Any]:
+    """``{"kind", "sha256"}`` of the teacher the ``teacher`` params section names.
+
+    tiny: the sha256 of ``<teacher.out_dir>/flux2_tiny.safetensors`` (what capture records);
+    diffusers: ``<teacher.out_dir>/identity.json`` written by the teacher stage, else computed from the
+    transformer path. A missing teacher is a :class:`DistillError` (the store cannot be checked).
+    """
+    from flux2ttr.teachers import teacher as tmod  # noqa: PLC0415  (loads diffusers lazily itself)
+
+    tcfg = load_section(tmod.TeacherConfig, "teacher", params_path)
+    folder = Path(tcfg.out_dir)
+    ident_file = folder / tmod.IDENTITY_FILE_NAME
+    if tcfg.kind == "tiny":
+        single = folder / tmod.SINGLE_FILE_NAME
+        if single.is_file():
+            return {"kind": "tiny", "sha256": tmod.file_sha256(single)}
+        raise DistillError(f"{single}: tiny teacher not found, so the trace store cannot be checked against it; "
+                           "run `flux2ttr teacher` (or `dvc repro teacher`)")
+    if ident_file.is_file():
+        ident = json.loads(ident_file.read_text())
+    else:
+        ident = tmod.diffusers_identity(tcfg)
+    return {k: ident.get(k) for k in TEACHER_IDENTITY_KEYS}
+
+
+def check_store(store: TraceStore, expected_teacher: dict[str, Any] | None) -> None:
+    """Refuse a store without tuples or captured from another teacher (before any training).
+
+    ``expected_teacher``: the store's ``teacher`` attribute must agree on every key of it."""
+    if not store.layers or store.count() == 0:
+        raise DistillError(f"{store.path}: the trace store holds no tuples; rerun `flux2ttr capture` "
+                           "(check capture.layers, capture.steps and capture.budget_mib)")
+    have = store.attrs.get("teacher")
+    if not isinstance(have, dict):
+        raise DistillError(f"{store.path}: the store records no teacher identity; recapture it with `flux2ttr capture`")
+    if expected_teacher is not None:
+        diff = sorted(k for k, v in expected_teacher.items() if have.get(k) != v)
+        if diff:
+            detail = ", ".join(f"{k}: store {have.get(k)!r} vs params {expected_teacher[k]!r}" for k in diff)
+            raise DistillError(
+                f"{store.path}: captured from another teacher than params.yaml names ({detail}); "
+                "rerun `dvc repro capture` (or `flux2ttr capture`) for this teacher"
+            )
+
+
+# ------------------------------------------------------------------------------------------ distributed
+
+
+def _dist_setup() -> tuple[int, int, bool]:
+    """``(rank, world, we_initialised)``; initialises gloo when launched by torchrun with WORLD_SIZE > 1."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group("gloo")
+        return dist.get_rank(), dist.get_world_size(), True
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    return 0, 1, False
+
+
+def _all_gather_json(obj: Any, world: int) -> list[Any]:
+    """Every rank's ``obj`` (JSON-serialisable), in rank order; no pickle on the wire."""
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist  # noqa: PLC0415
+
+    data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+    size = torch.tensor([data.numel()], dtype=torch.int64)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    cap = int(max(s.item() for s in sizes))
+    padded = torch.zeros(cap, dtype=torch.uint8)
+    padded[:data.numel()] = data
+    bufs = [torch.zeros(cap, dtype=torch.uint8) for _ in range(world)]
+    dist.all_gather(bufs, padded)
+    return [json.loads(bytes(b[:int(s.item())].tolist()).decode()) for b, s in zip(bufs, sizes)]
+
+
+# ------------------------------------------------------------------------------------------ training state
+
+
+@dataclass
+class LayerState:
+    """One layer's student, loss and optimisers plus its counters."""
+
+    student: HKRLayer
+    loss: KendallDistillLoss
+    opt: torch.optim.AdamW
+    loss_opt: torch.optim.Adam
+    updates: int = 0
+    skipped_nonfinite: int = 0
+    tuples: int = 0
+    last_parts: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # latest validation
+    ema: float | None = None
+
+
+def _build_layer(key: str, cfg: DistillConfig, hkr: HKRConfig, num_heads: int) -> LayerState:
+    # Init depends only on (seed, layer key): the same student whatever the rank layout.
+    torch.manual_seed((int(cfg.seed) * 1_000_003 + layer_seed(key)) % (2**63 - 1))
+    student = HKRLayer(hkr, num_heads=num_heads).to(cfg.device)
+    loss = KendallDistillLoss.from_config(hkr).to(cfg.device)
+    # the fusion scalars get their own lr (and no weight decay): at the network lr a logit moves ~0.1/100 updates
+    fusion = [student.alpha_logit, student.alpha_gamma]
+    rest = [p for p in student.parameters() if all(p is not f for f in fusion)]
+    opt = torch.optim.AdamW([{"params": rest, "base_lr": cfg.lr},
+                             {"params": fusion, "base_lr": cfg.alpha_lr, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                            weight_decay=cfg.weight_decay)
+    loss_opt = torch.optim.Adam(loss.parameters(), lr=cfg.loss_lr)
+    return LayerState(student, loss, opt, loss_opt)
+
+
+def _finite(batch: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(batch[k]).all()) for k in _BATCH_TENSORS)
+
+
+def student_forward(student: HKRLayer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Student output ``[B, H, Nq, D]`` at the stored query positions of a batch from
+    :meth:`TraceStore.read`. Rows with different ``(n_cond, h, w)`` run as separate sub-batches."""
+    geo = torch.stack([batch["n_cond"], batch["h"], batch["w"]], dim=1)
+    uniq = torch.unique(geo, dim=0)
+    out = torch.empty_like(batch["teacher_sub"])
+    for g in uniq:
+        rows = (geo == g).all(dim=1).nonzero().flatten()
+        n_cond, h, w = (int(x) for x in g)
+        sel = slice(None) if rows.numel() == geo.shape[0] else rows
+        o = student(batch["q_sub"][sel], batch["k"][sel], batch["v"][sel], n_cond, batch["sigma"][sel],
+                    batch["cfg"][sel], height=h, width=w, q_idx=batch["q_idx"][rows[0]])
+        out[sel] = o.to(out.dtype)
+    return out
+
+
+def _warmup_lr(cfg: DistillConfig, updates: int) -> float:
+    if cfg.warmup_steps <= 0:
+        return cfg.lr
+    return cfg.lr * min(1.0, (updates + 1) / cfg.warmup_steps)
+
+
+def _to(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train_step(st: LayerState, batch: dict[str, torch.Tensor], cfg: DistillConfig) -> bool:
+    """One update of one layer; returns False (and counts it) when the batch or its loss/gradients
+    are not finite, in which case nothing changes."""
+    batch = _to(batch, cfg.device)
+    if not _finite(batch):
+        st.skipped_nonfinite += 1
+        return False
+    st.student.train()
+    out = student_forward(st.student, batch)
+    total, parts = st.loss(out, batch["teacher_sub"])
+    if not bool(torch.isfinite(total)):
+        st.skipped_nonfinite += 1
+        return False
+    st.opt.zero_grad(set_to_none=True)
+    st.loss_opt.zero_grad(set_to_none=True)
+    total.backward()
+    params = list(st.student.parameters())
+    if cfg.grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+    loss_grads_ok = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in st.loss.parameters())
+    if not bool(torch.isfinite(norm)) or not loss_grads_ok:
+        st.opt.zero_grad(set_to_none=True)
+        st.loss_opt.zero_grad(set_to_none=True)
+        st.skipped_nonfinite += 1
+        return False
+    for g in st.opt.param_groups:
+        g["lr"] = g["base_lr"] * _warmup_lr(cfg, st.updates) / cfg.lr
+    st.opt.step()
+    st.loss_opt.step()
+    st.updates += 1
+    st.tuples += int(batch["q_sub"].shape[0])
+    st.last_parts = {k: float(v) for k, v in parts.items()}
+    return True
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+def load_val_batches(store: TraceStore, split: Split, layer: str, cfg: DistillConfig) -> list[dict[str, torch.Tensor]]:
+    """Up to ``val_max_tuples`` held-out tuples of ``layer`` (a seeded choice), in batches."""
+    pairs = [(n, int(r)) for n, rows in split.val.get(layer, []) for r in rows]
+    if not pairs:
+        return []
+    rng = np.random.default_rng([int(cfg.seed), layer_seed(layer), 0x7A1])
+    pick = sorted(rng.permutation(len(pairs))[:cfg.val_max_tuples].tolist())
+    chosen = [pairs[i] for i in pick]
+    out = []
+    for n in sorted({n for n, _ in chosen}):
+        rows = [r for m, r in chosen if m == n]
+        for s in range(0, len(rows), cfg.val_batch_size):
+            out.append(read_batch(store, layer, n, rows[s:s + cfg.val_batch_size]))
+    return out
+
+
+@torch.no_grad()
+def validation_metrics(student: HKRLayer, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """``val_cos_dist``, ``val_cos_sim``, ``val_nmse``, ``val_p95_err`` and ``val_tuples`` over every
+    ``(tuple, head, query)`` token of ``batches`` (non-finite batches are left out)."""
+    student.eval()
+    cos_d, rel = [], []
+    sq_err = sq_ref = 0.0
+    tuples = 0
+    device = next(student.parameters()).device
+    for b in batches:
+        if not _finite(b):
+            continue
+        s = student_forward(student, _to(b, str(device))).cpu().double()  # metrics in fp64 on the CPU
+        t = b["teacher_sub"].double()
+        cos_d.append((1.0 - F.cosine_similarity(s, t, dim=-1, eps=1e-12)).flatten())
+        rel.append(((s - t).norm(dim=-1) / t.norm(dim=-1).clamp_min(1e-12)).flatten())
+        sq_err += float(((s - t) ** 2).sum())
+        sq_ref += float((t ** 2).sum())
+        tuples += int(s.shape[0])
+    if not tuples:
+        return {"val_tuples": 0}
+    cd, re_ = torch.cat(cos_d), torch.cat(rel)
+    mean_cd = float(cd.mean())
+    return {
+        "val_cos_dist": mean_cd,
+        "val_cos_sim": 1.0 - mean_cd,
+        "val_nmse": sq_err / max(sq_ref, 1e-300),
+        "val_p95_err": float(torch.quantile(re_, 0.95)),
+        "val_tuples": tuples,
+    }
+
+
+def quantiles(values: list[float]) -> dict[str, float]:
+    """min / p25 / p50 / p75 / max of ``values`` (linear interpolation); empty -> {}."""
+    if not values:
+        return {}
+    a = np.asarray(values, dtype=np.float64)
+    return {"min": float(a.min()), "p25": float(np.quantile(a, 0.25)), "p50": float(np.quantile(a, 0.5)),
+            "p75": float(np.quantile(a, 0.75)), "max": float(a.max())}
+
+
+def pareto_frontier(layer_metrics: dict[str, dict[str, Any]]) -> float:
+    """``ready_layers * (1 - worst ready cosine distance)``; 0 when no layer is ready."""
+    ready = [m["val_cos_dist"] for m in layer_metrics.values() if m.get("ready") and "val_cos_dist" in m]
+    return float(len(ready) * (1.0 - max(ready))) if ready else 0.0
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def _fingerprint(cfg: DistillConfig, hkr: HKRConfig, store: TraceStore, layers: list[str], rank: int,
+                 world: int) -> str:
+    """What must match for a checkpoint to be resumed: everything that shapes the weights (not the step
+    count, I/O, validation size or readiness rules, which may change between a run and its resume)."""
+    skip = {"steps", "resume", "progress", "checkpoint_every", "val_every", "artifact", "metrics", "plots_dir",
+            "checkpoint_dir", "prefetch_steps", "reader_threads", "cache_mib", "torch_threads", "val_max_tuples",
+            "val_batch_size", "ema_decay", "readiness_threshold", "readiness_hysteresis", "min_updates", "device"}
+    train = {k: v for k, v in to_dict(cfg).items() if k not in skip}
+    blob = json.dumps({"distill": train, "hkr": to_dict(hkr), "store": store.attrs, "layers": layers,
+                       "rank": rank, "world": world, "code": _code_digest()}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _code_digest() -> str:
+    """sha256 of the modules that shape training: a code change (what makes DVC rerun the stage)
+    never resumes from a checkpoint of the old code."""
+    return source_digest(("flux2ttr.students.hkr", "flux2ttr.students.losses", "flux2ttr.traces.loader", __name__))
+
+
+def checkpoint_path(cfg: DistillConfig, rank: int, world: int) -> Path:
+    return Path(cfg.checkpoint_dir) / f"distill-rank{rank}-of{world}.safetensors"
+
+
+def _save_ckpt(path: Path, step: int, states: dict[str, LayerState], plan_state: dict[str, Any],
+               readiness: Readiness, history: list[dict[str, Any]], fingerprint: str) -> None:
+    tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
+    layers_meta = {}
+    for key, st in states.items():
+        for name, t in st.student.state_dict().items():
+            tensors[f"model.{key}.{name}"] = t
+        for name, t in st.loss.state_dict().items():
+            tensors[f"loss.{key}.{name}"] = t
+        t_opt, m_opt = optimizer_to_flat(st.opt, f"opt.{key}")
+        t_lopt, m_lopt = optimizer_to_flat(st.loss_opt, f"lossopt.{key}")
+        tensors.update(t_opt)
+        tensors.update(t_lopt)
+        layers_meta[key] = {"opt": m_opt, "loss_opt": m_lopt, "updates": st.updates,
+                            "skipped_nonfinite": st.skipped_nonfinite, "tuples": st.tuples,
+                            "last_parts": st.last_parts, "metrics": st.metrics, "ema": st.ema}
+    header = {"step": step, "fingerprint": fingerprint, "plan": plan_state, "readiness": readiness.state_dict(),
+              "history": history, "layers": layers_meta}
+    save_checkpoint(path, tensors, header)
+
+
+def _load_ckpt(path: Path, states: dict[str, LayerState], readiness: Readiness) -> tuple[int, dict, list]:
+    tensors, header = load_checkpoint(path)
+    for key, st in states.items():
+        meta = header["layers"].get(key)
+        if meta is None:
+            raise CheckpointError(f"{path}: no state for layer {key}")
+        st.student.load_state_dict({n: tensors[f"model.{key}.{n}"] for n in st.student.state_dict()}, strict=True)
+        st.loss.load_state_dict({n: tensors[f"loss.{key}.{n}"] for n in st.loss.state_dict()}, strict=True)
+        optimizer_from_flat(st.opt, f"opt.{key}", tensors, meta["opt"])
+        optimizer_from_flat(st.loss_opt, f"lossopt.{key}", tensors, meta["loss_opt"])
+        st.updates = int(meta["updates"])
+        st.skipped_nonfinite = int(meta["skipped_nonfinite"])
+        st.tuples = int(meta["tuples"])
+        st.last_parts = dict(meta["last_parts"])
+        st.metrics = dict(meta["metrics"])
+        st.ema = meta["ema"]
+    readiness.load_state_dict(header["readiness"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return int(header["step"]), header["plan"], list(header["history"])
+
+
+# ------------------------------------------------------------------------------------------ outputs
+
+
+PLOT_METRICS = ("val_cos_dist", "val_cos_dist_ema", "val_nmse", "val_p95_err")
+
+
+def plot_column(layer: str) -> str:
+    """CSV column of a layer in the plot tables (dots would read as nested fields in Vega/DVC)."""
+    return layer.replace(".", "_")
+
+
+def write_plots(plots_dir: Path, history: list[dict[str, Any]], layers: list[str]) -> list[Path]:
+    """One wide CSV per metric: ``step, <layer columns>`` (empty cell = layer not validated then)."""
+    written = []
+    steps = sorted({int(r["step"]) for r in history})
+    for metric in PLOT_METRICS:
+        table = {s: {} for s in steps}
+        for r in history:
+            if metric in r:
+                table[int(r["step"])][r["layer"]] = r[metric]
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["step", *[plot_column(k) for k in layers]])
+        for s in steps:
+            w.writerow([s, *[("" if k not in table[s] else f"{table[s][k]:.6g}") for k in layers]])
+        path = plots_dir / f"{metric}.csv"
+        atomic_write_text(path, buf.getvalue())
+        written.append(path)
+    return written
+
+
+def summary_lines(layer_metrics: dict[str, dict[str, Any]], threshold: float) -> list[str]:
+    """One line per layer and a final line with ready layers and cosine-distance quantiles."""
+    lines = []
+    for key in sorted(layer_metrics, key=layer_sort_key):
+        m = layer_metrics[key]
+        cd = m.get("val_cos_dist")
+        lines.append(
+            f"  {key:<18} {'READY' if m.get('ready') else 'not ready':<9} "
+            f"cos_sim {('%.4f' % (1 - cd)) if cd is not None else 'n/a':>7}  cos_dist "
+            f"{('%.4f' % cd) if cd is not None else 'n/a':>7}  nmse {m.get('val_nmse', float('nan')):.4f}  "
+            f"p95_err {m.get('val_p95_err', float('nan')):.3f}  updates {m.get('updates', 0)}  "
+            f"skipped {m.get('skipped_nonfinite', 0)}  alpha {m.get('alpha', float('nan')):.4f}"
+        )
+    dists = [m["val_cos_dist"] for m in layer_metrics.values() if "val_cos_dist" in m]
+    q = quantiles(dists)
+    n_ready = sum(1 for m in layer_metrics.values() if m.get("ready"))
+    qs = " ".join(f"{k} {v:.4f}" for k, v in q.items()) if q else "n/a"
+    lines.append(f"distill: {n_ready}/{len(layer_metrics)} layers ready (cos_dist < {threshold:g}); "
+                 f"cos_dist {qs}")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------ comet
+
+
+class _Comet(GuardedComet):
+    """Distill's Comet metrics on top of :class:`~flux2ttr.comet_log.GuardedComet` (never stops training)."""
+
+    def __init__(self, params_path: Path | None, train_config: dict[str, Any]) -> None:
+        super().__init__(params_path, "distill", train_config)
+
+    def validation(self, step: int, layer_metrics: dict[str, dict[str, Any]]) -> None:
+        flat: dict[str, float] = {}
+        for key, m in layer_metrics.items():
+            for name in ("val_cos_dist", "val_cos_sim", "val_nmse", "val_p95_err", "val_cos_dist_ema",
+                         "alpha_sigmoid", "log_var_huber", "log_var_cosine", "train_loss"):
+                if name in m and m[name] is not None:
+                    flat[f"{key}/{name}"] = float(m[name])
+            flat[f"{key}/ready"] = float(bool(m.get("ready")))
+        flat["ready_layers"] = float(sum(1 for m in layer_metrics.values() if m.get("ready")))
+        flat["pareto_frontier"] = pareto_frontier(layer_metrics)
+        self.call("log_metrics", flat, step=step, force=True)
+        for name in ("val_cos_dist", "val_nmse", "val_p95_err"):
+            vals = [float(m[name]) for m in layer_metrics.values() if name in m]
+            if vals:
+                self.call("log_quantiles", name, vals, step=step, force=True)
+
+    def artifact(self, path: Path) -> None:
+        self.call("log_asset", path)
+
+    def end(self) -> None:
+        self.call("end")
+
+
+# ------------------------------------------------------------------------------------------ main loop
+
+
+@dataclass
+class DistillResult:
+    """What :func:`train` returns (rank 0 has every layer; other ranks their own)."""
+
+    layer_metrics: dict[str, dict[str, Any]]
+    summary: dict[str, Any]
+    students: dict[str, HKRLayer]
+    ready: dict[str, bool]
+    steps_run: int
+    resumed_from: int
+
+
+def _layer_report(st: LayerState, ready: bool) -> dict[str, Any]:
+    m = dict(st.metrics)
+    m.update({
+        "ready": bool(ready),
+        "updates": st.updates,
+        "skipped_nonfinite": st.skipped_nonfinite,
+        "tuples_trained": st.tuples,
+        "alpha": st.student.base_alpha(),
+        "alpha_sigmoid": float(torch.sigmoid(st.student.alpha_logit.detach().float())),
+        "log_var_huber": float(st.loss.s_h.detach()),
+        "log_var_cosine": float(st.loss.s_c.detach()),
+    })
+    if st.ema is not None:
+        m["val_cos_dist_ema"] = st.ema
+    if st.last_parts:
+        m["train_loss"] = st.last_parts.get("total")
+    return m
+
+
+def train(
+    cfg: DistillConfig,
+    hkr: HKRConfig,
+    *,
+    expected_teacher: dict[str, Any] | None,
+    params_path: Path | None = None,
+    stop_after: int | None = None,
+) -> DistillResult:
+    """Run the distillation described by ``cfg`` and write its outputs (rank 0).
+
+    ``expected_teacher``: the identity the params name; the store must agree on every key of it
+    (``None`` skips that comparison). ``stop_after`` ends this run after that many steps *of this
+    run* (the checkpoint stays resumable, outputs are still written): for tests and time-boxed runs.
+    """
+    t_start = time.perf_counter()
+    if cfg.torch_threads:
+        torch.set_num_threads(int(cfg.torch_threads))
+    try:
+        store = TraceStore.open(cfg.store)
+    except TraceStoreError as e:
+        raise DistillError(str(e)) from None
+    check_store(store, expected_teacher)
+    try:
+        split = split_by_prompt(store, cfg.val_fraction, cfg.seed)
+    except ValueError as e:
+        raise DistillError(str(e)) from None
+    all_layers = store.layers
+    no_train = [k for k in all_layers if not split.train.get(k)]
+    if no_train:
+        raise DistillError(f"{store.path}: layer(s) {no_train} have no training tuples after holding out prompts "
+                           f"{split.val_prompts}; capture more prompts or lower distill.val_fraction")
+    shapes = store.shapes(all_layers[0], store.groups(all_layers[0])[0][0])
+    num_heads, _, head_dim = shapes["q_sub"]
+    if head_dim != hkr.head_dim:
+        raise DistillError(f"{store.path}: stored head_dim {head_dim} != hkr.head_dim {hkr.head_dim} in params.yaml")
+
+    rank, world, we_init = _dist_setup()
+    try:
+        mine = all_layers[rank::world]
+        if not mine:
+            raise DistillError(f"torchrun world size {world} > {len(all_layers)} layers; use fewer processes")
+        states = {k: _build_layer(k, cfg, hkr, num_heads) for k in mine}
+        readiness = Readiness(mine, threshold=cfg.readiness_threshold, hysteresis=cfg.readiness_hysteresis,
+                              min_updates=cfg.min_updates)
+        planner = BatchPlanner({k: split.train[k] for k in mine}, batch_size=cfg.batch_size,
+                               min_layers=cfg.min_swap_layers, max_layers=cfg.max_swap_layers, seed=cfg.seed)
+        fp = _fingerprint(cfg, hkr, store, mine, rank, world)
+        ckpt = checkpoint_path(cfg, rank, world)
+        start, history = 0, []
+        if cfg.resume and ckpt.is_file():
+            _, head = load_checkpoint(ckpt)
+            if head.get("fingerprint") != fp or int(head.get("step", 0)) > cfg.steps:
+                if rank == 0:
+                    print(f"distill: {ckpt} is from another setup or a longer run; starting over", file=sys.stderr)
+            else:
+                start, plan_state, history = _load_ckpt(ckpt, states, readiness)
+                planner.load_state_dict(plan_state)
+                if rank == 0:
+                    print(f"distill: resuming from step {start} ({ckpt})", file=sys.stderr)
+        val = {k: load_val_batches(store, split, k, cfg) for k in mine}
+        train_config = {"distill": to_dict(cfg), "store": str(cfg.store), "val_prompts": split.val_prompts,
+                        "train_prompts": len(split.train_prompts), "world_size": world}
+        comet = _Comet(params_path if rank == 0 else None, train_config)
+
+        def validate(step: int) -> dict[str, dict[str, Any]]:
+            for key, st in states.items():
+                m = validation_metrics(st.student, val[key])
+                st.metrics = m
+                if "val_cos_dist" in m:
+                    st.ema = m["val_cos_dist"] if st.ema is None else (
+                        cfg.ema_decay * st.ema + (1.0 - cfg.ema_decay) * m["val_cos_dist"])
+                readiness.update(key, m.get("val_cos_dist"), st.updates)
+                row = {"step": step, "layer": key, **{n: m[n] for n in ("val_cos_dist", "val_nmse", "val_p95_err")
+                                                       if n in m}}
+                if st.ema is not None:
+                    row["val_cos_dist_ema"] = st.ema
+                history.append(row)
+            local = {k: _layer_report(st, readiness.ready[k]) for k, st in states.items()}
+            merged: dict[str, dict[str, Any]] = {}
+            for part in _all_gather_json(local, world):
+                merged.update(part)
+            if rank == 0:
+                comet.validation(step, merged)
+            return merged
+
+        stop = cfg.steps if stop_after is None else min(cfg.steps, start + int(stop_after))
+        bar = None
+        if cfg.progress and rank == 0:
+            from tqdm import tqdm  # noqa: PLC0415
+
+            # under DVC stderr is a log file: update it every few seconds, not on every step
+            bar = tqdm(total=cfg.steps, initial=start, desc="distill", unit="step", dynamic_ncols=True,
+                       mininterval=0.1 if sys.stderr.isatty() else 5.0)
+        step = start
+        plan_state = planner.state_dict()
+        t_train = 0.0
+        tuples_trained = 0
+        merged: dict[str, dict[str, Any]] | None = None
+        last_val = -1
+        cache = TupleCache(cfg.cache_mib * 2**20) if cfg.cache_mib > 0 else None
+        with PrefetchLoader(store, planner, stop_step=stop, prefetch_steps=cfg.prefetch_steps,
+                            reader_threads=cfg.reader_threads, cache=cache) as loader:
+            for sb in loader:
+                t0 = time.perf_counter()
+                for key, batch in sb.batches.items():
+                    if train_step(states[key], batch, cfg):
+                        tuples_trained += int(batch["q_sub"].shape[0])
+                t_train += time.perf_counter() - t0
+                step, plan_state = sb.step + 1, sb.plan_state
+                if step % cfg.val_every == 0:
+                    merged = validate(step)
+                    last_val = step
+                if step % cfg.checkpoint_every == 0:
+                    _save_ckpt(ckpt, step, states, plan_state, readiness, history, fp)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(ready=sum(readiness.ready.values()), loss=f"{np.mean([s.last_parts.get('total', np.nan) for s in states.values()]):.3f}")  # noqa: E501
+        if bar is not None:
+            bar.close()
+        if last_val != step:
+            merged = validate(step)
+        _save_ckpt(ckpt, step, states, plan_state, readiness, history, fp)
+
+        # gather every layer on rank 0 (broadcast flat parameter vectors: no pickle)
+        students: dict[str, HKRLayer] = {}
+        for i, key in enumerate(all_layers):
+            owner = i % world
+            if world == 1:
+                students[key] = states[key].student
+                continue
+            import torch.distributed as dist  # noqa: PLC0415
+
+            holder = states[key].student if owner == rank else _build_layer(key, cfg, hkr, num_heads).student
+            flat = torch.nn.utils.parameters_to_vector(holder.parameters()).detach().to("cpu").clone()
+            dist.broadcast(flat, src=owner)  # gloo: CPU tensors
+            torch.nn.utils.vector_to_parameters(flat.to(cfg.device), holder.parameters())
+            students[key] = holder
+        all_history = [r for part in _all_gather_json(history, world) for r in part]
+        counts = _all_gather_json({"tuples_trained": tuples_trained, "train_seconds": t_train,
+                                   "cache_hits": cache.hits if cache else 0,
+                                   "cache_misses": cache.misses if cache else 0}, world)
+        assert merged is not None
+        ready = {k: bool(merged[k]["ready"]) for k in all_layers}
+        dists = [m["val_cos_dist"] for m in merged.values() if "val_cos_dist" in m]
+        sims = [m["val_cos_sim"] for m in merged.values() if "val_cos_sim" in m]
+        total_tuples = sum(c["tuples_trained"] for c in counts)
+        train_seconds = max(c["train_seconds"] for c in counts)
+        summary = {
+            "layers": len(all_layers),
+            "ready_layers": sum(ready.values()),
+            "readiness_threshold": cfg.readiness_threshold,
+            "val_cos_sim_mean": float(np.mean(sims)) if sims else None,
+            "val_cos_dist": quantiles(dists),
+            "pareto_frontier": pareto_frontier(merged),
+            "steps": step,
+            "resumed_from": start,
+            "skipped_nonfinite": int(sum(m.get("skipped_nonfinite", 0) for m in merged.values())),
+            "tuples_trained_this_run": int(total_tuples),
+            "train_seconds_this_run": round(train_seconds, 3),
+            "tuples_per_s_trained": round(total_tuples / train_seconds, 3) if train_seconds > 0 else None,
+            "reader_cache_hits": int(sum(c["cache_hits"] for c in counts)),  # tuples served from memory
+            "reader_cache_misses": int(sum(c["cache_misses"] for c in counts)),  # tuples read from zarr
+            "stage_seconds": round(time.perf_counter() - t_start, 3),
+            "val_prompts": len(split.val_prompts),
+            "train_prompts": len(split.train_prompts),
+            "world_size": world,
+        }
+        if rank == 0:
+            metrics_ser = {k: merged[k] for k in all_layers}
+            save_students(cfg.artifact, students, hkr, num_heads=num_heads, ready=ready, metrics=metrics_ser,
+                          train_config=train_config, teacher=store.attrs["teacher"])
+            atomic_write_text(Path(cfg.metrics), json.dumps({"summary": summary, "layers": metrics_ser}, indent=2,
+                                                       sort_keys=True) + "\n")
+            write_plots(Path(cfg.plots_dir), all_history, all_layers)
+            comet.artifact(Path(cfg.artifact))
+            comet.end()
+            for line in summary_lines(merged, cfg.readiness_threshold):
+                print(line)
+        return DistillResult(layer_metrics=merged, summary=summary, students=students, ready=ready,
+                             steps_run=step - start, resumed_from=start)
+    finally:
+        if we_init:  # no barrier here: after an error on one rank a barrier would hang the others
+            import torch.distributed as dist  # noqa: PLC0415
+
+            dist.destroy_process_group()

@@ -1,0 +1,86 @@
+"""Student rollouts: sample with a per-step routing mask through the attention router.
+
+A mask ``[steps, L]`` (bool, ``True`` = full softmax attention, ``False`` = the layer's student) over an
+ordered list of ``L`` layer keys decides, at denoising step ``s``, which layers run their student. The
+router evaluates the route per call from ``router.state.step`` (set by the sampler before each denoiser
+call), so one rollout is one ordinary :func:`flux2ttr.teachers.sampler.sample` run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from flux2ttr.contract import RunState
+from flux2ttr.teachers.router import AttentionRouter, RouterError
+from flux2ttr.teachers.sampler import SamplerConfig, flux2_sigmas, sample
+
+
+@dataclass
+class StudentRolloutResult:
+    """``latents [B, h*w, 128]`` fp32, ``images [B, 3, 16h, 16w]`` in [0, 1], wall ``seconds`` of sampling
+    plus decoding for the whole batch, and per-layer student call counts of this rollout."""
+
+    latents: torch.Tensor
+    images: torch.Tensor
+    seconds: float
+    student_calls: dict[str, int]
+
+
+def schedule(cfg: SamplerConfig) -> torch.Tensor:
+    """``[steps]`` fp32 noise level of every denoiser call of a rollout with ``cfg`` (what a controller sees)."""
+    return flux2_sigmas(cfg.steps, cfg.latent_height * cfg.latent_width, cfg.mu)[:-1].float()
+
+
+def mask_route(masks: torch.Tensor, layer_keys: Sequence[str]):
+    """Route function for :meth:`AttentionRouter.set_route`: the keys whose mask entry at ``state.step`` is
+    ``False`` (student). ``masks [steps, L]`` bool."""
+    if masks.ndim != 2 or masks.shape[1] != len(layer_keys):
+        raise ValueError(f"masks must be [steps, {len(layer_keys)}], got {tuple(masks.shape)}")
+    rows = [[k for k, full in zip(layer_keys, row) if not bool(full)] for row in masks.cpu()]
+
+    def route(state: RunState | None) -> list[str]:
+        if state is None:
+            raise RouterError("a per-step mask route needs router.state (set by the sampler)")
+        if not 0 <= state.step < len(rows):
+            raise RouterError(f"step {state.step} outside the mask's {len(rows)} steps")
+        return rows[state.step]
+
+    return route
+
+
+def make_router(teacher, students: dict[str, torch.nn.Module]) -> AttentionRouter:
+    """A router installed into ``teacher.transformer`` with ``students`` set and nothing routed yet."""
+    router = AttentionRouter(include_double=True)
+    router.set_students(students)
+    router.install(teacher.transformer)
+    return router
+
+
+def run_student_rollout(teacher, router: AttentionRouter, prompts: list[str], cfg: SamplerConfig,
+                        masks: torch.Tensor, layer_keys: Sequence[str], *, seeds: list[int],
+                        prompt_indices: list[int] | None = None) -> StudentRolloutResult:
+    """Sample ``prompts`` (one shared mask for the batch) with ``masks [cfg.steps, L]`` routing ``layer_keys``.
+
+    Every layer not in ``layer_keys`` runs full attention. An all-``True`` mask is the teacher itself
+    (bit-identical: the router passes untouched calls through).
+    """
+    if masks.shape[0] != cfg.steps:
+        raise ValueError(f"masks have {masks.shape[0]} steps, the sampler runs {cfg.steps}")
+    missing = [k for k, col in zip(layer_keys, masks.T) if not bool(col.all()) and k not in router.students]
+    if missing:
+        raise RouterError(f"mask routes layers without a student: {missing}")
+    router.set_route(mask_route(masks.bool(), layer_keys))
+    router.calls = {}
+    try:
+        t0 = time.perf_counter()
+        latents = sample(teacher, prompts, cfg, router=router, seeds=seeds, prompt_indices=prompt_indices)
+        images = teacher.decode(latents, cfg.latent_height, cfg.latent_width)
+        seconds = time.perf_counter() - t0
+    finally:
+        router.set_route(set())
+    return StudentRolloutResult(latents=latents.float(), images=images.float(), seconds=seconds,
+                                student_calls=dict(router.calls))

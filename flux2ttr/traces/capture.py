@@ -1,0 +1,181 @@
+"""Capture stage: sample the capture prompts with the teacher and record attention tuples in a trace store.
+
+For every chosen (step, layer) and batch row the router's observer sees ``q, k, v, out [B, H, N, D]``
+(post QK-norm and RoPE; ``out`` is the teacher's native softmax output) and offers one
+:class:`~flux2ttr.traces.store.TraceTuple` to the :class:`~flux2ttr.traces.store.TraceWriter`: ``Nq`` query positions
+drawn uniformly without replacement from all ``N`` tokens (text and image; a fresh draw per tuple),
+``q_sub``/``teacher_sub`` at those positions, keys and values in full. The draw comes from a generator
+seeded by ``(capture.seed, prompt, sample seed, step, layer)``, so it does not depend on the batch size.
+The writer keeps a global byte budget by reservoir sampling and renames the store into place only when
+it is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flux2ttr.config import ConfigError, to_dict
+from flux2ttr.contract import RunState, layer_sort_key
+from flux2ttr.traces.store import STORAGE_DTYPES, TraceStore, TraceTuple, TraceWriter
+
+MIB = 2**20
+
+
+@dataclass
+class CaptureConfig:
+    """params.yaml section ``capture``."""
+
+    prompts: str = "data/prompts/capture.json"  # JSON array of strings
+    store: str = "traces/capture.zarr"  # the trace store written (atomically)
+    metrics: str = "metrics/capture.json"  # offered/kept counts and timings; "" = none
+    queries: int = 64  # query positions per tuple (all tokens when N is smaller)
+    layers: list[str] | str = "all_single"  # layer keys, or "all_single"
+    steps: list[int] | str = "all"  # 0-based denoising steps, or "all"
+    rollouts: int = 1  # sampling runs per prompt; rollout r of prompt i uses seed sampler.seed + r*P + i
+    storage_dtype: str = "float16"  # float16 | bfloat16 | float32
+    budget_mib: float = 96.0  # global budget: uncompressed bytes of all kept tuples
+    batch_size: int = 4  # prompts per sampler batch
+    seed: int = 0  # query draws and reservoir priorities
+    shard_mib: float = 16.0  # target size of one shard file (k, v arrays)
+    zstd_level: int = 3  # shard compression level
+
+    def __post_init__(self) -> None:
+        if self.storage_dtype not in STORAGE_DTYPES:
+            raise ConfigError(f"capture.storage_dtype must be one of {STORAGE_DTYPES}, got {self.storage_dtype!r}")
+        for name in ("queries", "rollouts", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"capture.{name} must be >= 1, got {getattr(self, name)}")
+        if self.budget_mib <= 0 or self.shard_mib <= 0:
+            raise ConfigError("capture.budget_mib and capture.shard_mib must be positive")
+        if isinstance(self.layers, str) and self.layers != "all_single":
+            raise ConfigError(f"capture.layers must be a list of layer keys or 'all_single', got {self.layers!r}")
+        if isinstance(self.steps, str) and self.steps != "all":
+            raise ConfigError(f"capture.steps must be a list of step indices or 'all', got {self.steps!r}")
+
+
+def resolve_layers(cfg: CaptureConfig, available: list[str], single: list[str]) -> list[str]:
+    """The layer keys to capture, in execution order; unknown keys are a :class:`ConfigError`."""
+    if cfg.layers == "all_single":
+        return list(single)
+    layers = [str(k) for k in cfg.layers]
+    unknown = sorted(set(layers) - set(available))
+    if unknown:
+        raise ConfigError(f"capture.layers: {unknown} are not layers of this teacher; it has {available}")
+    if not layers:
+        raise ConfigError("capture.layers is empty; name layer keys or use 'all_single'")
+    return sorted(set(layers), key=layer_sort_key)
+
+
+def resolve_steps(cfg: CaptureConfig, num_steps: int) -> list[int]:
+    """The denoising steps to capture; steps outside ``[0, sampler.steps)`` are a :class:`ConfigError`."""
+    if cfg.steps == "all":
+        return list(range(num_steps))
+    steps = sorted({int(s) for s in cfg.steps})
+    bad = [s for s in steps if not 0 <= s < num_steps]
+    if bad or not steps:
+        raise ConfigError(f"capture.steps {list(cfg.steps)}: need step indices in [0, {num_steps}) "
+                          "(sampler.steps), or 'all'")
+    return steps
+
+
+def query_positions(n_tokens: int, queries: int, seed: int, prompt: int, sample_seed: int, step: int,
+                    layer: str) -> np.ndarray:
+    """``[min(queries, N)]`` sorted distinct token positions for one tuple (deterministic per tuple)."""
+    lay_kind, lay_idx = layer_sort_key(layer)
+    rng = np.random.default_rng([int(seed), int(prompt), int(sample_seed), int(step), lay_kind, lay_idx])
+    nq = min(int(queries), int(n_tokens))
+    return np.sort(rng.choice(int(n_tokens), size=nq, replace=False))
+
+
+class CaptureObserver:
+    """Router observer ``(key, q, k, v, out, n_cond, state)``: offers one tuple per batch row of the chosen
+    steps to ``writer`` (the router calls it only for the chosen layers)."""
+
+    def __init__(self, writer: TraceWriter, cfg: CaptureConfig, steps: list[int]) -> None:
+        self.writer, self.cfg, self.steps = writer, cfg, set(steps)
+        self.seconds = 0.0  # wall time spent here (the capture overhead beyond sampling)
+        self.cpu_seconds = 0.0  # process CPU time spent here
+
+    def __call__(self, key: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 n_cond: int, state: RunState | None) -> None:
+        if state is None:
+            raise RuntimeError(f"{key}: capture needs router.state (sigma, step, prompt, seed)")
+        if state.step not in self.steps:
+            return
+        start, cpu_start = time.perf_counter(), time.process_time()
+        B, _, N, _ = q.shape
+        for b in range(B):
+            prompt, sample_seed = int(state.prompt_index[b]), int(state.seed[b])
+            idx = query_positions(N, self.cfg.queries, self.cfg.seed, prompt, sample_seed, state.step, key)
+            idx_t = torch.from_numpy(idx).to(q.device)
+            self.writer.offer(key, TraceTuple(
+                q_sub=q[b][:, idx_t], q_idx=idx_t, k=k[b], v=v[b], teacher_sub=out[b][:, idx_t],
+                sigma=float(state.sigma), cfg=float(state.cfg), n_cond=int(n_cond), h=int(state.height),
+                w=int(state.width), prompt=prompt, step=int(state.step), seed=sample_seed,
+            ))
+        self.seconds += time.perf_counter() - start
+        self.cpu_seconds += time.process_time() - cpu_start
+
+
+def _sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def capture(teacher: Any, prompts: list[str], cfg: CaptureConfig, sampler_cfg: Any, *,
+            prompts_file: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Sample every prompt ``cfg.rollouts`` times and write the trace store at ``cfg.store``.
+
+    ``teacher``: a :class:`flux2ttr.teachers.teacher.Teacher`; ``sampler_cfg``: a ``SamplerConfig``. Returns the
+    capture statistics (also written to ``cfg.metrics`` by :func:`run_stage`).
+    """
+    from tqdm import tqdm  # noqa: PLC0415
+
+    from flux2ttr.teachers.router import AttentionRouter  # noqa: PLC0415
+    from flux2ttr.teachers.sampler import sample  # noqa: PLC0415
+
+    layers = resolve_layers(cfg, teacher.layer_keys, teacher.single_layer_keys)
+    steps = resolve_steps(cfg, int(sampler_cfg.steps))
+    runs = [(r, i) for r in range(cfg.rollouts) for i in range(len(prompts))]
+    attrs = {
+        "teacher": teacher.identity,
+        "sampler": to_dict(sampler_cfg),
+        "capture": {**to_dict(cfg), "layers": layers, "steps": steps},
+        "prompts": {"file": str(prompts_file) if prompts_file else None, "count": len(prompts),
+                    "sha256": _sha256_file(Path(prompts_file)) if prompts_file else None},
+    }
+    router = AttentionRouter(include_double=any(k.startswith("double_") for k in layers))
+    t0, c0 = time.perf_counter(), time.process_time()
+    with TraceWriter(cfg.store, attrs=attrs, budget_bytes=int(cfg.budget_mib * MIB),
+                     storage_dtype=cfg.storage_dtype, seed=cfg.seed, shard_bytes=int(cfg.shard_mib * MIB),
+                     zstd_level=cfg.zstd_level) as writer:
+        observer = CaptureObserver(writer, cfg, steps)
+        router.add_observer(observer, layers)
+        bar = tqdm(total=len(runs), desc="capture", unit="rollout", disable=not progress)
+        for start in range(0, len(runs), cfg.batch_size):
+            batch = runs[start:start + cfg.batch_size]
+            sample(teacher, [prompts[i] for _, i in batch], sampler_cfg, router=router,
+                   seeds=[int(sampler_cfg.seed) + r * len(prompts) + i for r, i in batch],
+                   prompt_indices=[i for _, i in batch])
+            bar.update(len(batch))
+            bar.set_postfix(kept=writer.kept, offered=writer.offered)
+        bar.close()
+        t_sample, c_sample = time.perf_counter() - t0, time.process_time() - c0
+        writer.close(progress=progress)
+    store = TraceStore.open(cfg.store)
+    res = store.attrs["reservoir"]
+    return {
+        "rollouts": len(runs), "layers": len(layers), "steps": len(steps),
+        "offered": res["offered"], "kept": res["kept"], "kept_mib": res["kept_bytes"] / MIB,
+        "disk_mib": store.nbytes_on_disk() / MIB, "files": store.file_count(),
+        "seconds_sampling": t_sample, "seconds_observer": observer.seconds,
+        "cpu_seconds_observer": observer.cpu_seconds,
+        "seconds_total": time.perf_counter() - t0,
+        "cpu_seconds_sampling": c_sample, "cpu_seconds_total": time.process_time() - c0,
+    }

@@ -1,0 +1,635 @@
+"""The trace store: captured teacher attention tuples in a zarr v3 store (see DESIGN.md "Trace store").
+
+One *tuple* per (rollout, step, layer, batch row)::
+
+    q_sub        [H, Nq, D]  queries at the subsampled positions q_idx (post QK-norm and RoPE)
+    q_idx        [Nq]        token positions of those queries in the full sequence (int)
+    k, v         [H, N, D]   all keys and values of the sequence (never subsampled)
+    teacher_sub  [H, Nq, D]  the teacher's softmax attention output at q_idx
+    sigma, cfg, n_cond, h, w, prompt, step, seed   scalars (n_cond text tokens come first; h, w is the
+                             latent image-token grid; prompt is the index into the capture prompt list)
+
+Layout on disk (``N`` = token count, one group per layer and token count)::
+
+    capture.zarr/zarr.json                 root attributes: format, schema, teacher, storage dtype, ...
+    capture.zarr/single_blocks.0/n768/     q_sub [M,H,Nq,D], q_idx [M,Nq] int32, k, v [M,H,N,D],
+                                           teacher_sub [M,H,Nq,D], scalars [M, 8] float64
+
+The eight scalars share one float64 array (columns :data:`SCALAR_FIELDS`; integers are exact below
+2**53) so that a group is a handful of files. Large arrays are chunked one tuple per chunk (a shuffled
+reader fetches single tuples) and those chunks are packed into zstd-compressed shards of about
+``shard_bytes``, each shard one file written whole by the single writer, so a store is a few files
+per (layer, token count) group, not one per chunk.
+
+Storage dtype: ``float32``, ``float16`` or ``bfloat16``. numpy has no bfloat16, so bf16 data is stored
+as its raw uint16 bit pattern and the root attribute ``encoding`` says so; :meth:`TraceStore.read`
+always returns float32 tensors.
+
+**Budget and reservoir.** :class:`TraceWriter` keeps a global byte budget (uncompressed storage bytes of
+every kept tuple, all arrays and scalars) across all layers by reservoir sampling over tuples: each
+offered tuple draws an i.i.d. uniform priority, and the store keeps the tuples of lowest priority, in
+priority order, up to the first one that does not fit ("prefix rule"). Streaming, this is a threshold
+``tau`` that only falls: tuples above it are refused at once, and when the kept set overflows, the
+highest-priority kept tuple is evicted and becomes the new ``tau``. The result equals the prefix rule
+applied to all offered tuples at once, independent of the offering order.
+
+Uniformity: when all offered tuples have the same size (one resolution; the usual capture) the kept set
+is a uniformly random subset of ``floor(budget / size)`` tuples, so every tuple has exactly the same
+inclusion probability. With several tuple sizes (several resolutions), the kept set still never
+exceeds the budget, but a tuple of ``s`` bytes must fit into what is left, so its inclusion probability
+is about ``(budget - s) / offered_bytes`` instead of ``budget / offered_bytes``: larger tuples are kept
+slightly less often, by a relative amount of about ``s / budget`` (1 % when the budget holds 100 large
+tuples). No rule can be exactly uniform for all size mixes, never exceed the budget and use it well at
+once; this one keeps the bias bounded by ``s_max / budget`` and makes it exact in the common case.
+Kept tuples are spilled to a temporary folder on disk, so memory stays at one tuple plus one shard.
+
+**Atomicity.** The writer builds the store in ``.<name>.tmp-<pid>-<random>`` next to the target and
+renames it into place on :meth:`TraceWriter.close`; on an exception (``with`` block) the temporary
+folder is removed. A store killed mid-write is left only as a hidden temporary folder whose root
+says ``flux2ttr.traces.partial``; the next writer for the same target removes such leftovers.
+
+**Readers in DataLoader workers.** zarr runs its own asyncio event loop in a background thread; a
+worker forked from a process that already used zarr can hang. Use ``multiprocessing_context="spawn"``
+(or ``"forkserver"``) and open the store *inside* each worker (for example in ``worker_init_fn`` or
+lazily on the first ``__getitem__``); never pass an open :class:`TraceStore` through ``fork``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import os
+import re
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+FORMAT = "flux2ttr.traces"
+PARTIAL_FORMAT = "flux2ttr.traces.partial"
+SCHEMA_VERSION = 1
+
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+BF16_ENCODING = "bfloat16-bits-as-uint16"
+
+ARRAY_FIELDS = ("q_sub", "k", "v", "teacher_sub")
+SCALAR_FIELDS = ("sigma", "cfg", "n_cond", "h", "w", "prompt", "step", "seed")
+_FLOAT_SCALARS = ("sigma", "cfg")
+_MAX_EXACT_INT = 2**53  # float64 holds integers exactly below this
+_FP16_MAX = 65504.0  # largest finite float16
+
+DEFAULT_SHARD_BYTES = 64 * 2**20
+DEFAULT_ZSTD_LEVEL = 3
+
+_RESERVED_ATTRS = ("format", "schema", "storage_dtype", "encoding", "scalar_fields", "reservoir")
+
+
+class TraceStoreError(RuntimeError):
+    """A path is not a readable flux2ttr trace store (message names the path and the fix)."""
+
+
+@dataclass
+class TraceTuple:
+    """One captured attention tuple. Tensors may be torch tensors or numpy arrays, any float dtype.
+
+    ``q_sub``/``teacher_sub`` ``[H, Nq, D]``, ``q_idx`` ``[Nq]``, ``k``/``v`` ``[H, N, D]``.
+    """
+
+    q_sub: Any
+    q_idx: Any
+    k: Any
+    v: Any
+    teacher_sub: Any
+    sigma: float
+    cfg: float
+    n_cond: int
+    h: int
+    w: int
+    prompt: int
+    step: int
+    seed: int
+
+
+def group_name(n_tokens: int) -> str:
+    """Sub-group of a layer holding the tuples with ``n_tokens`` tokens, e.g. ``n768``."""
+    return f"n{int(n_tokens)}"
+
+
+def _np_storage_dtype(storage_dtype: str) -> np.dtype:
+    return np.dtype(np.uint16) if storage_dtype == "bfloat16" else np.dtype(storage_dtype)
+
+
+def encode(x: Any, storage_dtype: str) -> np.ndarray:
+    """A float tensor/array as the numpy array stored on disk (bf16 as its uint16 bit pattern)."""
+    t = torch.as_tensor(x).detach()  # converted on its own device first: fewer bytes cross to the host
+    if storage_dtype == "bfloat16":
+        return t.to(torch.bfloat16).cpu().contiguous().view(torch.int16).numpy().view(np.uint16)
+    if storage_dtype == "float16":
+        # one max-reduction on the source is far cheaper than isfinite on the fp16 copy (CPU half is slow)
+        if t.numel() and t.is_floating_point() and float(t.abs().amax()) > _FP16_MAX:
+            raise ValueError(
+                "a value overflows float16 (|x| > 65504); set capture.storage_dtype to bfloat16 or float32"
+            )
+        return t.to(torch.float16).cpu().contiguous().numpy()
+    if storage_dtype == "float32":
+        return t.to(torch.float32).cpu().contiguous().numpy()
+    raise ValueError(f"unknown storage dtype {storage_dtype!r}; use one of {STORAGE_DTYPES}")
+
+
+def decode(a: np.ndarray, storage_dtype: str) -> torch.Tensor:
+    """Stored numpy data back to a float32 tensor (inverse of :func:`encode` up to its rounding)."""
+    a = np.ascontiguousarray(a)
+    if storage_dtype == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).to(torch.float32)
+    return torch.from_numpy(a).to(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------- writer
+
+
+@dataclass
+class _Kept:
+    priority: float
+    serial: int
+    layer: str
+    n_tokens: int
+    nbytes: int
+    spill: Path
+    scalars: np.ndarray  # [8] float64, SCALAR_FIELDS order
+
+
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}.tmp-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(target: Path) -> list[Path]:
+    """Remove leftovers of interrupted writers of ``target`` (temporary and replaced-old folders whose
+    writer process is gone). Returns what was removed."""
+    target = Path(target)
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    pattern = re.compile(re.escape(f".{target.name}.") + r"(tmp|old)-(\d+)-[0-9a-f]+$")
+    for p in target.parent.iterdir():
+        m = pattern.match(p.name)
+        if m and (int(m.group(2)) == os.getpid() or not _pid_alive(int(m.group(2)))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+class TraceWriter:
+    """Collects offered tuples under a global byte budget and writes the store atomically.
+
+    ``attrs`` (JSON-serialisable; for example ``{"teacher": {...identity and config...},
+    "capture": {...capture params...}}``) become root attributes next to the ones the writer sets
+    (``format``, ``schema``, ``storage_dtype``, ``encoding``, ``scalar_fields``, ``reservoir``).
+    ``budget_bytes`` bounds the uncompressed storage bytes of all kept tuples; ``seed`` seeds the
+    reservoir priorities. Use as a context manager, or call :meth:`close` / :meth:`abort`.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        attrs: Mapping[str, Any],
+        budget_bytes: int,
+        storage_dtype: str,
+        seed: int,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+        zstd_level: int = DEFAULT_ZSTD_LEVEL,
+    ) -> None:
+        if storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"storage dtype {storage_dtype!r} is not one of {STORAGE_DTYPES}")
+        if int(budget_bytes) <= 0:
+            raise ValueError(f"budget_bytes must be positive, got {budget_bytes}")
+        clash = sorted(set(attrs) & set(_RESERVED_ATTRS))
+        if clash:
+            raise ValueError(f"attrs keys {clash} are reserved for the trace store itself")
+        self.attrs = json.loads(json.dumps(dict(attrs)))  # a JSON-clean copy; fails early if not JSON
+        self.path = Path(path)
+        self.budget_bytes = int(budget_bytes)
+        self.storage_dtype = storage_dtype
+        self.seed = int(seed)
+        self.shard_bytes = int(shard_bytes)
+        self.zstd_level = int(zstd_level)
+        self._rng = np.random.default_rng(self.seed)
+        self._serial = itertools.count()
+        self._heap: list[tuple[float, int, _Kept]] = []  # max-heap on priority (negated)
+        self._kept_bytes = 0
+        self._tau = float("inf")
+        self._offered: dict[str, int] = {}
+        self._offered_bytes = 0
+        self._shapes: dict[tuple[str, int], tuple] = {}
+        self._closed = False
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.path)
+        self._tmp = self.path.parent / f"{_temp_prefix(self.path)}{os.getpid()}-{secrets.token_hex(4)}"
+        import zarr  # zarr starts its event loop on first use; keep the import local  # noqa: PLC0415
+
+        root = zarr.open_group(str(self._tmp), mode="w")
+        root.attrs.update({"format": PARTIAL_FORMAT})
+        self._spill = self._tmp / ".spill"  # kept tuples wait here until close(); removed before the rename
+        self._spill.mkdir()
+
+    # -- reservoir -----------------------------------------------------------------------------------
+
+    @property
+    def kept_bytes(self) -> int:
+        """Uncompressed storage bytes of the tuples kept so far (never above the budget)."""
+        return self._kept_bytes
+
+    @property
+    def offered(self) -> int:
+        return sum(self._offered.values())
+
+    @property
+    def kept(self) -> int:
+        return len(self._heap)
+
+    def tuple_nbytes(self, t: TraceTuple) -> int:
+        """Storage bytes one tuple takes in this store (all arrays and the scalar row, uncompressed)."""
+        item = _np_storage_dtype(self.storage_dtype).itemsize
+        q_sub, k = np.shape(t.q_sub), np.shape(t.k)
+        return int(
+            2 * item * int(np.prod(q_sub)) + 2 * item * int(np.prod(k))
+            + 4 * int(np.prod(np.shape(t.q_idx))) + 8 * len(SCALAR_FIELDS)
+        )
+
+    def offer(self, layer: str, t: TraceTuple) -> bool:
+        """Offer one tuple of ``layer``; returns whether it is (for now) in the reservoir.
+
+        Shapes: ``q_sub``/``teacher_sub`` ``[H, Nq, D]``, ``q_idx`` ``[Nq]``, ``k``/``v`` ``[H, N, D]``;
+        within one (layer, N) group H, Nq and D must not change.
+        """
+        if self._closed:
+            raise RuntimeError("TraceWriter is closed")
+        n_tokens = self._check(layer, t)
+        nbytes = self.tuple_nbytes(t)
+        if nbytes > self.budget_bytes:
+            raise ValueError(
+                f"one tuple of layer {layer} ({nbytes / 2**20:.2f} MiB) is larger than the whole budget "
+                f"({self.budget_bytes / 2**20:.2f} MiB); raise capture.budget_mib"
+            )
+        self._offered[layer] = self._offered.get(layer, 0) + 1
+        self._offered_bytes += nbytes
+        priority = float(self._rng.random())
+        if priority >= self._tau:
+            return False
+        serial = next(self._serial)
+        spill = self._spill / f"{serial}.bin"
+        scalars = np.array([float(getattr(t, f)) for f in SCALAR_FIELDS], dtype=np.float64)
+        self._write_spill(spill, t)
+        kept = _Kept(priority, serial, layer, n_tokens, nbytes, spill, scalars)
+        heapq.heappush(self._heap, (-priority, serial, kept))
+        self._kept_bytes += nbytes
+        while self._kept_bytes > self.budget_bytes:
+            _, _, out = heapq.heappop(self._heap)
+            self._kept_bytes -= out.nbytes
+            self._tau = out.priority  # everything at or above it can never be in the prefix again
+            out.spill.unlink()
+        return priority < self._tau
+
+    def _check(self, layer: str, t: TraceTuple) -> int:
+        from flux2ttr.contract import layer_sort_key  # noqa: PLC0415
+
+        layer_sort_key(layer)  # raises on a key that is not single_blocks.i / double_blocks.i
+        q, k, v, ts, qi = (np.shape(x) for x in (t.q_sub, t.k, t.v, t.teacher_sub, t.q_idx))
+        if len(k) != 3 or v != k or len(q) != 3 or ts != q or q[0] != k[0] or q[2] != k[2] or qi != (q[1],):
+            raise ValueError(
+                f"layer {layer}: tuple shapes q_sub {q}, q_idx {qi}, k {k}, v {v}, teacher_sub {ts} do not "
+                "match [H,Nq,D], [Nq], [H,N,D], [H,N,D], [H,Nq,D]"
+            )
+        for name in ("n_cond", "h", "w", "prompt", "step", "seed"):
+            value = int(getattr(t, name))
+            if not 0 <= value < _MAX_EXACT_INT:
+                raise ValueError(f"tuple field {name}={value} must be in [0, 2**53)")
+        n_tokens = int(k[1])
+        key = (layer, n_tokens)
+        shape = (q, k)
+        if self._shapes.setdefault(key, shape) != shape:
+            raise ValueError(
+                f"layer {layer}, {n_tokens} tokens: shapes {shape} differ from the first tuple's "
+                f"{self._shapes[key]} (queries per tuple and heads must be constant within a group)"
+            )
+        return n_tokens
+
+    def _write_spill(self, path: Path, t: TraceTuple) -> None:
+        # raw bytes in a fixed order (shapes are known per group): no zip CRC, no pickle, one file
+        with open(path, "wb") as f:
+            for name in ARRAY_FIELDS:
+                f.write(memoryview(encode(getattr(t, name), self.storage_dtype)).cast("B"))
+            q_idx = np.ascontiguousarray(torch.as_tensor(t.q_idx).cpu().numpy(), dtype=np.int32)
+            f.write(memoryview(q_idx).cast("B"))
+
+    def _read_spill(self, item: _Kept) -> dict[str, np.ndarray]:
+        (h_, nq, d), (_, n, _) = self._shapes[(item.layer, item.n_tokens)]
+        dtype = _np_storage_dtype(self.storage_dtype)
+        shapes = {"q_sub": (h_, nq, d), "k": (h_, n, d), "v": (h_, n, d), "teacher_sub": (h_, nq, d)}
+        raw = np.fromfile(item.spill, dtype=np.uint8)
+        out, offset = {}, 0
+        for name in ARRAY_FIELDS:
+            size = int(np.prod(shapes[name])) * dtype.itemsize
+            out[name] = raw[offset:offset + size].view(dtype).reshape(shapes[name])
+            offset += size
+        out["q_idx"] = raw[offset:offset + 4 * nq].view(np.int32)
+        return out
+
+    # -- writing -------------------------------------------------------------------------------------
+
+    def __enter__(self) -> "TraceWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._closed:
+            return  # close() or abort() already ran inside the block
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop everything: remove the temporary folder; the target is left as it was."""
+        self._closed = True
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def close(self, progress: bool = False) -> Path:
+        """Write all kept tuples into the temporary store, then rename it onto the target path
+        (replacing an older store there). Returns the target path."""
+        if self._closed:
+            raise RuntimeError("TraceWriter is already closed")
+        try:
+            self._write_store(progress)
+            self._swap_into_place()
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+        return self.path
+
+    def _write_store(self, progress: bool) -> None:
+        import zarr  # noqa: PLC0415
+        from zarr.codecs import ZstdCodec  # noqa: PLC0415
+
+        from flux2ttr.contract import layer_sort_key  # noqa: PLC0415
+
+        root = zarr.open_group(str(self._tmp), mode="r+")
+        kept = sorted((item for _, _, item in self._heap), key=lambda x: x.serial)
+        groups: dict[tuple[str, int], list[_Kept]] = {}
+        for item in kept:
+            groups.setdefault((item.layer, item.n_tokens), []).append(item)
+        store_dtype = _np_storage_dtype(self.storage_dtype)
+        compressor = ZstdCodec(level=self.zstd_level)
+        kept_per_layer: dict[str, int] = {}
+
+        bar = None
+        if progress:
+            from tqdm import tqdm  # noqa: PLC0415
+
+            bar = tqdm(total=len(kept), desc="write traces", unit="tuple")
+        for (layer, n_tokens) in sorted(groups, key=lambda g: (layer_sort_key(g[0]), g[1])):
+            items = groups[(layer, n_tokens)]
+            # deterministic row order: by prompt, seed, step (reading a prompt's tuples stays local)
+            order = sorted(range(len(items)), key=lambda j: (items[j].scalars[5], items[j].scalars[7],
+                                                               items[j].scalars[6], items[j].serial))
+            items = [items[j] for j in order]
+            m = len(items)
+            (h_, nq, d), (_, n, _) = self._shapes[(layer, n_tokens)]
+            g = root.require_group(layer).require_group(group_name(n_tokens))
+            per_tuple_big = h_ * n * d * store_dtype.itemsize
+            rows = max(1, min(m, self.shard_bytes // max(1, per_tuple_big)))
+            arrays = {}
+            for name, shape in (("q_sub", (h_, nq, d)), ("teacher_sub", (h_, nq, d)),
+                                ("k", (h_, n, d)), ("v", (h_, n, d))):
+                arrays[name] = g.create_array(
+                    name, shape=(m, *shape), dtype=store_dtype, chunks=(1, *shape), shards=(rows, *shape),
+                    compressors=compressor, fill_value=0,
+                )
+            q_idx = np.empty((m, nq), dtype=np.int32)
+            scalars = np.empty((m, len(SCALAR_FIELDS)), dtype=np.float64)
+            for start in range(0, m, rows):
+                stop = min(m, start + rows)
+                batch = {name: [] for name in arrays}
+                for j in range(start, stop):
+                    z = self._read_spill(items[j])
+                    for name in arrays:
+                        batch[name].append(z[name])
+                    q_idx[j] = z["q_idx"]
+                    scalars[j] = items[j].scalars
+                for name, arr in arrays.items():
+                    arr[start:stop] = np.stack(batch[name])  # one whole shard per write
+                for j in range(start, stop):
+                    items[j].spill.unlink()
+                if bar is not None:
+                    bar.update(stop - start)
+            g.create_array("q_idx", data=q_idx, chunks=q_idx.shape, compressors=compressor)
+            g.create_array("scalars", data=scalars, chunks=scalars.shape, compressors=compressor)
+            g.attrs.update({"n_tokens": int(n_tokens), "count": int(m)})
+            kept_per_layer[layer] = kept_per_layer.get(layer, 0) + m
+        if bar is not None:
+            bar.close()
+        shutil.rmtree(self._spill)
+
+        attrs = dict(self.attrs)
+        attrs.update({
+            "format": FORMAT,
+            "schema": SCHEMA_VERSION,
+            "storage_dtype": self.storage_dtype,
+            "encoding": BF16_ENCODING if self.storage_dtype == "bfloat16" else self.storage_dtype,
+            "scalar_fields": list(SCALAR_FIELDS),
+            "reservoir": {
+                "rule": "lowest i.i.d. uniform priorities in priority order up to the first that does not fit",
+                "seed": self.seed,
+                "budget_bytes": self.budget_bytes,
+                "offered": self.offered,
+                "kept": len(kept),
+                "offered_bytes": int(self._offered_bytes),
+                "kept_bytes": int(self._kept_bytes),
+                "offered_per_layer": dict(sorted(self._offered.items())),
+                "kept_per_layer": {k: kept_per_layer.get(k, 0) for k in sorted(self._offered)},
+            },
+        })
+        root.attrs.put(attrs)  # written last: a store is marked complete only once its arrays are
+
+    def _swap_into_place(self) -> None:
+        old = None
+        if self.path.exists() or self.path.is_symlink():
+            old = self.path.parent / f".{self.path.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+            os.replace(self.path, old)
+        os.replace(self._tmp, self.path)
+        if old is not None:
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()
+
+
+# ---------------------------------------------------------------------------------------------- reader
+
+
+class TraceStore:
+    """Read access to a finished trace store. Open with :meth:`TraceStore.open`.
+
+    In DataLoader workers, open the store inside each worker (spawn/forkserver), see the module doc.
+    """
+
+    def __init__(self, path: Path, root: Any, attrs: dict[str, Any]) -> None:
+        self.path = path
+        self._root = root
+        self.attrs = attrs
+        self.storage_dtype: str = attrs["storage_dtype"]
+        self._groups: dict[str, list[tuple[int, int]]] = {}
+        for layer in root.group_keys():
+            entries = []
+            for name in root[layer].group_keys():
+                g = root[layer][name]
+                entries.append((int(g.attrs["n_tokens"]), int(g.attrs["count"])))
+            self._groups[layer] = sorted(entries)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "TraceStore":
+        """Open and validate the store at ``path``; :class:`TraceStoreError` says what is wrong."""
+        path = Path(path)
+        if not path.exists():
+            raise TraceStoreError(
+                f"{path}: no trace store here; run `flux2ttr capture` (or `dvc repro capture`) to create it"
+            )
+        meta = path / "zarr.json"
+        if not path.is_dir() or not meta.is_file():
+            raise TraceStoreError(f"{path}: not a zarr v3 store (no zarr.json); pass a flux2ttr trace store")
+        try:
+            head = json.loads(meta.read_text())
+        except (OSError, ValueError) as e:
+            raise TraceStoreError(f"{path}: unreadable zarr.json ({e}); recreate the store with flux2ttr capture")
+        attrs = head.get("attributes", {}) if isinstance(head, dict) else {}
+        fmt = attrs.get("format")
+        if fmt == PARTIAL_FORMAT:
+            raise TraceStoreError(
+                f"{path}: an incomplete trace store (its writer was interrupted); rerun `flux2ttr capture`"
+            )
+        if head.get("zarr_format") != 3 or head.get("node_type") != "group" or fmt != FORMAT:
+            raise TraceStoreError(
+                f"{path}: not a flux2ttr trace store (format {fmt!r}, expected {FORMAT!r}); "
+                "pass a store written by `flux2ttr capture`"
+            )
+        schema = attrs.get("schema")
+        if not isinstance(schema, int):
+            raise TraceStoreError(f"{path}: trace store without an integer schema version; recreate it")
+        if schema > SCHEMA_VERSION:
+            raise TraceStoreError(
+                f"{path}: trace store schema {schema} is newer than this flux2ttr reads ({SCHEMA_VERSION}); "
+                "upgrade flux2ttr or recapture with this version"
+            )
+        if schema < SCHEMA_VERSION:
+            raise TraceStoreError(
+                f"{path}: trace store schema {schema} is older than {SCHEMA_VERSION}; recapture it"
+            )
+        if attrs.get("storage_dtype") not in STORAGE_DTYPES:
+            raise TraceStoreError(f"{path}: unknown storage dtype {attrs.get('storage_dtype')!r}; recapture it")
+        import zarr  # noqa: PLC0415
+
+        root = zarr.open_group(str(path), mode="r")
+        return cls(path, root, attrs)
+
+    @property
+    def schema(self) -> int:
+        return int(self.attrs["schema"])
+
+    @property
+    def layers(self) -> list[str]:
+        """Layer keys with stored tuples, in execution order."""
+        from flux2ttr.contract import layer_sort_key  # noqa: PLC0415
+
+        return sorted(self._groups, key=layer_sort_key)
+
+    def groups(self, layer: str) -> list[tuple[int, int]]:
+        """``[(n_tokens, count), ...]`` of ``layer``, by token count."""
+        if layer not in self._groups:
+            raise KeyError(f"{self.path}: no layer {layer!r}; stored layers: {self.layers}")
+        return list(self._groups[layer])
+
+    def count(self, layer: str | None = None) -> int:
+        """Tuples stored for ``layer`` (all layers when ``None``)."""
+        layers = self.layers if layer is None else [layer]
+        return sum(c for lay in layers for _, c in self.groups(lay))
+
+    def _group(self, layer: str, n_tokens: int) -> Any:
+        if int(n_tokens) not in [n for n, _ in self.groups(layer)]:
+            raise KeyError(f"{self.path}: layer {layer} has no tuples with {n_tokens} tokens; "
+                           f"it has {self.groups(layer)}")
+        return self._root[layer][group_name(n_tokens)]
+
+    def shapes(self, layer: str, n_tokens: int) -> dict[str, tuple[int, ...]]:
+        """Per-tuple shapes of a group: ``q_sub``/``teacher_sub`` ``(H, Nq, D)``, ``k``/``v`` ``(H, N, D)``."""
+        g = self._group(layer, n_tokens)
+        return {name: tuple(g[name].shape[1:]) for name in (*ARRAY_FIELDS, "q_idx")}
+
+    def scalars(self, layer: str, n_tokens: int) -> dict[str, np.ndarray]:
+        """All scalar fields of a group as numpy arrays ``[count]`` (sigma/cfg float64, others int64)."""
+        table = np.asarray(self._group(layer, n_tokens)["scalars"][:])
+        return {
+            name: table[:, i] if name in _FLOAT_SCALARS else table[:, i].astype(np.int64)
+            for i, name in enumerate(SCALAR_FIELDS)
+        }
+
+    def prompt_indices(self, layer: str) -> dict[int, np.ndarray]:
+        """``{n_tokens: prompt index of every stored tuple [count]}`` for splitting by prompt."""
+        return {n: self.scalars(layer, n)["prompt"] for n, _ in self.groups(layer)}
+
+    def read(self, layer: str, n_tokens: int, indices: Sequence[int] | np.ndarray | slice) -> dict[str, torch.Tensor]:
+        """Tuples ``indices`` (rows of the group, any order) as a batch:
+
+        ``q_sub``/``teacher_sub`` ``[B, H, Nq, D]`` float32, ``k``/``v`` ``[B, H, N, D]`` float32,
+        ``q_idx`` ``[B, Nq]`` int64, ``sigma``/``cfg`` ``[B]`` float32, ``n_cond, h, w, prompt, step,
+        seed`` ``[B]`` int64.
+        """
+        g = self._group(layer, n_tokens)
+        count = g["scalars"].shape[0]
+        if isinstance(indices, slice):
+            idx = np.arange(count)[indices]
+        else:
+            idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < -count or idx.max() >= count):
+            raise IndexError(f"{self.path}: {layer}/{group_name(n_tokens)} has {count} tuples, asked for {idx}")
+        idx = np.where(idx < 0, idx + count, idx)
+        # zarr orthogonal selection wants sorted unique rows; gather, then restore the asked order
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        out: dict[str, torch.Tensor] = {}
+        for name in ARRAY_FIELDS:
+            data = np.asarray(g[name].oindex[uniq])[inverse]
+            out[name] = decode(data, self.storage_dtype)
+        out["q_idx"] = torch.from_numpy(np.asarray(g["q_idx"].oindex[uniq])[inverse].astype(np.int64))
+        table = np.asarray(g["scalars"].oindex[uniq])[inverse]
+        for i, name in enumerate(SCALAR_FIELDS):
+            col = table[:, i]
+            out[name] = torch.from_numpy(col.astype(np.float32) if name in _FLOAT_SCALARS else col.astype(np.int64))
+        return out
+
+    def nbytes_on_disk(self) -> int:
+        """Bytes of all files of the store."""
+        return sum(f.stat().st_size for f in _files(self.path))
+
+    def file_count(self) -> int:
+        return sum(1 for _ in _files(self.path))
+
+
+def _files(path: Path) -> Iterable[Path]:
+    for root, _, files in os.walk(path):
+        for f in files:
+            yield Path(root) / f

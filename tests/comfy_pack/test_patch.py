@@ -1,0 +1,396 @@
+"""Flux2TTRController inside the real ComfyUI: UNETLoader -> Flux2TTRController -> KSampler through
+``execution.PromptExecutor`` on the tiny FLUX.2 teacher, with small HKR student artifacts
+(random init, some layers marked ready)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+
+from flux2ttr.comfy import patch as comfy_patch
+from flux2ttr.contract import comfy_key, layer_sort_key
+from flux2ttr.routing.controller import ControllerConfig, TTRController, load_controller, sample_mask, save_controller
+from flux2ttr.students.artifacts import file_sha256, load_students, save_students
+from flux2ttr.students.hkr import HKRConfig, HKRLayer
+from helpers.comfy import TEST_CAPTURE_NODE, TEST_COND_NODE
+
+LATENT_PX = 128          # EmptyFlux2LatentImage 128 px -> an 8 x 8 token grid
+GRID = LATENT_PX // 16
+STEPS = 2
+GUIDANCE = 4.0
+FLUX2_TXT = 512          # ComfyUI left-pads FLUX.2 conditioning to 512 tokens
+
+
+def _save(path, layers: dict, ready: dict, cfg: HKRConfig, num_heads: int) -> None:
+    metrics = {k: {"val_cos_sim": 0.5} for k in layers}
+    save_students(path, layers, cfg, num_heads=num_heads, ready=ready, metrics=metrics,
+                  train_config={"test": True}, teacher={"name": "tiny"})
+
+
+@pytest.fixture(scope="module")
+def setup(comfy, tiny_teacher):
+    """Registers the tiny teacher and writes the test artifacts into models/approximate_attention."""
+    name = comfy.add_model_file("diffusion_models", tiny_teacher.path)
+    folder = comfy.base / "models" / "approximate_attention"
+    heads, layer_keys = tiny_teacher.num_heads, tiny_teacher.layer_keys
+    singles = [k for k in layer_keys if k.startswith("single_blocks.")]
+    torch.manual_seed(0)
+    cfg = HKRConfig(feature_dim=16, landmark_min=4)
+    layers = {k: HKRLayer(cfg, num_heads=heads) for k in layer_keys}
+    with torch.no_grad():  # make the students visibly different from identity fusion
+        for layer in layers.values():
+            layer.alpha_logit.fill_(1.0)
+    ready_some = {k: k in (singles[0], singles[-1], "double_blocks.0") for k in layers}
+    _save(folder / "students_some.safetensors", layers, ready_some, cfg, heads)
+    _save(folder / "students_none.safetensors", layers, {k: False for k in layers}, cfg, heads)
+    _save(folder / "students_heads.safetensors", layers_for(cfg, heads + 1, singles), {k: True for k in singles},
+          cfg, heads + 1)
+    cfg64 = HKRConfig(head_dim=64, feature_dim=16)
+    _save(folder / "students_hd64.safetensors", layers_for(cfg64, heads, singles), {k: True for k in singles},
+          cfg64, heads)
+    extra = {**{k: layers[k] for k in singles}, "single_blocks.99": HKRLayer(cfg, num_heads=heads)}
+    _save(folder / "students_extra.safetensors", extra, {k: True for k in extra}, cfg, heads)
+    (folder / "not_an_artifact.safetensors").write_bytes(b"garbage")
+    # controllers: one trained for students_some, one for another student file, one for other layers
+    order = sorted(layers, key=layer_sort_key)
+    torch.manual_seed(3)
+    ctrl = TTRController(ControllerConfig(), order)
+    with torch.no_grad():  # a policy that clearly prefers the student on some ready layers, full on others
+        ctrl.head[-1].bias.copy_(torch.tensor([-1.5 if i % 2 == 0 else 1.5 for i in range(len(order))]))
+    some_sha = file_sha256(folder / "students_some.safetensors")
+    save_controller(folder / "controller.safetensors", ctrl, student_sha256=some_sha)
+    save_controller(folder / "controller_other_students.safetensors", ctrl,
+                    student_sha256=file_sha256(folder / "students_none.safetensors"))
+    save_controller(folder / "controller_other_layers.safetensors", TTRController(ControllerConfig(), singles),
+                    student_sha256=some_sha)
+    base = comfy.run(workflow(name))
+    assert base.success, base.error()
+    return {"unet": name, "folder": folder, "layers": layer_keys, "ready": {k for k, r in ready_some.items() if r},
+            "base": base.captured["latent"][0]["samples"]}
+
+
+def layers_for(cfg: HKRConfig, heads: int, keys) -> dict:
+    return {k: HKRLayer(cfg, num_heads=heads) for k in keys}
+
+
+def workflow(unet: str, student: str | None = None, *, controller: str = "none", quality_speed: float = 1.0,
+             policy_mode: str = "threshold", seed: int = 0, cfg: float = 1.0, neg_tokens: int = 8,
+             sampler: str = "euler") -> dict:
+    """UNETLoader -> [Flux2TTRController] -> KSampler -> capture, as an API-format prompt."""
+    p = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}},
+        "2": {"class_type": TEST_COND_NODE, "inputs": {"tokens": 8, "dim": 64, "seed": 1, "guidance": GUIDANCE}},
+        "3": {"class_type": TEST_COND_NODE, "inputs": {"tokens": neg_tokens, "dim": 64, "seed": 2,
+                                                      "guidance": GUIDANCE}},
+        "4": {"class_type": "EmptyFlux2LatentImage", "inputs": {"width": LATENT_PX, "height": LATENT_PX,
+                                                                "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "seed": 7, "steps": STEPS, "cfg": cfg, "sampler_name": sampler, "scheduler": "simple",
+            "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}},
+        "6": {"class_type": TEST_CAPTURE_NODE, "inputs": {"key": "latent", "value": ["5", 0]}},
+    }
+    if student is not None:
+        p["7"] = {"class_type": "Flux2TTRController", "inputs": {
+            "model": ["1", 0], "student_artifact": student, "controller_artifact": controller,
+            "quality_speed": quality_speed, "policy_mode": policy_mode, "seed": seed}}
+        p["5"]["inputs"]["model"] = ["7", 0]
+    return p
+
+
+@contextlib.contextmanager
+def record_attention():
+    """Record every FLUX.2 attention call ComfyUI makes (what it passed and what came back),
+    by wrapping ``comfy.ldm.flux.math.optimized_attention`` around our override."""
+    import comfy.ldm.flux.math as fmath
+
+    calls: list[dict] = []
+    original = fmath.optimized_attention
+
+    def recorder(q, k, v, heads, *args, **kwargs):
+        out = original(q, k, v, heads, *args, **kwargs)
+        topts = kwargs.get("transformer_options", {})
+        calls.append({"key": comfy_key(topts["block_type"], topts["block_index"]),
+                      "sigma": float(topts["sigmas"].flatten()[0]), "img_slice": topts.get("img_slice"),
+                      "q": q.clone(), "k": k.clone(), "v": v.clone(), "out": out.clone()})
+        return out
+
+    fmath.optimized_attention = recorder
+    try:
+        yield calls
+    finally:
+        fmath.optimized_attention = original
+
+
+def softmax64(q, k, v) -> torch.Tensor:
+    """Reference softmax attention in float64, ``[B, H, N, D]`` -> ``[B, N, H*D]`` (ComfyUI's layout)."""
+    s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    o = torch.softmax(s, dim=-1) @ v.double()
+    b, h, n, d = o.shape
+    return o.transpose(1, 2).reshape(b, n, h * d)
+
+
+def latent(res) -> torch.Tensor:
+    assert res.success, res.error()
+    return res.captured["latent"][0]["samples"]
+
+
+def test_no_ready_layer_is_bit_identical(comfy, setup):
+    base = setup["base"]
+    patched = latent(comfy.run(workflow(setup["unet"], "students_none.safetensors", quality_speed=1.0)))
+    assert torch.equal(base, patched)
+    holder = comfy_patch.last_runs()[-1]
+    assert all(route == "native" for (_, _, route) in holder.routed_calls)
+    assert len(holder.log_lines) == STEPS and all("students=[]" in line for line in holder.log_lines)
+
+
+def test_ready_layers_run_students_others_native(comfy, setup):
+    art = load_students(setup["folder"] / "students_some.safetensors")
+    base = setup["base"]
+    with record_attention() as calls:
+        res = comfy.run(workflow(setup["unet"], "students_some.safetensors", quality_speed=1.0))
+    patched = latent(res)
+    assert not torch.allclose(base, patched)
+    ready = setup["ready"]
+    assert {c["key"] for c in calls} == set(setup["layers"])
+    assert len(calls) == STEPS * len(setup["layers"])
+    for c in calls:
+        q, k, v = c["q"], c["k"], c["v"]
+        if c["key"] in ready:
+            n_cond = c["img_slice"][0] if c["img_slice"] else FLUX2_TXT
+            assert n_cond == FLUX2_TXT
+            with torch.inference_mode():
+                want = art.layers[c["key"]](q, k, v, n_cond, c["sigma"], GUIDANCE, height=GRID, width=GRID)
+            b, h, n, d = want.shape
+            torch.testing.assert_close(c["out"], want.transpose(1, 2).reshape(b, n, h * d), rtol=0, atol=1e-6)
+            assert (c["out"] - softmax64(q, k, v)).abs().max() > 1e-3  # really not the teacher
+        else:
+            torch.testing.assert_close(c["out"].double(), softmax64(q, k, v), rtol=1e-4, atol=1e-4)
+    holder = comfy_patch.last_runs()[-1]
+    for line in holder.log_lines:
+        assert "threshold=0.5000" in line and "sigma=" in line
+    assert sorted(holder.masks) == list(range(STEPS))
+
+
+def test_quality_speed_below_cut_routes_nothing(comfy, setup):
+    base = setup["base"]
+    low = latent(comfy.run(workflow(setup["unet"], "students_some.safetensors", quality_speed=0.2)))
+    assert torch.equal(base, low)
+
+
+def test_one_mask_per_step_for_separate_cond_and_uncond_calls(comfy, setup):
+    # a 600-token negative is not padded to 512, so cond and uncond cannot share a batch: two calls per
+    # layer and step, with different text lengths (n_cond from img_slice / the context length)
+    with record_attention() as calls:
+        res = comfy.run(workflow(setup["unet"], "students_some.safetensors", cfg=3.0, neg_tokens=600))
+    latent(res)
+    holder = comfy_patch.last_runs()[-1]
+    assert len(calls) == 2 * STEPS * len(setup["layers"])
+    assert len(holder.masks) == STEPS and len(holder.log_lines) == STEPS
+    for (step, key, route), count in holder.routed_calls.items():
+        assert count == 2
+        assert (route == "student") == (key in holder.masks[step])
+    assert {c["q"].shape[2] for c in calls} == {FLUX2_TXT + GRID * GRID, 600 + GRID * GRID}
+
+
+def test_original_model_untouched(comfy, setup):
+    import nodes
+
+    model = nodes.UNETLoader().load_unet(setup["unet"], "default")[0]
+    options_before = repr(model.model_options)
+    wrappers_before = repr(model.wrappers)
+    patched = comfy_patch.controller_node(model, setup["folder"] / "students_some.safetensors", None,
+                                          quality_speed=1.0, policy_mode="threshold", seed=0)
+    assert patched is not model
+    assert repr(model.model_options) == options_before and repr(model.wrappers) == wrappers_before
+    assert "optimized_attention_override" not in model.model_options.get("transformer_options", {})
+    topts = patched.model_options["transformer_options"]
+    assert topts["optimized_attention_override"] is comfy_patch.attention_override
+    assert comfy_patch.HOLDER_KEY in topts
+    # same graph: the unpatched branch of a workflow is unaffected by the patched one
+    p = workflow(setup["unet"], "students_some.safetensors")
+    p["8"] = {"class_type": "KSampler", "inputs": dict(p["5"]["inputs"], model=["1", 0])}
+    p["9"] = {"class_type": TEST_CAPTURE_NODE, "inputs": {"key": "plain", "value": ["8", 0]}}
+    res = comfy.run(p)
+    base = setup["base"]
+    assert res.success, res.error()
+    assert torch.equal(res.captured["plain"][0]["samples"], base)
+    assert not torch.equal(res.captured["latent"][0]["samples"], base)
+
+
+@pytest.mark.parametrize("artifact, message", [
+    ("students_heads.safetensors", "num_heads mismatch"),
+    ("students_hd64.safetensors", "head_dim mismatch"),
+    ("students_extra.safetensors", "single_blocks.99"),
+    ("not_an_artifact.safetensors", "not a readable safetensors file"),
+    ("missing.safetensors", "not found in models/approximate_attention"),
+])
+def test_artifact_mismatch_errors(comfy, setup, artifact, message):
+    res = comfy.run(workflow(setup["unet"], artifact))
+    assert not res.success
+    text = res.error() or repr(res.status_messages)
+    assert message in text
+
+
+@pytest.mark.parametrize("inputs, message", [({"quality_speed": 1.5}, "quality_speed"),
+                                             ({"policy_mode": "greedy"}, "policy_mode")])
+def test_bad_inputs(comfy, setup, inputs, message):
+    import nodes
+
+    model = nodes.UNETLoader().load_unet(setup["unet"], "default")[0]
+    kwargs = {"quality_speed": 0.5, "policy_mode": "threshold", "seed": 0, **inputs}
+    with pytest.raises(ValueError, match=message):
+        comfy_patch.controller_node(model, setup["folder"] / "students_some.safetensors", None, **kwargs)
+
+
+def test_measure_mode_records_cosine_and_keeps_native(comfy, setup):
+    import nodes
+
+    model = nodes.UNETLoader().load_unet(setup["unet"], "default")[0]
+    art = load_students(setup["folder"] / "students_some.safetensors")
+    patched = comfy_patch.controller_node(model, art.path, None, quality_speed=1.0, policy_mode="threshold",
+                                          seed=0, measure=True)
+    cond = [[torch.randn(1, 8, 64, generator=torch.Generator().manual_seed(1)), {"guidance": GUIDANCE}]]
+    lat = {"samples": torch.zeros(1, 128, GRID, GRID)}
+    with record_attention() as calls:
+        out = nodes.common_ksampler(patched, 7, STEPS, 1.0, "euler", "simple", cond, cond, lat)[0]["samples"]
+    holder = comfy_patch.last_runs()[-1]
+    base = nodes.common_ksampler(model, 7, STEPS, 1.0, "euler", "simple", cond, cond, lat)[0]["samples"]
+    assert torch.equal(out, base)  # measuring never changes the result
+    table = comfy_patch.cosine_table(holder)
+    assert set(table) == set(setup["layers"])
+    for key in table:  # recompute the mean cosine from the recorded calls
+        want = []
+        for c in (c for c in calls if c["key"] == key):
+            with torch.inference_mode():
+                s = art.layers[key](c["q"], c["k"], c["v"], FLUX2_TXT, c["sigma"], GUIDANCE, height=GRID, width=GRID)
+            b, h, n, d = s.shape
+            nat = c["out"].reshape(b, n, h, d).transpose(1, 2)
+            want.append(torch.nn.functional.cosine_similarity(s.double(), nat.double(), dim=-1).mean().item())
+        assert table[key] == pytest.approx(sum(want) / len(want), abs=1e-6)
+    paired = comfy_patch.online_vs_offline(holder, art.metrics)
+    assert paired == {key: (table[key], 0.5) for key in table}
+
+
+def test_example_workflow_runs_with_a_test_text_encoder(comfy, setup):
+    """The shipped example workflow, converted as the frontend would, with the text encoder, VAE and
+    SaveImage swapped for test nodes: UNETLoader -> Flux2TTRController -> KSampler on the tiny teacher."""
+    import json
+
+    from helpers.comfy import PACK_DIR, ui_to_api
+
+    ui = json.loads((PACK_DIR / "example_workflows" / "flux2ttr_controller.json").read_text())
+    types = {n["type"] for n in ui["nodes"]}
+    assert {"UNETLoader", "Flux2TTRController", "KSampler"} <= types
+    assert types <= set(comfy.nodes.NODE_CLASS_MAPPINGS)  # every node exists in this ComfyUI + pack
+    prompt = ui_to_api(comfy, ui)
+    by_type = {n["class_type"]: nid for nid, n in prompt.items()}
+    ctrl, ks = prompt[by_type["Flux2TTRController"]], prompt[by_type["KSampler"]]
+    assert ctrl["inputs"]["model"] == [by_type["UNETLoader"], 0] and ks["inputs"]["model"] == [by_type["Flux2TTRController"], 0]
+    assert ctrl["inputs"]["policy_mode"] in comfy_patch.POLICY_MODES and 0 <= ctrl["inputs"]["quality_speed"] <= 1
+    # stand-ins for what cannot run here (no text encoder, no VAE), sizes for a CPU test
+    for t in ("CLIPLoader", "VAELoader", "VAEDecode", "SaveImage"):
+        del prompt[by_type[t]]
+    prompt[by_type["CLIPTextEncode"]] = {"class_type": TEST_COND_NODE,
+                                         "inputs": {"tokens": 8, "dim": 64, "seed": 1, "guidance": 0.0}}
+    prompt[by_type["UNETLoader"]]["inputs"]["unet_name"] = setup["unet"]
+    prompt[by_type["EmptyFlux2LatentImage"]]["inputs"].update(width=LATENT_PX, height=LATENT_PX)
+    ks["inputs"]["steps"] = STEPS
+    ctrl["inputs"].update(student_artifact="students_some.safetensors", controller_artifact="none", quality_speed=1.0)
+    prompt["99"] = {"class_type": TEST_CAPTURE_NODE, "inputs": {"key": "latent", "value": [by_type["KSampler"], 0]}}
+    res = comfy.run(prompt)
+    assert latent(res).shape == (1, 128, GRID, GRID)
+    holder = comfy_patch.last_runs()[-1]
+    assert holder.call.guidance == pytest.approx(4.0)  # FluxGuidance's widget value reached the model
+    assert any(route == "student" for (_, _, route) in holder.routed_calls)
+
+
+def expected_masks(setup, holder, mode: str, quality_speed: float, seed: int) -> dict[int, frozenset]:
+    """The student-routed layers per step, recomputed from the controller file and the run's sigmas."""
+    ctrl, order = load_controller(setup["folder"] / "controller.safetensors")
+    eligible = [k for k in order if k in setup["ready"]]
+    cols = [order.index(k) for k in eligible]
+    out = {}
+    for step in range(STEPS):
+        sigma = holder.schedule[step]
+        with torch.no_grad():
+            logits = ctrl(torch.tensor([sigma]), torch.tensor([GUIDANCE]), torch.tensor([float(GRID)]),
+                          torch.tensor([float(GRID)]))[0, cols]
+        if mode == "threshold":
+            full = (torch.sigmoid(logits) >= quality_speed).tolist()
+        else:
+            gen = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
+            full = sample_mask(logits, generator=gen, quality_speed=quality_speed).tolist()
+        out[step] = frozenset(k for k, f in zip(eligible, full) if not f)
+    return out
+
+
+def test_controller_threshold_mode(comfy, setup):
+    res = comfy.run(workflow(setup["unet"], "students_some.safetensors", controller="controller.safetensors",
+                             policy_mode="threshold", quality_speed=0.5, seed=1))
+    first = latent(res)
+    holder = comfy_patch.last_runs()[-1]
+    assert holder.masks == expected_masks(setup, holder, "threshold", 0.5, 1)
+    routed = set().union(*holder.masks.values())
+    assert routed and routed < setup["ready"]  # the controller splits the ready layers (logit < 0 -> student)
+    assert all("threshold=0.5000" in line and "threshold" in line for line in holder.log_lines)
+    # deterministic: another seed gives the same masks and latent
+    again = latent(comfy.run(workflow(setup["unet"], "students_some.safetensors", controller="controller.safetensors",
+                                      policy_mode="threshold", quality_speed=0.5, seed=99)))
+    assert comfy_patch.last_runs()[-1].masks == holder.masks and torch.equal(first, again)
+    # quality_speed 0: always full attention -> the unpatched latent, bit for bit
+    q0 = latent(comfy.run(workflow(setup["unet"], "students_some.safetensors", controller="controller.safetensors",
+                                   policy_mode="threshold", quality_speed=0.0)))
+    assert torch.equal(q0, setup["base"])
+
+
+def test_controller_stochastic_mode(comfy, setup):
+    masks = {}
+    for seed in (1, 2, 3, 1):
+        res = comfy.run(workflow(setup["unet"], "students_some.safetensors", controller="controller.safetensors",
+                                 policy_mode="stochastic", quality_speed=0.5, seed=seed))
+        latent(res)
+        holder = comfy_patch.last_runs()[-1]
+        assert holder.masks == expected_masks(setup, holder, "stochastic", 0.5, seed)
+        assert len(holder.log_lines) == STEPS
+        masks.setdefault(seed, []).append(holder.masks)
+    assert masks[1][0] == masks[1][1]                    # same seed, same masks
+    assert len({tuple(sorted((s, tuple(sorted(m))) for s, m in ms[0].items())) for ms in masks.values()}) > 1
+    # quality_speed 1: never full on eligible layers -> every ready layer runs its student at every step
+    latent(comfy.run(workflow(setup["unet"], "students_some.safetensors", controller="controller.safetensors",
+                              policy_mode="stochastic", quality_speed=1.0)))
+    assert all(m == frozenset(setup["ready"]) for m in comfy_patch.last_runs()[-1].masks.values())
+
+
+@pytest.mark.parametrize("controller, message", [
+    ("controller_other_students.safetensors", "trained with student artifact sha256"),
+    ("controller_other_layers.safetensors", "was trained for layers"),
+    ("students_some.safetensors", "is this the student artifact?"),
+])
+def test_controller_mismatch_errors(comfy, setup, controller, message):
+    res = comfy.run(workflow(setup["unet"], "students_some.safetensors", controller=controller))
+    assert not res.success
+    assert message in res.error() and "Flux2TTRController" in res.error()
+
+
+def test_students_run_in_the_callers_dtype_and_step_lookup():
+    """Pure helpers (no ComfyUI): the student cast to the model's dtype, the step from sigma."""
+    cfg = HKRConfig(feature_dim=8, landmark_min=2)
+    torch.manual_seed(0)
+    layer = HKRLayer(cfg, num_heads=2)
+    holder = comfy_patch.build_holder({"single_blocks.0": layer}, {"single_blocks.0", "single_blocks.1"},
+                                      comfy_patch.no_controller_policy(frozenset({"single_blocks.0"}), 1.0))
+    assert holder.ready == frozenset({"single_blocks.0"})  # a ready key without a student can never route
+    cast = holder.student("single_blocks.0", torch.device("cpu"), torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in cast.parameters())
+    assert all(p.dtype == torch.float32 for p in layer.parameters())  # the artifact's copy is untouched
+    assert holder.student("single_blocks.0", torch.device("cpu"), torch.bfloat16) is cast  # once per run
+    q, k, v = (torch.randn(1, 2, 4 + 9, 128).bfloat16() for _ in range(3))
+    with torch.inference_mode():
+        out = cast(q, k, v, 4, 0.5, 4.0, height=3, width=3)
+    assert out.dtype == torch.bfloat16
+    assert holder.fresh()._cast == {}
+    holder.schedule = [1.0, 0.8, 0.5, 0.0]
+    assert [holder.step_of(s) for s in (1.0, 0.9, 0.8, 0.79, 0.5, 0.2)] == [0, 0, 1, 1, 2, 2]

@@ -1,0 +1,358 @@
+"""Distill stage on tiny synthetic stores (teacher_sub = exact softmax attention): outputs, exact resume,
+readiness hysteresis across a resume, the prompt-level validation split, bad stores, NaN batches, the
+validation metrics against an fp64 reference, and the torchrun (gloo, 2 processes) path."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from flux2ttr.distill.trainer import (
+    DistillConfig,
+    DistillError,
+    _build_layer,
+    load_val_batches,
+    pareto_frontier,
+    student_forward,
+    train,
+    validation_metrics,
+)
+from flux2ttr.students.artifacts import load_students
+from flux2ttr.students.hkr import HKRConfig, HKRLayer
+from flux2ttr.traces.loader import BatchPlanner, split_by_prompt
+from flux2ttr.traces.store import TraceStore, TraceWriter
+from helpers.traces import TEACHER, make_store, make_tuple
+from stages.distill import run_stage
+
+HKR = HKRConfig(head_dim=16, feature_dim=8, landmark_min=2, landmark_max=4, cond_hidden=8)
+LAYERS = ("single_blocks.0", "single_blocks.1", "single_blocks.2")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("distill") / "s.zarr", layers=LAYERS, prompts=5, steps=4)
+
+
+def config(tmp: Path, store: Path, **kw) -> DistillConfig:
+    base = dict(store=str(store), artifact=str(tmp / "a.safetensors"), metrics=str(tmp / "m.json"),
+                plots_dir=str(tmp / "plots"), checkpoint_dir=str(tmp / "ck"), steps=12, batch_size=2,
+                val_every=6, checkpoint_every=6, min_updates=3, readiness_threshold=0.2, progress=False,
+                torch_threads=1, max_swap_layers=2)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def artifact_tensors(path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_outputs_metrics_plots_and_artifact(tmp_path, store, capsys):
+    cfg = config(tmp_path, store, steps=30, val_every=10, min_updates=5, readiness_threshold=0.08)
+    res = train(cfg, HKR, expected_teacher=TEACHER)
+    out = capsys.readouterr().out
+    metrics = json.loads(Path(cfg.metrics).read_text())
+    assert set(metrics["layers"]) == set(LAYERS)
+    for key, m in metrics["layers"].items():
+        assert m["val_cos_sim"] == pytest.approx(1 - m["val_cos_dist"])
+        assert m["ready"] == (m["val_cos_dist"] < 0.08 and m["updates"] >= 5)
+        assert 0 < m["alpha"] < HKR.alpha_max and 0 < m["alpha_sigmoid"] < 1
+        assert f"{key}" in out and ("READY" in out or "not ready" in out)
+        assert m["updates"] > 0 and m["tuples_trained"] >= m["updates"]
+    s = metrics["summary"]
+    assert s["ready_layers"] == sum(m["ready"] for m in metrics["layers"].values())
+    assert s["pareto_frontier"] == pytest.approx(pareto_frontier(metrics["layers"]))
+    dists = [m["val_cos_dist"] for m in metrics["layers"].values()]
+    assert s["val_cos_dist"]["min"] == pytest.approx(min(dists)) and s["val_cos_dist"]["max"] == pytest.approx(max(dists))
+    assert f"{s['ready_layers']}/3 layers ready" in out
+    # training reduced the cosine distance (first validation at step 10 vs the end)
+    lines = Path(cfg.plots_dir, "val_cos_dist.csv").read_text().splitlines()
+    assert lines[0] == "step,single_blocks_0,single_blocks_1,single_blocks_2"
+    assert [int(row.split(",")[0]) for row in lines[1:]] == [10, 20, 30]
+    last = [float(x) for x in lines[-1].split(",")[1:]]
+    assert last == pytest.approx([metrics["layers"][k]["val_cos_dist"] for k in LAYERS], rel=1e-5)
+    # the artifact: readiness and metrics in its header, weights equal to the trained students
+    art = load_students(cfg.artifact, expect_layers=list(LAYERS), teacher=TEACHER)
+    assert art.ready == {k: metrics["layers"][k]["ready"] for k in LAYERS}
+    assert art.metrics["single_blocks.1"]["val_nmse"] == pytest.approx(metrics["layers"]["single_blocks.1"]["val_nmse"])
+    for key in LAYERS:
+        for name, t in res.students[key].state_dict().items():
+            assert torch.equal(art.layers[key].state_dict()[name], t)
+
+
+def test_training_learns_structured_attention(tmp_path):
+    # queries share a direction per head: attention follows the keys' projection on it (learnable)
+    store = make_store(tmp_path / "focus.zarr", layers=("single_blocks.0",), prompts=5, steps=4, focus=2.0)
+    cfg = config(tmp_path, store, steps=120, val_every=40, checkpoint_every=120, lr=2e-3)
+    res = train(cfg, HKR, expected_teacher=TEACHER)
+    s = TraceStore.open(store)
+    split = split_by_prompt(s, cfg.val_fraction, cfg.seed)
+    init = _build_layer("single_blocks.0", cfg, HKR, num_heads=2).student
+    before = validation_metrics(init, load_val_batches(s, split, "single_blocks.0", cfg))["val_cos_dist"]
+    after = res.layer_metrics["single_blocks.0"]["val_cos_dist"]
+    assert before > 0.2 and after < 0.5 * before
+
+
+def test_resume_is_bit_identical(tmp_path, store):
+    n = 6
+    one = tmp_path / "one"
+    r1 = train(config(one, store, steps=2 * n, checkpoint_every=n, min_swap_layers=1, max_swap_layers=3),
+               HKR, expected_teacher=TEACHER)
+    two = tmp_path / "two"
+    cfg_a = config(two, store, steps=n, checkpoint_every=n, min_swap_layers=1, max_swap_layers=3)
+    ra = train(cfg_a, HKR, expected_teacher=TEACHER)
+    assert ra.resumed_from == 0
+    mid = artifact_tensors(cfg_a.artifact)
+    rb = train(dataclasses.replace(cfg_a, steps=2 * n), HKR, expected_teacher=TEACHER)
+    assert rb.resumed_from == n and rb.steps_run == n
+    a, b = artifact_tensors(one / "a.safetensors"), artifact_tensors(two / "a.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert any(not torch.equal(mid[k], b[k]) for k in b)  # the second half really trained
+    assert r1.layer_metrics["single_blocks.0"]["updates"] == rb.layer_metrics["single_blocks.0"]["updates"]
+    for key in LAYERS:
+        assert r1.layer_metrics[key]["log_var_cosine"] == rb.layer_metrics[key]["log_var_cosine"]
+    # stop_after: an interrupted run (same total steps) resumes to the same weights as well
+    three = tmp_path / "three"
+    cfg_c = config(three, store, steps=2 * n, checkpoint_every=n, min_swap_layers=1, max_swap_layers=3)
+    train(cfg_c, HKR, expected_teacher=TEACHER, stop_after=n)
+    train(cfg_c, HKR, expected_teacher=TEACHER)
+    c = artifact_tensors(three / "a.safetensors")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    # a checkpoint of another setup is not resumed
+    rd = train(dataclasses.replace(cfg_a, steps=2 * n, lr=cfg_a.lr * 2), HKR, expected_teacher=TEACHER)
+    assert rd.resumed_from == 0
+
+
+def test_readiness_hysteresis_across_resume(tmp_path, store):
+    cfg = config(tmp_path, store, steps=12, readiness_threshold=1.0, min_updates=1)
+    res = train(cfg, HKR, expected_teacher=TEACHER)
+    assert all(res.ready.values())
+    d = {k: res.layer_metrics[k]["val_cos_dist"] for k in LAYERS}
+    # resume without further steps: same weights, same distance d; threshold T = d / 1.1, so
+    # T < d <= 1.2 T and a layer that was ready stays ready
+    key = min(d, key=d.get)
+    t_keep = d[key] / 1.1
+    r2 = train(dataclasses.replace(cfg, readiness_threshold=t_keep), HKR, expected_teacher=TEACHER)
+    assert r2.resumed_from == 12 and r2.steps_run == 0
+    assert r2.layer_metrics[key]["val_cos_dist"] == pytest.approx(d[key], rel=1e-12)
+    assert r2.ready[key]  # kept by hysteresis
+    # the same threshold on a fresh run: not ready (d >= threshold and never was ready)
+    fresh = train(dataclasses.replace(cfg, readiness_threshold=t_keep, resume=False,
+                                      checkpoint_dir=str(tmp_path / "fresh")), HKR, expected_teacher=TEACHER)
+    assert not fresh.ready[key]
+    # above 1.2 x threshold: readiness is lost on resume
+    r3 = train(dataclasses.replace(cfg, readiness_threshold=d[key] / 1.3), HKR, expected_teacher=TEACHER)
+    assert not r3.ready[key]
+
+
+def test_validation_split_is_by_prompt(tmp_path, store):
+    cfg = config(tmp_path, store, steps=6, val_fraction=0.4, val_max_tuples=100)
+    res = train(cfg, HKR, expected_teacher=TEACHER)
+    s = TraceStore.open(store)
+    split = split_by_prompt(s, 0.4, cfg.seed)
+    assert res.summary["val_prompts"] == len(split.val_prompts) == 2
+    for key in LAYERS:  # every tuple of the held-out prompts (4 steps each) is validated
+        assert res.layer_metrics[key]["val_tuples"] == 4 * len(split.val_prompts)
+    header = json.loads(safe_open(cfg.artifact, framework="pt").metadata()["flux2ttr"])
+    assert header["train_config"]["val_prompts"] == split.val_prompts
+
+
+def test_validation_metrics_match_fp64_reference(store):
+    s = TraceStore.open(store)
+    torch.manual_seed(0)
+    layer = HKRLayer(HKR, num_heads=2)
+    batches = [s.read("single_blocks.0", 20, [0, 3, 5]), s.read("single_blocks.0", 20, [7])]
+    m = validation_metrics(layer, batches)
+    with torch.no_grad():
+        outs = [student_forward(layer, b).double().numpy() for b in batches]
+    ref = [b["teacher_sub"].double().numpy() for b in batches]
+    o = np.concatenate([x.reshape(-1, 16) for x in outs])
+    t = np.concatenate([x.reshape(-1, 16) for x in ref])
+    cos = (o * t).sum(-1) / (np.linalg.norm(o, axis=-1) * np.linalg.norm(t, axis=-1))
+    rel = np.linalg.norm(o - t, axis=-1) / np.linalg.norm(t, axis=-1)
+    assert m["val_cos_dist"] == pytest.approx(float(np.mean(1 - cos)), rel=1e-9)
+    assert m["val_nmse"] == pytest.approx(float(((o - t) ** 2).sum() / (t ** 2).sum()), rel=1e-9)
+    assert m["val_p95_err"] == pytest.approx(float(np.quantile(rel, 0.95)), rel=1e-9)
+    assert m["val_tuples"] == 4
+
+
+def test_student_forward_mixed_geometry_matches_rows(tmp_path):
+    gen = torch.Generator().manual_seed(1)
+    path = tmp_path / "mixed.zarr"
+    with TraceWriter(path, attrs={"teacher": TEACHER}, budget_bytes=1 << 26, storage_dtype="float32", seed=0) as w:
+        for i, (hg, wg) in enumerate([(4, 4), (2, 8), (4, 4), (8, 2)]):
+            w.offer("single_blocks.0", make_tuple(gen, heads=2, n_cond=4, hgrid=hg, wgrid=wg, nq=6, d=16,
+                                                  prompt=i, step=0, seed=0, qk_scale=0.5))
+    s = TraceStore.open(path)
+    batch = s.read("single_blocks.0", 20, [0, 1, 2, 3])
+    torch.manual_seed(2)
+    layer = HKRLayer(HKRConfig(head_dim=16, feature_dim=8, landmark_min=3, cond_hidden=8), num_heads=2)
+    with torch.no_grad():
+        out = student_forward(layer, batch)
+        for i in range(4):
+            row = layer(batch["q_sub"][i:i + 1], batch["k"][i:i + 1], batch["v"][i:i + 1], int(batch["n_cond"][i]),
+                        batch["sigma"][i:i + 1], batch["cfg"][i:i + 1], height=int(batch["h"][i]),
+                        width=int(batch["w"][i]), q_idx=batch["q_idx"][i])
+            torch.testing.assert_close(out[i:i + 1], row, rtol=1e-6, atol=1e-6)
+    assert {(int(h), int(w)) for h, w in zip(batch["h"], batch["w"])} == {(4, 4), (2, 8), (8, 2)}
+
+
+def test_nan_batches_are_skipped_and_counted(tmp_path):
+    path = make_store(tmp_path / "clean.zarr", layers=("single_blocks.0",), prompts=4, steps=4)
+    clean = TraceStore.open(path)
+    split = split_by_prompt(clean, 0.25, seed=0)
+    bad_prompt = split.train_prompts[0]
+    # rewrite the store with NaN keys in every tuple of one training prompt
+    gen = torch.Generator().manual_seed(0)
+    nan_path = tmp_path / "nan.zarr"
+    with TraceWriter(nan_path, attrs={"teacher": TEACHER}, budget_bytes=1 << 30, storage_dtype="float32", seed=0) as w:
+        for p in range(4):
+            for st in range(4):
+                t = make_tuple(gen, heads=2, n_cond=4, hgrid=4, wgrid=4, nq=6, d=16, prompt=p, step=st,
+                               seed=100 + p, qk_scale=0.5)
+                if p == bad_prompt:
+                    t.k[0, 3, 0] = float("nan") if st % 2 else float("inf")
+                w.offer("single_blocks.0", t)
+    s = TraceStore.open(nan_path)
+    prompts = s.scalars("single_blocks.0", 20)["prompt"]
+    bad_rows = set(np.nonzero(prompts == bad_prompt)[0].tolist())
+    cfg = config(tmp_path, nan_path, steps=16, batch_size=2, min_swap_layers=1, max_swap_layers=1,
+                 val_fraction=0.25)
+    split = split_by_prompt(s, 0.25, seed=cfg.seed)
+    planner = BatchPlanner(split.train, batch_size=2, min_layers=1, max_layers=1, seed=cfg.seed)
+    expected = sum(1 for _ in range(16) for r in planner.next_step() if set(r.rows) & bad_rows)
+    assert expected > 0
+    res = train(cfg, HKR, expected_teacher=TEACHER)
+    m = res.layer_metrics["single_blocks.0"]
+    assert m["skipped_nonfinite"] == expected == res.summary["skipped_nonfinite"]
+    assert m["updates"] == 16 - expected
+    assert all(torch.isfinite(t).all() for t in res.students["single_blocks.0"].state_dict().values())
+    assert math.isfinite(m["val_cos_dist"])
+
+
+def test_bad_stores_fail_before_training(tmp_path, store):
+    def run(path, teacher=TEACHER):
+        cfg = config(tmp_path, path)
+        train(cfg, HKR, expected_teacher=teacher)
+
+    with pytest.raises(DistillError, match="no trace store here"):
+        run(tmp_path / "missing.zarr")
+    empty = tmp_path / "empty.zarr"
+    with TraceWriter(empty, attrs={"teacher": TEACHER}, budget_bytes=1000, storage_dtype="float32", seed=0):
+        pass
+    with pytest.raises(DistillError, match="holds no tuples"):
+        run(empty)
+    with pytest.raises(DistillError, match=r"another teacher.*sha256: store 'abc123' vs params 'zzz'"):
+        run(store, teacher={"name": "unit-teacher", "sha256": "zzz"})
+    newer = tmp_path / "newer.zarr"
+    make_store(newer, layers=("single_blocks.0",), prompts=2, steps=1)
+    meta = json.loads((newer / "zarr.json").read_text())
+    meta["attributes"]["schema"] = 99
+    (newer / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(DistillError, match="newer"):
+        run(newer)
+    one_prompt = make_store(tmp_path / "one.zarr", layers=("single_blocks.0",), prompts=1, steps=3)
+    with pytest.raises(DistillError, match="at least 2"):
+        run(one_prompt)
+    for p in ("a.safetensors", "m.json"):
+        assert not (tmp_path / p).exists()  # nothing was trained or written
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="min_swap_layers"):
+        DistillConfig(min_swap_layers=3, max_swap_layers=2)
+    with pytest.raises(ValueError, match="val_fraction"):
+        DistillConfig(val_fraction=1.0)
+
+
+def test_run_stage_checks_the_params_teacher(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    teacher_file = Path("teachers/tiny/flux2_tiny.safetensors")  # only its sha256 matters here
+    teacher_file.parent.mkdir(parents=True)
+    teacher_file.write_bytes(b"tiny teacher weights v1")
+    sha = hashlib.sha256(teacher_file.read_bytes()).hexdigest()
+    make_store(Path("traces/capture.zarr"), layers=LAYERS[:2], prompts=3, steps=2,
+               teacher={"kind": "tiny", "sha256": sha, "file": "flux2_tiny.safetensors"})
+    params = {"teacher": {"kind": "tiny", "out_dir": "teachers/tiny"}, "hkr": dataclasses.asdict(HKR),
+              "distill": {"steps": 4, "val_every": 4, "checkpoint_every": 4, "batch_size": 2, "progress": False,
+                          "min_updates": 1, "readiness_threshold": 0.5},
+              "comet": {"offline": True, "offline_directory": "comet_offline"}}
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.delenv("COMET_API_KEY", raising=False)
+    run_stage(Path("params.yaml"))
+    m = json.loads(Path("metrics/distill.json").read_text())
+    assert m["summary"]["steps"] == 4 and set(m["layers"]) == set(LAYERS[:2])
+    # comet offline archive: per-layer metrics, cross-layer quantiles, pareto frontier, the artifact
+    (archive,) = Path("comet_offline").glob("*.zip")
+    with zipfile.ZipFile(archive) as z:
+        text = "".join(z.read(n).decode("utf-8", "replace") for n in z.namelist() if not n.endswith(".safetensors"))
+        names = z.namelist()
+    for needle in ("single_blocks.1/val_cos_dist", "single_blocks.0/alpha_sigmoid", "single_blocks.0/log_var_huber",
+                   "single_blocks.1/log_var_cosine", "val_cos_dist/p75", "pareto_frontier"):
+        assert needle in text, needle
+    assert any("flux2_ttr.safetensors" in n for n in names) or "flux2_ttr.safetensors" in text
+    assert load_students("artifacts/flux2_ttr.safetensors").header["teacher"]["sha256"] == sha
+    assert Path("plots/distill/val_cos_dist_ema.csv").is_file()
+    # the teacher named by params changes: the store is refused before training
+    teacher_file.write_bytes(b"tiny teacher weights v2")
+    Path("metrics/distill.json").unlink()
+    with pytest.raises(DistillError, match="another teacher than params.yaml names"):
+        run_stage(Path("params.yaml"))
+    assert not Path("metrics/distill.json").exists()
+    teacher_file.unlink()
+    with pytest.raises(DistillError, match="tiny teacher not found"):
+        run_stage(Path("params.yaml"))
+
+
+WORKER = textwrap.dedent("""
+    import json, sys
+    from flux2ttr.distill.trainer import DistillConfig, train
+    from flux2ttr.students.hkr import HKRConfig
+    spec = json.loads(open(sys.argv[1]).read())
+    train(DistillConfig(**spec["distill"]), HKRConfig(**spec["hkr"]), expected_teacher=spec["teacher"])
+""")
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_matches_single_process(tmp_path, store):
+    # every layer trains every step, so each layer sees the same batches however layers are sharded
+    kw = dict(steps=6, val_every=3, checkpoint_every=3, min_swap_layers=3, max_swap_layers=3, torch_threads=1)
+    single = train(config(tmp_path / "single", store, **kw), HKR, expected_teacher=TEACHER)
+    cfg = config(tmp_path / "ddp", store, **kw)
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"distill": dataclasses.asdict(cfg), "hkr": dataclasses.asdict(HKR),
+                                "teacher": TEACHER}))
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), str(spec)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert sorted(p.name for p in (tmp_path / "ddp" / "ck").iterdir()) == [
+        "distill-rank0-of2.safetensors", "distill-rank1-of2.safetensors"]
+    a = artifact_tensors(tmp_path / "ddp" / "a.safetensors")
+    b = artifact_tensors(tmp_path / "single" / "a.safetensors")
+    assert a.keys() == b.keys() and {".".join(k.split(".")[:2]) for k in a} == set(LAYERS)
+    for k in b:
+        assert torch.equal(a[k], b[k]), k
+    m = json.loads((tmp_path / "ddp" / "m.json").read_text())
+    assert m["summary"]["world_size"] == 2 and set(m["layers"]) == set(LAYERS)
+    for key in LAYERS:
+        assert m["layers"][key]["val_cos_dist"] == pytest.approx(single.layer_metrics[key]["val_cos_dist"], rel=1e-12)
+    assert proc.stdout.count("layers ready") == 1  # one summary, from rank 0

@@ -1,0 +1,134 @@
+"""Evaluate stage: policies vs teacher rollouts, fixed baselines at the controller's ratio, outputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flux2ttr.routing.controller import TTRController, save_controller
+from flux2ttr.routing.evaluate import EvaluateConfig, count_mask, evaluate
+from flux2ttr.routing.quality import QualityConfig, QualityLoss
+from flux2ttr.routing.rollouts import RolloutConfig, RolloutStore, record_rollouts, write_store
+from flux2ttr.routing.student_rollout import make_router, run_student_rollout
+from flux2ttr.routing.training import ControllerTrainConfig, controller_inputs
+from flux2ttr.students.artifacts import file_sha256, load_students
+from helpers.rollouts import PROMPTS, TEACHER, make_students, make_teacher, write_params
+from stages.evaluate import run_stage
+
+ROLLOUT = dict(num_prompts=3, eval_prompts=2, steps=2, height=32, width=48, seed=11, batch_size=1)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ev")
+    teacher = make_teacher(tmp / "teacher")
+    keys = teacher.single_layer_keys
+    ready = {keys[0]: True, keys[1]: True, keys[2]: False}
+    students = make_students(tmp / "students.safetensors", teacher, ready, seed=1)
+    rcfg = RolloutConfig(**ROLLOUT)
+    rollouts, _ = record_rollouts(teacher, rcfg, PROMPTS, show_progress=False)
+    store = write_store(tmp / "rollouts", rollouts, setting=rcfg.setting(), teacher=teacher.identity)
+    torch.manual_seed(0)
+    ctrl = TTRController(ControllerTrainConfig(), keys)
+    ctrl_path = tmp / "controller.safetensors"
+    save_controller(ctrl_path, ctrl, layer_keys=keys, student_sha256=file_sha256(students), eligible=keys[:2],
+                    train_config={}, metrics={})
+    return teacher, keys, students, store, ctrl, ctrl_path
+
+
+def test_count_mask_exact_counts_and_forced_columns():
+    elig = [0, 2, 3]
+    fixed = count_mask(4, 3, elig, 5, generator=None)
+    assert fixed[:, elig].sum() == 4 and fixed[:, [1, 4]].all()
+    assert fixed[:, elig].tolist() == [[True, True, True], [True, False, False], [False, False, False]]
+    rnd = count_mask(4, 3, elig, 5, generator=torch.Generator().manual_seed(0))
+    assert rnd[:, elig].sum() == 4 and rnd[:, [1, 4]].all()
+    assert count_mask(0, 3, elig, 5, generator=None)[:, elig].sum() == 0
+    with pytest.raises(ValueError):
+        count_mask(10, 3, elig, 5, generator=None)
+
+
+def _cfg(**kw):
+    return EvaluateConfig(quality_speed=[0.2, 0.8], random_repeats=1, grid_rollouts=2, **kw)
+
+
+def test_evaluate_metrics_structure_and_values(setup):
+    teacher, keys, students, store_path, ctrl, _ = setup
+    art, store, quality = load_students(students), RolloutStore(store_path), QualityLoss(QualityConfig())
+    metrics, images, rollouts = evaluate(_cfg(), teacher, art, store, ctrl, keys, quality, show_progress=False)
+    assert metrics["teacher"]["max_abs_latent_diff_vs_store"] == 0.0  # router pass-through is the teacher
+    assert metrics["teacher"]["seconds_per_image"] > 0
+    assert {(p["mode"], p["quality_speed"]) for p in metrics["points"]} == {
+        (m, q) for m in ("stochastic", "threshold") for q in (0.2, 0.8)}
+    for p in metrics["points"]:
+        assert 0.0 <= p["full_ratio"] <= 1.0 and p["quality_loss"] >= 0 and p["seconds_per_image"] > 0
+        assert set(p["quality_terms"]) and len(p["per_rollout_quality_loss"]) == 2
+    ref, base = metrics["reference"], metrics["baselines"]
+    assert base["all_student"]["full_ratio"] == 0.0
+    assert base["random"]["full_ratio"] == pytest.approx(ref["full_ratio"])
+    assert base["fixed_schedule"]["full_ratio"] == pytest.approx(ref["full_ratio"])
+    for name, c in metrics["comparison"].items():
+        assert c["margin"] == pytest.approx(base[name]["quality_loss"] - ref["quality_loss"])
+        assert c["controller_beats"] == (c["margin"] > 0)
+    assert metrics["forced_full_layers"] == [keys[2]]
+    assert len(images["controller"]) == len(rollouts) == 2
+
+    # all-student value, recomputed directly: one rollout per eval prompt, mean quality loss
+    router = make_router(teacher, art.layers)
+    try:
+        losses = []
+        for ro in store.entries("eval"):
+            masks = torch.ones(2, 3, dtype=torch.bool)
+            masks[:, :2] = False
+            res = run_student_rollout(teacher, router, [ro.prompt], store.sampler_config(), masks, keys,
+                                      seeds=[ro.seed])
+            losses.append(float(quality(res.images, ro.image[None], student_latents=res.latents,
+                                        teacher_latents=ro.latents[None], prompts=[ro.prompt])[0]))
+    finally:
+        router.uninstall()
+    assert base["all_student"]["quality_loss"] == pytest.approx(sum(losses) / 2, rel=1e-6)
+    assert base["all_student"]["quality_loss"] > 0
+
+
+def test_full_attention_policy_scores_zero(setup):
+    teacher, keys, students, store_path, ctrl, _ = setup
+    full = TTRController(ControllerTrainConfig(), keys)
+    with torch.no_grad():
+        for p in full.parameters():
+            p.zero_()
+        last = [m for m in full.modules() if isinstance(m, torch.nn.Linear)][-1]
+        last.bias.fill_(50.0)  # sigmoid ~ 1: every layer full attention
+    store = RolloutStore(store_path)
+    assert (full(*controller_inputs(store).values()) > 40).all()
+    metrics, _, _ = evaluate(_cfg(modes=["threshold"]), teacher, load_students(students), store, full, keys,
+                             QualityLoss(QualityConfig()), show_progress=False)
+    for p in metrics["points"]:
+        assert p["full_ratio"] == 1.0 and p["quality_loss"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_run_stage_writes_metrics_plot_and_grid(setup, tmp_path, monkeypatch):
+    teacher, keys, students, store_path, _, ctrl_path = setup
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(teacher.folder, tmp_path / "teacher")
+    params = write_params(tmp_path / "params.yaml", {
+        "teacher": dict(out_dir="teacher", **TEACHER),
+        "evaluate": dict(students=str(students), controller=str(ctrl_path), rollouts=str(store_path),
+                         quality_speed=[0.5], modes=["threshold"], random_repeats=1),
+        "quality": {},
+    })
+    run_stage(params)
+    metrics = json.loads((tmp_path / "metrics" / "eval.json").read_text())
+    assert set(metrics["comparison"]) == {"all_student", "random", "fixed_schedule"}
+    plot = Image.open(tmp_path / "plots" / "evaluate" / "quality_vs_speed.png")
+    assert plot.size[0] > 100 and plot.size[1] > 100
+    grid = Image.open(tmp_path / "plots" / "evaluate" / "grid.png")
+    assert grid.size == (48 * 4, 14 + 32 * 2)  # teacher + 3 policies, 2 eval rollouts
+    arr = torch.tensor(np.array(grid.convert("RGB"))).float() / 255
+    ro = RolloutStore(store_path).entries("eval")[0]
+    torch.testing.assert_close(arr[14:46, :48].permute(2, 0, 1), ro.image, atol=1 / 255 + 1e-6, rtol=0)
+    assert (tmp_path / "plots" / "evaluate" / "quality_vs_speed.csv").read_text().startswith("policy,")

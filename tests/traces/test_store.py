@@ -1,0 +1,344 @@
+"""Trace store: round trips per storage dtype, reservoir budget and uniformity, atomicity, file count,
+and the errors for stores that are missing, foreign, incomplete or of a newer schema."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flux2ttr.traces.store import (
+    FORMAT,
+    SCHEMA_VERSION,
+    TraceStore,
+    TraceStoreError,
+    TraceTuple,
+    TraceWriter,
+    remove_stale_temps,
+)
+
+
+def make_tuple(gen: torch.Generator, *, h=2, n=24, nq=5, d=8, prompt=0, step=0, seed=0, scale=1.0) -> TraceTuple:
+    q = torch.randn(h, n, d, generator=gen) * scale
+    k = torch.randn(h, n, d, generator=gen) * scale
+    v = torch.randn(h, n, d, generator=gen) * scale
+    q_idx = torch.randperm(n, generator=gen)[:nq]
+    out = torch.softmax(q[:, q_idx] @ k.transpose(-1, -2) / math.sqrt(d), dim=-1) @ v
+    return TraceTuple(q_sub=q[:, q_idx], q_idx=q_idx, k=k, v=v, teacher_sub=out, sigma=0.1 * (step + 1),
+                      cfg=4.0, n_cond=8, h=4, w=4, prompt=prompt, step=step, seed=seed)
+
+
+def write_store(path: Path, tuples: list[tuple[str, TraceTuple]], *, dtype="float32", budget=1 << 30, seed=0,
+                **kw) -> TraceWriter:
+    with TraceWriter(path, attrs={"teacher": {"name": "unit"}, "capture": {"queries": 5}},
+                     budget_bytes=budget, storage_dtype=dtype, seed=seed, **kw) as w:
+        for layer, t in tuples:
+            w.offer(layer, t)
+    return w
+
+
+def read_all(store: TraceStore) -> dict[tuple[str, int, int, int], dict[str, torch.Tensor]]:
+    """Every stored tuple keyed by (layer, prompt, step, seed)."""
+    out = {}
+    for layer in store.layers:
+        for n, count in store.groups(layer):
+            batch = store.read(layer, n, list(range(count)))
+            for i in range(count):
+                row = {k: v[i] for k, v in batch.items()}
+                out[(layer, int(row["prompt"]), int(row["step"]), int(row["seed"]))] = row
+    return out
+
+
+def originals(tuples):
+    return {(layer, t.prompt, t.step, t.seed): t for layer, t in tuples}
+
+
+def test_float32_round_trip_is_exact(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    tuples = [("single_blocks.0", make_tuple(gen, prompt=p, step=s)) for p in range(3) for s in range(2)]
+    tuples += [("single_blocks.1", make_tuple(gen, n=40, prompt=p, step=0, seed=7)) for p in range(2)]
+    write_store(tmp_path / "s.zarr", tuples)
+    store = TraceStore.open(tmp_path / "s.zarr")
+    assert store.layers == ["single_blocks.0", "single_blocks.1"]
+    assert store.groups("single_blocks.0") == [(24, 6)]
+    assert store.groups("single_blocks.1") == [(40, 2)]
+    got, ref = read_all(store), originals(tuples)
+    assert got.keys() == ref.keys()
+    for key, t in ref.items():
+        row = got[key]
+        for name in ("q_sub", "k", "v", "teacher_sub"):
+            assert row[name].dtype == torch.float32
+            assert torch.equal(row[name], getattr(t, name).float()), name
+        assert torch.equal(row["q_idx"], t.q_idx.long())
+        assert row["sigma"].item() == pytest.approx(t.sigma, rel=1e-7)
+        assert (row["cfg"].item(), row["n_cond"].item(), row["h"].item(), row["w"].item()) == (4.0, 8, 4, 4)
+    assert store.attrs["format"] == FORMAT and store.attrs["schema"] == SCHEMA_VERSION
+    assert store.attrs["teacher"] == {"name": "unit"} and store.attrs["capture"] == {"queries": 5}
+    assert store.attrs["reservoir"]["offered"] == 8 and store.attrs["reservoir"]["kept"] == 8
+    assert store.attrs["reservoir"]["kept_per_layer"] == {"single_blocks.0": 6, "single_blocks.1": 2}
+
+
+def test_read_order_and_prompt_indices(tmp_path):
+    gen = torch.Generator().manual_seed(1)
+    tuples = [("single_blocks.2", make_tuple(gen, prompt=p, step=s)) for p in (3, 0, 2) for s in range(2)]
+    write_store(tmp_path / "s.zarr", tuples)
+    store = TraceStore.open(tmp_path / "s.zarr")
+    prompts = store.prompt_indices("single_blocks.2")[24]
+    assert sorted(prompts.tolist()) == [0, 0, 2, 2, 3, 3]
+    batch = store.read("single_blocks.2", 24, [4, 1, 4])
+    assert batch["prompt"].tolist() == [prompts[4], prompts[1], prompts[4]]
+    assert torch.equal(batch["k"][0], batch["k"][2])
+    assert batch["k"].shape == (3, 2, 24, 8) and batch["q_sub"].shape == (3, 2, 5, 8)
+    assert store.shapes("single_blocks.2", 24)["q_idx"] == (5,)
+    with pytest.raises(KeyError, match="no layer"):
+        store.groups("single_blocks.9")
+    with pytest.raises(IndexError):
+        store.read("single_blocks.2", 24, [6])
+
+
+def test_float16_round_trip_within_rounding(tmp_path):
+    gen = torch.Generator().manual_seed(2)
+    tuples = [("single_blocks.0", make_tuple(gen, prompt=p, scale=3.0)) for p in range(3)]
+    write_store(tmp_path / "s.zarr", tuples, dtype="float16")
+    store = TraceStore.open(tmp_path / "s.zarr")
+    assert store.attrs["storage_dtype"] == "float16"
+    for key, t in originals(tuples).items():
+        row = read_all(store)[key]
+        for name in ("q_sub", "k", "v", "teacher_sub"):
+            x = getattr(t, name).float()
+            # fp16 round-to-nearest: relative error <= 2**-11 for normal numbers
+            assert torch.all((row[name] - x).abs() <= x.abs() * 2.0**-11 + 2.0**-24), name
+            assert torch.equal(row[name], x.half().float())
+
+
+def test_float16_overflow_is_a_clear_error(tmp_path):
+    gen = torch.Generator().manual_seed(2)
+    t = make_tuple(gen)
+    t.v = t.v * 1e6
+    with pytest.raises(ValueError, match="bfloat16 or float32"):
+        write_store(tmp_path / "s.zarr", [("single_blocks.0", t)], dtype="float16")
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_bfloat16_bit_pattern_round_trip(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    t = make_tuple(gen, scale=100.0)
+    write_store(tmp_path / "s.zarr", [("single_blocks.0", t)], dtype="bfloat16")
+    store = TraceStore.open(tmp_path / "s.zarr")
+    assert store.attrs["storage_dtype"] == "bfloat16"
+    assert store.attrs["encoding"] == "bfloat16-bits-as-uint16"
+    raw = store._root["single_blocks.0/n24/k"]
+    assert raw.dtype == np.uint16
+    expected_bits = t.k.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(np.asarray(raw[0]), expected_bits)
+    row = store.read("single_blocks.0", 24, [0])
+    for name in ("q_sub", "k", "v", "teacher_sub"):
+        assert torch.equal(row[name][0], getattr(t, name).to(torch.bfloat16).float())
+
+
+def test_budget_never_exceeded_and_counts_recorded(tmp_path):
+    gen = torch.Generator().manual_seed(4)
+    probe = TraceWriter(tmp_path / "probe.zarr", attrs={}, budget_bytes=1, storage_dtype="float16", seed=0)
+    size = probe.tuple_nbytes(make_tuple(gen))
+    probe.abort()
+    budget = int(size * 7.5)
+    with TraceWriter(tmp_path / "s.zarr", attrs={}, budget_bytes=budget, storage_dtype="float16", seed=5) as w:
+        for i in range(60):
+            w.offer(f"single_blocks.{i % 3}", make_tuple(gen, prompt=i))
+            assert w.kept_bytes <= budget
+    store = TraceStore.open(tmp_path / "s.zarr")
+    res = store.attrs["reservoir"]
+    assert res["offered"] == 60 and res["kept"] == 7 == store.count()
+    assert res["kept_bytes"] == 7 * size <= budget
+    assert sum(res["offered_per_layer"].values()) == 60
+    assert sum(res["kept_per_layer"].values()) == 7
+    # the data on disk (compressed) is within the budget too, up to the small JSON metadata files
+    data_bytes = sum(f.stat().st_size for f in (tmp_path / "s.zarr").rglob("*") if f.is_file()
+                     and f.name != "zarr.json")
+    assert data_bytes <= budget
+
+
+def test_tuple_larger_than_budget_is_a_clear_error(tmp_path):
+    gen = torch.Generator().manual_seed(4)
+    with pytest.raises(ValueError, match="raise capture.budget_mib"):
+        write_store(tmp_path / "s.zarr", [("single_blocks.0", make_tuple(gen))], budget=100)
+
+
+def _reservoir_kept(offers: list[tuple[int, int]], budget: int, seed: int, tmp_path: Path) -> set[int]:
+    """Run the writer's reservoir over ``(id, n_tokens)`` offers of tiny tuples; ids that were kept."""
+    gen = torch.Generator().manual_seed(0)
+    templates = {n: make_tuple(gen, h=1, n=n, nq=1, d=1) for n in {n for _, n in offers}}
+    w = TraceWriter(tmp_path / "r.zarr", attrs={}, budget_bytes=budget, storage_dtype="float32", seed=seed)
+    try:
+        for i, n in offers:
+            t = templates[n]
+            t.prompt = i
+            w.offer("single_blocks.0", t)
+            assert w.kept_bytes <= budget
+        return {int(item.scalars[5]) for _, _, item in w._heap}
+    finally:
+        w.abort()
+
+
+def test_reservoir_selection_is_uniform_for_equal_sizes(tmp_path):
+    n_items, trials = 40, 300
+    gen = torch.Generator().manual_seed(0)
+    probe = TraceWriter(tmp_path / "p.zarr", attrs={}, budget_bytes=1, storage_dtype="float32", seed=0)
+    size = probe.tuple_nbytes(make_tuple(gen, h=1, n=8, nq=1, d=1))
+    probe.abort()
+    keep = 10
+    counts = np.zeros(n_items)
+    for trial in range(trials):
+        kept = _reservoir_kept([(i, 8) for i in range(n_items)], keep * size + size // 2, 1000 + trial, tmp_path)
+        assert len(kept) == keep  # exactly floor(budget / size)
+        counts[list(kept)] += 1
+    expected = trials * keep / n_items
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    # 39 degrees of freedom (times the finite-population factor < 1): P(chi2 > 72) < 1e-3
+    assert chi2 < 72.0, (chi2, counts)
+    # and first/last offered tuples are not favoured (order independence)
+    assert abs(counts[:20].mean() - counts[20:].mean()) < 0.15 * expected
+
+
+def test_reservoir_equals_prefix_rule_offline(tmp_path):
+    """The streaming result equals the prefix rule applied offline to the same priorities."""
+    sizes_n = [8, 16, 8, 32, 8, 16, 8, 8, 32, 16] * 4
+    gen = torch.Generator().manual_seed(0)
+    probe = TraceWriter(tmp_path / "p.zarr", attrs={}, budget_bytes=1, storage_dtype="float32", seed=0)
+    nbytes = {n: probe.tuple_nbytes(make_tuple(gen, h=1, n=n, nq=1, d=1)) for n in set(sizes_n)}
+    probe.abort()
+    budget = 9 * nbytes[16]
+    for seed in range(5):
+        kept = _reservoir_kept(list(enumerate(sizes_n)), budget, seed, tmp_path)
+        pri = np.random.default_rng(seed).random(len(sizes_n))
+        total, expect = 0, set()
+        for i in np.argsort(pri):
+            if total + nbytes[sizes_n[i]] > budget:
+                break
+            total += nbytes[sizes_n[i]]
+            expect.add(int(i))
+        assert kept == expect
+
+
+def test_reservoir_bias_with_mixed_sizes_is_bounded(tmp_path):
+    """Large and small tuples: inclusion rates agree within the documented s_max/budget bias (plus noise)."""
+    gen = torch.Generator().manual_seed(0)
+    probe = TraceWriter(tmp_path / "p.zarr", attrs={}, budget_bytes=1, storage_dtype="float32", seed=0)
+    small = probe.tuple_nbytes(make_tuple(gen, h=1, n=8, nq=1, d=1))
+    large = probe.tuple_nbytes(make_tuple(gen, h=1, n=32, nq=1, d=1))
+    probe.abort()
+    offers = [(i, 32 if i % 4 == 0 else 8) for i in range(60)]
+    total = sum(large if n == 32 else small for _, n in offers)
+    budget = total // 3
+    trials = 200
+    hits = {8: 0, 32: 0}
+    for trial in range(trials):
+        for i in _reservoir_kept(offers, budget, 5000 + trial, tmp_path):
+            hits[offers[i][1]] += 1
+    rate_small = hits[8] / (45 * trials)
+    rate_large = hits[32] / (15 * trials)
+    p = budget / total
+    assert rate_small == pytest.approx(p, abs=0.04)
+    assert rate_large <= rate_small
+    assert rate_small - rate_large <= p * large / budget + 0.05
+
+
+def test_exception_leaves_nothing_and_rerun_works(tmp_path):
+    gen = torch.Generator().manual_seed(6)
+    target = tmp_path / "s.zarr"
+    with pytest.raises(RuntimeError, match="boom"):
+        with TraceWriter(target, attrs={}, budget_bytes=1 << 30, storage_dtype="float16", seed=0) as w:
+            w.offer("single_blocks.0", make_tuple(gen))
+            raise RuntimeError("boom")
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+    # a killed writer leaves a hidden partial folder: it is not a store, and the next writer cleans it up
+    w = TraceWriter(target, attrs={}, budget_bytes=1 << 30, storage_dtype="float16", seed=0)
+    w.offer("single_blocks.0", make_tuple(gen))
+    partial = w._tmp
+    with pytest.raises(TraceStoreError, match="incomplete"):
+        TraceStore.open(partial)
+    w2 = TraceWriter(target, attrs={}, budget_bytes=1 << 30, storage_dtype="float16", seed=0)
+    assert not partial.exists()  # removed as stale (same pid here stands in for a dead writer)
+    w2.offer("single_blocks.0", make_tuple(gen))
+    w2.close()
+    assert TraceStore.open(target).count() == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["s.zarr"]
+
+
+def test_close_replaces_an_older_store(tmp_path):
+    gen = torch.Generator().manual_seed(7)
+    target = tmp_path / "s.zarr"
+    write_store(target, [("single_blocks.0", make_tuple(gen, prompt=p)) for p in range(3)])
+    write_store(target, [("single_blocks.1", make_tuple(gen, prompt=9))])
+    store = TraceStore.open(target)
+    assert store.layers == ["single_blocks.1"] and store.count() == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["s.zarr"]
+
+
+def test_remove_stale_temps_spares_live_writers(tmp_path):
+    target = tmp_path / "s.zarr"
+    dead = tmp_path / ".s.zarr.tmp-999999999-abcd"  # no such pid
+    live = tmp_path / ".s.zarr.tmp-1-abcd"  # pid 1 is alive
+    other = tmp_path / ".other.zarr.tmp-999999999-abcd"
+    for p in (dead, live, other):
+        p.mkdir()
+    assert remove_stale_temps(target) == [dead]
+    assert live.exists() and other.exists()
+
+
+def test_file_count_stays_small(tmp_path):
+    gen = torch.Generator().manual_seed(8)
+    tuples = [(f"single_blocks.{i}", make_tuple(gen, n=n, prompt=p, step=s))
+              for i in range(3) for n in (24, 40) for p in range(10) for s in range(10)]
+    write_store(tmp_path / "s.zarr", tuples, dtype="float16", shard_bytes=16 * 2 * 40 * 8 * 2)
+    store = TraceStore.open(tmp_path / "s.zarr")
+    assert store.count() == 600
+    # per (layer, N) group: 6 array metadata + 1 group metadata + q_idx + scalars + 4 arrays x ceil(100/16) shards
+    groups = 3 * 2
+    assert store.file_count() <= 1 + 3 + groups * (7 + 2 + 4 * 7)
+    assert store.file_count() < 250  # vs. 600 tuples x 4 arrays = 2400 chunk files unsharded
+
+
+def test_missing_foreign_partial_and_newer_schema_errors(tmp_path):
+    with pytest.raises(TraceStoreError, match="no trace store here.*flux2ttr capture"):
+        TraceStore.open(tmp_path / "missing.zarr")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(TraceStoreError, match="not a zarr v3 store"):
+        TraceStore.open(tmp_path / "plain")
+    import zarr
+
+    zarr.open_group(str(tmp_path / "foreign.zarr"), mode="w").attrs.update({"format": "something-else"})
+    with pytest.raises(TraceStoreError, match=r"foreign\.zarr: not a flux2ttr trace store"):
+        TraceStore.open(tmp_path / "foreign.zarr")
+
+    gen = torch.Generator().manual_seed(9)
+    write_store(tmp_path / "new.zarr", [("single_blocks.0", make_tuple(gen))])
+    meta = tmp_path / "new.zarr" / "zarr.json"
+    head = json.loads(meta.read_text())
+    head["attributes"]["schema"] = SCHEMA_VERSION + 1
+    meta.write_text(json.dumps(head))
+    with pytest.raises(TraceStoreError, match=r"new\.zarr: trace store schema 2 is newer.*upgrade flux2ttr"):
+        TraceStore.open(tmp_path / "new.zarr")
+
+
+def test_writer_validates_inputs(tmp_path):
+    gen = torch.Generator().manual_seed(10)
+    with pytest.raises(ValueError, match="storage dtype"):
+        TraceWriter(tmp_path / "a.zarr", attrs={}, budget_bytes=10, storage_dtype="int8", seed=0)
+    with pytest.raises(ValueError, match="reserved"):
+        TraceWriter(tmp_path / "a.zarr", attrs={"schema": 5}, budget_bytes=10, storage_dtype="float16", seed=0)
+    with TraceWriter(tmp_path / "a.zarr", attrs={}, budget_bytes=1 << 20, storage_dtype="float16", seed=0) as w:
+        w.offer("single_blocks.0", make_tuple(gen, nq=5))
+        with pytest.raises(ValueError, match="differ from the first"):
+            w.offer("single_blocks.0", make_tuple(gen, nq=6))
+        bad = make_tuple(gen)
+        bad.q_idx = bad.q_idx[:2]
+        with pytest.raises(ValueError, match="do not match"):
+            w.offer("single_blocks.0", bad)
+        with pytest.raises(ValueError, match="not a layer key"):
+            w.offer("blocks.0", make_tuple(gen))
