@@ -76,6 +76,16 @@ def comfy_key(block_type: str, block_index: int) -> str:
     return f"{block_type}_blocks.{int(block_index)}"
 
 
+def block_layer_keys(block_type: str, count: int) -> list[str]:
+    """The layer keys of ``count`` blocks of ``block_type`` ("single" / "double"), by index."""
+    return [comfy_key(block_type, i) for i in range(int(count))]
+
+
+def model_layer_keys(num_double: int, num_single: int) -> list[str]:
+    """Every attention layer key of a FLUX.2 transformer in execution order (double blocks first)."""
+    return block_layer_keys("double", num_double) + block_layer_keys("single", num_single)
+
+
 def layer_sort_key(key: str) -> tuple[int, int]:
     """Execution order: double blocks first, then single blocks, by index."""
     m = _COMFY_KEY.match(key)

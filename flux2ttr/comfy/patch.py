@@ -37,7 +37,8 @@ from typing import Any, Callable
 
 import torch
 
-from flux2ttr.contract import comfy_key, layer_sort_key
+from flux2ttr.contract import comfy_key, layer_sort_key, model_layer_keys
+from flux2ttr.seeds import generator
 
 LOG = logging.getLogger("flux2ttr.comfy")
 
@@ -349,8 +350,7 @@ def model_shape(model: Any) -> ModelShape:
                                "single_blocks); load a FLUX.2 model with UNETLoader")
     num_heads = int(params.num_heads)
     head_dim = int(params.hidden_size) // num_heads
-    layers = tuple([f"double_blocks.{i}" for i in range(len(dm.double_blocks))]
-                   + [f"single_blocks.{i}" for i in range(len(dm.single_blocks))])
+    layers = tuple(model_layer_keys(len(dm.double_blocks), len(dm.single_blocks)))
     return ModelShape(num_heads=num_heads, head_dim=head_dim, layers=layers)
 
 
@@ -409,7 +409,7 @@ def load_students_for(model: Any, student_path: str | Path) -> tuple[Any, ModelS
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator of one step's stochastic mask: it depends on (seed, step) only, so a mask never
     depends on how many calls came before it."""
-    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) % (2**63))
+    return generator(seed, step)
 
 
 def controller_policy(controller_path: str | Path, student_path: str | Path, art: Any, shape: ModelShape,

@@ -53,6 +53,7 @@ from flux2ttr.config import load_section, to_dict
 from flux2ttr.contract import layer_sort_key
 from flux2ttr.distill.readiness import Readiness
 from flux2ttr.provenance import source_digest
+from flux2ttr.seeds import derive_seed
 from flux2ttr.students.artifacts import save_students
 from flux2ttr.students.hkr import HKRConfig, HKRLayer
 from flux2ttr.students.losses import KendallDistillLoss
@@ -239,7 +240,7 @@ class LayerState:
 
 def _build_layer(key: str, cfg: DistillConfig, hkr: HKRConfig, num_heads: int) -> LayerState:
     # Init depends only on (seed, layer key): the same student whatever the rank layout.
-    torch.manual_seed((int(cfg.seed) * 1_000_003 + layer_seed(key)) % (2**63 - 1))
+    torch.manual_seed(derive_seed(cfg.seed, layer_seed(key)))
     student = HKRLayer(hkr, num_heads=num_heads).to(cfg.device)
     loss = KendallDistillLoss.from_config(hkr).to(cfg.device)
     # the fusion scalars get their own lr (and no weight decay): at the network lr a logit moves ~0.1/100 updates

@@ -37,6 +37,7 @@ from flux2ttr.routing.controller import sample_mask, threshold_mask
 from flux2ttr.routing.rollouts import RolloutStore, TeacherRollout
 from flux2ttr.routing.student_rollout import make_router, run_student_rollout
 from flux2ttr.routing.training import controller_inputs, eligibility, full_mask, policy_logits, rollout_inputs
+from flux2ttr.seeds import generator
 from flux2ttr.students.artifacts import StudentArtifact
 
 MODES = ("stochastic", "threshold")
@@ -163,13 +164,6 @@ class Evaluator:
         return {"seconds_per_image": float(sum(secs) / len(secs)), "max_abs_latent_diff_vs_store": max_diff}
 
 
-def _gen(seed: int, *parts: int) -> torch.Generator:
-    s = int(seed)
-    for p in parts:
-        s = s * 1_000_003 + int(p)
-    return torch.Generator().manual_seed(s % (2**63))
-
-
 def evaluate(cfg: EvaluateConfig, teacher, art: StudentArtifact, store: RolloutStore, controller,
              layer_keys: list[str], quality, *, show_progress: bool = True
              ) -> tuple[dict[str, Any], dict[str, list[torch.Tensor]], list[TeacherRollout]]:
@@ -184,14 +178,14 @@ def evaluate(cfg: EvaluateConfig, teacher, art: StudentArtifact, store: RolloutS
         for j, (qs, mode) in enumerate(tqdm(jobs, desc="evaluate", disable=not show_progress)):
             res = ev.run(f"{mode}@{qs}", lambda i, ro, qs=qs, mode=mode, j=j: controller_masks(
                 controller, rollout_inputs(ev.inputs, controller, teacher, ro.prompt), ev.eligible_cols, L, mode,
-                qs, _gen(cfg.seed, j, i)))
+                qs, generator(cfg.seed, j, i)))
             res.update(mode=mode, quality_speed=float(qs),
                        speedup_vs_teacher=teacher_t["seconds_per_image"] / res["seconds_per_image"])
             points.append(res)
 
         ref_masks = [controller_masks(controller, rollout_inputs(ev.inputs, controller, teacher, ro.prompt),
                                       ev.eligible_cols, L, "threshold", cfg.reference_quality_speed,
-                                      _gen(cfg.seed, -1, i))
+                                      generator(cfg.seed, -1, i))
                      for i, ro in enumerate(ev.rollouts)]
         n_full = [int(m[:, ev.eligible_cols].sum()) for m in ref_masks]
         reference = ev.run("controller", lambda i, ro: ref_masks[i])
@@ -202,7 +196,7 @@ def evaluate(cfg: EvaluateConfig, teacher, art: StudentArtifact, store: RolloutS
                 n_full[i], S, ev.eligible_cols, L, generator=None)),
         }
         rand = [ev.run(f"random#{r}", lambda i, ro, r=r: count_mask(
-            n_full[i], S, ev.eligible_cols, L, generator=_gen(cfg.seed, 7919, r, i))) for r in range(cfg.random_repeats)]
+            n_full[i], S, ev.eligible_cols, L, generator=generator(cfg.seed, 7919, r, i))) for r in range(cfg.random_repeats)]
         baselines["random"] = {
             "quality_loss": float(sum(x["quality_loss"] for x in rand) / len(rand)),
             "quality_terms": _mean_dicts([x["quality_terms"] for x in rand]),

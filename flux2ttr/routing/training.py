@@ -60,6 +60,7 @@ from flux2ttr.routing.reward import (
 )
 from flux2ttr.routing.rollouts import RolloutStore, TeacherRollout
 from flux2ttr.routing.student_rollout import make_router, run_student_rollout, schedule
+from flux2ttr.seeds import generator
 from flux2ttr.students.artifacts import StudentArtifact, file_sha256
 
 CHECKPOINT_NAME = "controller_ckpt.safetensors"
@@ -121,7 +122,7 @@ def full_mask(sampled: torch.Tensor, eligible_cols: list[int], num_layers: int) 
 
 def iteration_generator(seed: int, iteration: int) -> torch.Generator:
     """The mask RNG of one iteration (a pure function of seed and iteration: resume is exact)."""
-    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(iteration))
+    return generator(seed, iteration)
 
 
 def controller_inputs(store: RolloutStore) -> dict[str, torch.Tensor]:

@@ -34,7 +34,7 @@ from torch import nn
 
 from flux2ttr.atomic import atomic_save_safetensors, atomic_write_text, file_sha256, replace_dir
 from flux2ttr.config import ConfigError, to_dict
-from flux2ttr.contract import FLUX2_COND_TOKENS, RunState
+from flux2ttr.contract import FLUX2_COND_TOKENS, RunState, block_layer_keys
 
 # FLUX.2 architecture constants (fixed by the model family and by ComfyUI's detection, not tunables).
 FLUX2_HEAD_DIM = 128
@@ -508,8 +508,8 @@ class Teacher:
         self.context_dim = int(cfg.joint_attention_dim)
         self.guidance_embeds = bool(cfg.guidance_embeds)
         self.cond_tokens = FLUX2_COND_TOKENS
-        self.single_layer_keys = [f"single_blocks.{i}" for i in range(int(cfg.num_single_layers))]
-        self.double_layer_keys = [f"double_blocks.{i}" for i in range(int(cfg.num_layers))]
+        self.single_layer_keys = block_layer_keys("single", cfg.num_single_layers)
+        self.double_layer_keys = block_layer_keys("double", cfg.num_layers)
 
     @property
     def layer_keys(self) -> list[str]:
