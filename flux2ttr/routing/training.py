@@ -82,7 +82,7 @@ class ControllerTrainConfig(ControllerConfig):
     records: str = "rollouts/controller_records.jsonl"  # per-iteration student rollout records (output)
     checkpoint_dir: str = "checkpoints/controller"  # resumable checkpoint + records so far
     iterations: int = 24  # policy updates (group_size student rollouts each)
-    group_size: int = 1  # masks sampled per iteration on one prompt/seed; > 1: leave-one-out group baseline
+    group_size: int = 4  # masks sampled per iteration on one prompt/seed; > 1: leave-one-out group baseline
     checkpoint_every: int = 8  # iterations between checkpoints (0 = only at the end)
     lr: float = 3.0e-3  # AdamW
     weight_decay: float = 0.0

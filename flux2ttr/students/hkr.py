@@ -45,7 +45,7 @@ class HKRConfig:
     denom_eps: float = 1e-6  # added to the Nadaraya–Watson denominator
     landmark_fraction: float = 0.1  # image landmarks as a fraction of image tokens
     landmark_min: int = 16  # at least this many image landmarks (capped by the image token count)
-    landmark_max: int = 0  # at most this many image landmarks; 0 = unlimited
+    landmark_max: int = 256  # at most this many image landmarks (bounds the softmax branch); 0 = unlimited
     alpha_max: float = 0.2  # fusion weight alpha lies in (0, alpha_max)
     alpha_logit_init: float = 0.0  # initial base logit (alpha = alpha_max / 2)
     alpha_logit_clamp: float = 15.0  # |logit| bound so alpha stays strictly inside (0, alpha_max) in fp32

@@ -40,6 +40,7 @@ def setup(tmp_path_factory):
 
 def _trainer(setup, tmp_path, **kw):
     teacher, _, students, store_path = setup
+    kw.setdefault("group_size", 1)  # one rollout per iteration (EMA baseline) unless a test asks for a group
     cfg = ControllerTrainConfig(checkpoint_dir=str(tmp_path / "ckpt"), **kw)
     return ControllerTrainer(cfg, teacher, load_students(students), RolloutStore(store_path),
                              QualityLoss(QualityConfig()), show_progress=False)
@@ -151,7 +152,8 @@ def test_run_stage_outputs(setup, tmp_path, monkeypatch):
     shutil.copytree(teacher.folder, tmp_path / "teacher")
     sections = {
         "teacher": dict(out_dir="teacher", **TEACHER),
-        "controller": dict(students=str(students), rollouts=str(store_path), iterations=3, checkpoint_every=2),
+        "controller": dict(students=str(students), rollouts=str(store_path), iterations=3, checkpoint_every=2,
+                           group_size=1),
         "quality": {},
         "comet": dict(offline=True, offline_directory="comet", log_every=5),
     }
