@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
-from flux2ttr.atomic import atomic_save_safetensors
+from flux2ttr.versioned_file import VersionedFile
 
 FORMAT = "flux2ttr.checkpoint"
 SCHEMA_VERSION = 1
@@ -28,34 +27,20 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt, or belongs to another training setup."""
 
 
+CHECKPOINT = VersionedFile(
+    what="checkpoint", metadata_key=METADATA_KEY, format=FORMAT, schema=SCHEMA_VERSION, error=CheckpointError,
+    not_found_fix="nothing to resume from", unreadable_fix="delete it to start over",
+)
+
+
 def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], header: dict[str, Any]) -> None:
     """Write ``tensors`` and ``header`` to ``path`` atomically (temporary file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {METADATA_KEY: json.dumps({"format": FORMAT, "schema": SCHEMA_VERSION, **header}, sort_keys=True)}
-    clean = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
-    atomic_save_safetensors(path, clean, meta)
+    CHECKPOINT.write(path, tensors, header)
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(tensors, header)`` of a checkpoint; :class:`CheckpointError` when it is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors has its own error types for truncated files
-        raise CheckpointError(f"{path}: unreadable checkpoint (truncated or corrupt?): {e}; delete it to start over") from None
-    if METADATA_KEY not in meta:
-        raise CheckpointError(f"{path}: not a flux2ttr checkpoint (no '{METADATA_KEY}' metadata)")
-    header = json.loads(meta[METADATA_KEY])
-    if header.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: wrong format {header.get('format')!r}, expected {FORMAT!r}")
-    if int(header.get("schema", -1)) > SCHEMA_VERSION:
-        raise CheckpointError(f"{path}: checkpoint schema {header.get('schema')} is newer than this flux2ttr "
-                              f"({SCHEMA_VERSION}); upgrade flux2ttr or delete the checkpoint")
+    header, tensors = CHECKPOINT.read(path)
     return tensors, header
 
 

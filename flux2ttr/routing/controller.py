@@ -22,7 +22,6 @@ identity, and whatever the trainer adds). Checkpoints (weights, AdamW state, rew
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +30,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 
-from flux2ttr.atomic import atomic_save_safetensors
 from flux2ttr.config import ConfigError
+from flux2ttr.versioned_file import VersionedFile
 
 FORMAT = "flux2ttr.controller"
 SCHEMA_VERSION = 1
@@ -209,14 +207,13 @@ def save_controller(path: str | Path, model: TTRController, *, student_sha256: s
     if order != model.layer_keys:
         raise ControllerArtifactError(f"save_controller: layer order {order} differs from the model's {model.layer_keys}")
     header = {
-        "format": FORMAT, "schema": SCHEMA_VERSION, "layer_order": order, "student_sha256": str(student_sha256),
+        "layer_order": order, "student_sha256": str(student_sha256),
         "model_config": dataclasses.asdict(model.cfg),
         "config": config if config is not None else (train_config or {}),
         "teacher": teacher or {}, "eligible": list(eligible) if eligible is not None else None,
         "metrics": metrics or {},
     }
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    atomic_save_safetensors(path, tensors, {METADATA_KEY: json.dumps(header, sort_keys=True)})
+    CONTROLLER_FILE.write(path, model.state_dict(), header)
 
 
 def read_controller_header(path: str | Path) -> dict[str, Any]:
@@ -224,30 +221,17 @@ def read_controller_header(path: str | Path) -> dict[str, Any]:
     return _open(Path(path))[1]
 
 
+CONTROLLER_FILE = VersionedFile(
+    what="controller artifact", metadata_key=METADATA_KEY, format=FORMAT, schema=SCHEMA_VERSION,
+    error=ControllerArtifactError,
+    not_found_fix="run `dvc repro train_controller` or point the path at flux2_ttr_controller.safetensors",
+    unreadable_fix="re-export or re-train it",
+    no_header_hint="is this the student artifact?",
+)
+
+
 def _open(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    if not path.is_file():
-        raise ControllerArtifactError(f"{path}: controller artifact not found (run `dvc repro train_controller` "
-                                      "or point the path at flux2_ttr_controller.safetensors)")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise ControllerArtifactError(f"{path}: unreadable controller artifact (truncated or corrupt?): {e}; "
-                                      "re-export or re-train it") from None
-    if METADATA_KEY not in meta:
-        raise ControllerArtifactError(f"{path}: not a flux2ttr controller (no '{METADATA_KEY}' header); "
-                                      "is this the student artifact?")
-    try:
-        header = json.loads(meta[METADATA_KEY])
-    except json.JSONDecodeError as e:
-        raise ControllerArtifactError(f"{path}: corrupt controller header: {e}") from None
-    if header.get("format") != FORMAT:
-        raise ControllerArtifactError(f"{path}: wrong format {header.get('format')!r}, expected {FORMAT!r}")
-    schema = header.get("schema")
-    if not isinstance(schema, int) or schema > SCHEMA_VERSION:
-        raise ControllerArtifactError(f"{path}: controller schema {schema} is newer than this flux2ttr supports "
-                                      f"({SCHEMA_VERSION}); upgrade flux2ttr")
+    header, tensors = CONTROLLER_FILE.read(path)
     return tensors, header
 
 

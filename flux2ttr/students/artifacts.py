@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
-from flux2ttr.atomic import atomic_save_safetensors, file_sha256  # noqa: F401 - file_sha256 is public here
+from flux2ttr.atomic import file_sha256  # noqa: F401 - file_sha256 is public here
 from flux2ttr.config import ConfigError, from_dict, to_dict
 from flux2ttr.contract import layer_sort_key
 from flux2ttr.students.hkr import HKRConfig, HKRLayer
+from flux2ttr.versioned_file import VersionedFile
 
 FORMAT = "flux2ttr.students"
 SCHEMA_VERSION = 1
@@ -48,6 +48,13 @@ LEGACY_ALPHA_PARAMS = ("alpha", "alpha_logit")
 
 class ArtifactError(ValueError):
     """A student (or controller) artifact is missing, corrupt or does not match what is expected."""
+
+
+STUDENT_FILE = VersionedFile(
+    what="student artifact", metadata_key=METADATA_KEY, format=FORMAT, schema=SCHEMA_VERSION, error=ArtifactError,
+    not_found_fix="run the distill stage or pass the right path",
+    unreadable_fix="rerun the distill stage to write it again",
+)
 
 
 @dataclass
@@ -68,7 +75,7 @@ class StudentArtifact:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], header: dict[str, Any], path: Path) -> None:
-    atomic_save_safetensors(path, tensors, {METADATA_KEY: json.dumps(header, sort_keys=True)})
+    STUDENT_FILE.write(path, tensors, header)
 
 
 def _json_clean(obj: Any, where: str) -> Any:
@@ -127,36 +134,11 @@ def save_students(
 
 def _read_raw(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Header dict and all tensors of a file; any read problem is an :class:`ArtifactError`."""
-    if not path.is_file():
-        raise ArtifactError(f"{path}: student artifact not found (run the distill stage or pass the right path)")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise ArtifactError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
-    if METADATA_KEY not in meta:
-        raise ArtifactError(f"{path}: no '{METADATA_KEY}' header in the safetensors metadata; not a flux2ttr artifact")
-    try:
-        header = json.loads(meta[METADATA_KEY])
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path}: header is not valid JSON: {e}") from None
-    if not isinstance(header, dict):
-        raise ArtifactError(f"{path}: header must be a JSON object")
-    return header, tensors
+    return STUDENT_FILE.read_raw(path)
 
 
 def _check_header(path: Path, header: dict[str, Any]) -> None:
-    fmt = header.get("format")
-    if fmt != FORMAT:
-        raise ArtifactError(f"{path}: wrong format {fmt!r}, expected {FORMAT!r} (is this a student artifact?)")
-    schema = header.get("schema")
-    if not isinstance(schema, int):
-        raise ArtifactError(f"{path}: header 'schema' must be an int, got {schema!r}")
-    if schema > SCHEMA_VERSION:
-        raise ArtifactError(
-            f"{path}: schema {schema} is newer than this flux2ttr supports ({SCHEMA_VERSION}); upgrade flux2ttr"
-        )
+    STUDENT_FILE.check(path, header)
     for k in ("feature_dim", "head_dim", "num_heads", "hkr", "layers"):
         if k not in header:
             raise ArtifactError(f"{path}: header lacks '{k}'")

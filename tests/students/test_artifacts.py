@@ -116,8 +116,8 @@ def err(path, match, **kw):
 def test_wrong_format(tmp_path):
     p = tmp_path / "a.safetensors"
     save(p)
-    rewrite(p, edit_header=lambda h: h.update(format="flux2ttr.routing.controller"))
-    err(p, "wrong format 'flux2ttr.routing.controller'")
+    rewrite(p, edit_header=lambda h: h.update(format="flux2ttr.controller"))
+    err(p, "wrong format 'flux2ttr.controller'")
 
 
 def test_no_header(tmp_path):
