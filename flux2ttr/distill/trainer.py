@@ -19,6 +19,9 @@ Outputs: the student artifact (readiness and metrics in its header), ``metrics/d
 plot tables (CSV, one column per layer) and checkpoints every ``checkpoint_every`` steps from which a
 rerun resumes exactly (weights, AdamW moments, loss optimiser, data-plan position, readiness).
 
+:class:`DistillTrainer` holds one run (resume, step, validate, gather, write); :func:`train` builds one
+and runs it.
+
 Under ``torchrun --nproc-per-node N`` (gloo on CPU, NCCL not needed: layers never share gradients) the
 layers are sharded round-robin across ranks; rank 0 gathers every layer and writes the outputs.
 """
@@ -61,6 +64,7 @@ from flux2ttr.traces.loader import (
     BatchPlanner,
     PrefetchLoader,
     Split,
+    StepBatch,
     TupleCache,
     layer_seed,
     read_batch,
@@ -545,7 +549,8 @@ class _Comet(GuardedComet):
 
 @dataclass
 class DistillResult:
-    """What :func:`train` returns (rank 0 has every layer; other ranks their own)."""
+    """What :func:`train` and :meth:`DistillTrainer.train` return. ``layer_metrics``, ``ready`` and
+    ``students`` cover every layer on every rank (gathered); only rank 0 writes the outputs."""
 
     layer_metrics: dict[str, dict[str, Any]]
     summary: dict[str, Any]
@@ -574,6 +579,318 @@ def _layer_report(st: LayerState, ready: bool) -> dict[str, Any]:
     return m
 
 
+@dataclass
+class GatheredRun:
+    """Every rank's part of a finished run, collected by :meth:`DistillTrainer.gather`.
+
+    ``students``: every layer's student on every rank (the rank's own layers are its live modules, the
+    others received copies); ``history``: the validation rows of all ranks, rank order; ``counts``: per rank
+    ``tuples_trained`` (this run), ``train_seconds`` (wall seconds inside :meth:`DistillTrainer.step`),
+    ``cache_hits`` and ``cache_misses`` (tuples served by the in-memory cache / read from zarr)."""
+
+    students: dict[str, HKRLayer]
+    history: list[dict[str, Any]]
+    counts: list[dict[str, Any]]
+
+
+class DistillTrainer:
+    """One distillation run: the store, this rank's layer states, the data plan and readiness.
+
+    Use as a context manager (it owns the torch.distributed process group when it created it)::
+
+        with DistillTrainer(cfg, hkr, expected_teacher=ident) as trainer:
+            trainer.try_resume()
+            result = trainer.train()
+
+    :meth:`train` runs the loop (steps, validations, checkpoints) and then :meth:`gather`,
+    :meth:`summary` and :meth:`write`; these and :meth:`step` / :meth:`validate` can also be driven
+    one by one. Under torchrun every rank must make the same calls: :meth:`validate` and :meth:`gather`
+    are collectives.
+    """
+
+    def __init__(self, cfg: DistillConfig, hkr: HKRConfig, *, expected_teacher: dict[str, Any] | None,
+                 params_path: Path | None = None) -> None:
+        """Open and check the store, split it by prompt and build this rank's layers (nothing is trained).
+
+        ``expected_teacher``: the identity the params name; the store must agree on every key of it
+        (``None`` skips that comparison). ``params_path``: where the ``comet`` section is read (rank 0).
+        Raises :class:`DistillError` on a store that cannot be trained from."""
+        self.t_start = time.perf_counter()
+        self.cfg, self.hkr, self.params_path = cfg, hkr, params_path
+        if cfg.torch_threads:
+            torch.set_num_threads(int(cfg.torch_threads))
+        try:
+            self.store = TraceStore.open(cfg.store)
+        except TraceStoreError as e:
+            raise DistillError(str(e)) from None
+        check_store(self.store, expected_teacher)
+        try:
+            self.split: Split = split_by_prompt(self.store, cfg.val_fraction, cfg.seed)
+        except ValueError as e:
+            raise DistillError(str(e)) from None
+        self.all_layers: list[str] = self.store.layers
+        no_train = [k for k in self.all_layers if not self.split.train.get(k)]
+        if no_train:
+            raise DistillError(f"{self.store.path}: layer(s) {no_train} have no training tuples after holding out "
+                               f"prompts {self.split.val_prompts}; capture more prompts or lower distill.val_fraction")
+        shapes = self.store.shapes(self.all_layers[0], self.store.groups(self.all_layers[0])[0][0])
+        self.num_heads, _, head_dim = shapes["q_sub"]
+        if head_dim != hkr.head_dim:
+            raise DistillError(f"{self.store.path}: stored head_dim {head_dim} != hkr.head_dim {hkr.head_dim} "
+                               "in params.yaml")
+
+        self.rank, self.world, self._we_init = _dist_setup()
+        try:
+            self._build()
+        except BaseException:
+            self.close()  # a failed setup must not leave the process group behind
+            raise
+
+    def _build(self) -> None:
+        cfg, rank, world = self.cfg, self.rank, self.world
+        self.layers: list[str] = self.all_layers[rank::world]  # this rank's layers (round-robin)
+        if not self.layers:
+            raise DistillError(f"torchrun world size {world} > {len(self.all_layers)} layers; use fewer processes")
+        # built in layer order: each one reseeds torch (derive_seed), so the RNG state after this is fixed
+        self.states: dict[str, LayerState] = {k: _build_layer(k, cfg, self.hkr, self.num_heads) for k in self.layers}
+        self.readiness = Readiness(self.layers, threshold=cfg.readiness_threshold,
+                                   hysteresis=cfg.readiness_hysteresis, min_updates=cfg.min_updates)
+        self.planner = BatchPlanner({k: self.split.train[k] for k in self.layers}, batch_size=cfg.batch_size,
+                                    min_layers=cfg.min_swap_layers, max_layers=cfg.max_swap_layers, seed=cfg.seed)
+        self.fingerprint = _fingerprint(cfg, self.hkr, self.store, self.layers, rank, world)
+        self.checkpoint = checkpoint_path(cfg, rank, world)
+        self.start = 0  # step this run began at (> 0 after a resume)
+        self.steps_done = 0  # steps trained so far, resumed ones included
+        self.plan_state: dict[str, Any] = self.planner.state_dict()  # plan position after steps_done
+        self.history: list[dict[str, Any]] = []  # one row per (validation, layer) of this rank
+        self.last_metrics: dict[str, dict[str, Any]] | None = None  # every layer's report at the last validation
+        self.last_val = -1  # step of that validation
+        self.t_train = 0.0  # seconds spent in step() this run
+        self.tuples_trained = 0  # tuples of finite updates this run
+        self.cache = TupleCache(cfg.cache_mib * 2**20) if cfg.cache_mib > 0 else None
+        # validation tuples: a seeded numpy choice read once (no torch RNG, so it may come before a resume)
+        self.val = {k: load_val_batches(self.store, self.split, k, cfg) for k in self.layers}
+        self.train_config = {"distill": to_dict(cfg), "store": str(cfg.store), "val_prompts": self.split.val_prompts,
+                             "train_prompts": len(self.split.train_prompts), "world_size": world}
+        self._comet: _Comet | None = None
+        self._trained = False
+
+    # --- lifetime -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Destroy the process group if this trainer created it (idempotent). No barrier: after an
+        error on one rank a barrier would hang the others."""
+        if self._we_init:
+            import torch.distributed as dist  # noqa: PLC0415
+
+            self._we_init = False
+            dist.destroy_process_group()
+
+    def __enter__(self) -> DistillTrainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def comet(self) -> _Comet:
+        """The Comet logger, opened on first use (rank 0 reads ``params_path``; other ranks log nothing)."""
+        if self._comet is None:
+            self._comet = _Comet(self.params_path if self.rank == 0 else None, self.train_config)
+        return self._comet
+
+    # --- checkpoint -----------------------------------------------------------------------------
+    def try_resume(self) -> bool:
+        """Continue from this rank's checkpoint when ``cfg.resume`` is set and it was made by this setup
+        (:func:`_fingerprint`) at a step <= ``cfg.steps``; restores weights, optimisers, counters,
+        readiness, history, the plan position and the torch RNG state. Another setup's checkpoint is
+        ignored with a message (it is overwritten later); a corrupt one raises :class:`CheckpointError`."""
+        if self.steps_done != self.start:
+            raise RuntimeError("DistillTrainer.try_resume() must come before the first step")
+        if not (self.cfg.resume and self.checkpoint.is_file()):
+            return False
+        _, head = load_checkpoint(self.checkpoint)
+        if head.get("fingerprint") != self.fingerprint or int(head.get("step", 0)) > self.cfg.steps:
+            if self.rank == 0:
+                print(f"distill: {self.checkpoint} is from another setup or a longer run; starting over",
+                      file=sys.stderr)
+            return False
+        self.start, plan_state, self.history = _load_ckpt(self.checkpoint, self.states, self.readiness)
+        self.planner.load_state_dict(plan_state)
+        self.steps_done, self.plan_state = self.start, self.planner.state_dict()
+        if self.rank == 0:
+            print(f"distill: resuming from step {self.start} ({self.checkpoint})", file=sys.stderr)
+        return True
+
+    def save_checkpoint(self) -> None:
+        """Write this rank's state at ``steps_done`` (torch RNG state included)."""
+        _save_ckpt(self.checkpoint, self.steps_done, self.states, self.plan_state, self.readiness, self.history,
+                   self.fingerprint)
+
+    # --- training -------------------------------------------------------------------------------
+    def step(self, step_batch: StepBatch) -> int:
+        """Train one prefetched step (one update per layer in it, in the planner's layer order);
+        returns the tuples trained (non-finite batches are skipped and count 0)."""
+        t0 = time.perf_counter()
+        n = 0
+        for key, batch in step_batch.batches.items():
+            if train_step(self.states[key], batch, self.cfg):
+                n += int(batch["q_sub"].shape[0])
+        self.t_train += time.perf_counter() - t0
+        self.tuples_trained += n
+        self.steps_done, self.plan_state = step_batch.step + 1, step_batch.plan_state
+        return n
+
+    def validate(self) -> dict[str, dict[str, Any]]:
+        """Validate this rank's layers at ``steps_done``: metrics, EMA, readiness and a history row per
+        layer; returns every rank's layer report (:func:`_layer_report`), merged (a collective)."""
+        cfg, step = self.cfg, self.steps_done
+        for key, st in self.states.items():
+            m = validation_metrics(st.student, self.val[key])
+            st.metrics = m
+            if "val_cos_dist" in m:
+                st.ema = m["val_cos_dist"] if st.ema is None else (
+                    cfg.ema_decay * st.ema + (1.0 - cfg.ema_decay) * m["val_cos_dist"])
+            self.readiness.update(key, m.get("val_cos_dist"), st.updates)
+            row = {"step": step, "layer": key,
+                   **{n: m[n] for n in ("val_cos_dist", "val_nmse", "val_p95_err") if n in m}}
+            if st.ema is not None:
+                row["val_cos_dist_ema"] = st.ema
+            self.history.append(row)
+        local = {k: _layer_report(st, self.readiness.ready[k]) for k, st in self.states.items()}
+        merged: dict[str, dict[str, Any]] = {}
+        for part in _all_gather_json(local, self.world):
+            merged.update(part)
+        if self.rank == 0:
+            self.comet.validation(step, merged)
+        self.last_metrics, self.last_val = merged, step
+        return merged
+
+    def final_metrics(self) -> dict[str, dict[str, Any]]:
+        """Every layer's report at ``steps_done``: the last validation's, validating first when none ran
+        at this step (a collective then)."""
+        if self.last_metrics is None or self.last_val != self.steps_done:
+            return self.validate()
+        return self.last_metrics
+
+    def ready(self) -> dict[str, bool]:
+        """Readiness of every layer at ``steps_done`` (store order)."""
+        merged = self.final_metrics()
+        return {k: bool(merged[k]["ready"]) for k in self.all_layers}
+
+    # --- outputs --------------------------------------------------------------------------------
+    def gather(self) -> GatheredRun:
+        """Collect every layer's student, the validation history and the run counters of all ranks
+        (a collective; flat parameter vectors are broadcast from each layer's owner, no pickle)."""
+        students: dict[str, HKRLayer] = {}
+        for i, key in enumerate(self.all_layers):
+            if self.world == 1:
+                students[key] = self.states[key].student
+                continue
+            import torch.distributed as dist  # noqa: PLC0415
+
+            owner = i % self.world
+            holder = (self.states[key].student if owner == self.rank
+                      else _build_layer(key, self.cfg, self.hkr, self.num_heads).student)
+            flat = torch.nn.utils.parameters_to_vector(holder.parameters()).detach().to("cpu").clone()
+            dist.broadcast(flat, src=owner)  # gloo: CPU tensors
+            torch.nn.utils.vector_to_parameters(flat.to(self.cfg.device), holder.parameters())
+            students[key] = holder
+        history = [r for part in _all_gather_json(self.history, self.world) for r in part]
+        counts = _all_gather_json({"tuples_trained": self.tuples_trained, "train_seconds": self.t_train,
+                                   "cache_hits": self.cache.hits if self.cache else 0,
+                                   "cache_misses": self.cache.misses if self.cache else 0}, self.world)
+        return GatheredRun(students=students, history=history, counts=counts)
+
+    def summary(self, gathered: GatheredRun) -> dict[str, Any]:
+        """The ``summary`` block of ``metrics/distill.json``: readiness, cosine-distance quantiles, the
+        Pareto frontier, step counts, tuples and seconds of this run (slowest rank), reader cache counts,
+        ``stage_seconds`` since the trainer was created and the split sizes."""
+        cfg, merged = self.cfg, self.final_metrics()
+        ready = self.ready()
+        dists = [m["val_cos_dist"] for m in merged.values() if "val_cos_dist" in m]
+        sims = [m["val_cos_sim"] for m in merged.values() if "val_cos_sim" in m]
+        counts = gathered.counts
+        total_tuples = sum(c["tuples_trained"] for c in counts)
+        train_seconds = max(c["train_seconds"] for c in counts)
+        return {
+            "layers": len(self.all_layers),
+            "ready_layers": sum(ready.values()),
+            "readiness_threshold": cfg.readiness_threshold,
+            "val_cos_sim_mean": float(np.mean(sims)) if sims else None,
+            "val_cos_dist": quantiles(dists),
+            "pareto_frontier": pareto_frontier(merged),
+            "steps": self.steps_done,
+            "resumed_from": self.start,
+            "skipped_nonfinite": int(sum(m.get("skipped_nonfinite", 0) for m in merged.values())),
+            "tuples_trained_this_run": int(total_tuples),
+            "train_seconds_this_run": round(train_seconds, 3),
+            "tuples_per_s_trained": round(total_tuples / train_seconds, 3) if train_seconds > 0 else None,
+            "reader_cache_hits": int(sum(c["cache_hits"] for c in counts)),  # tuples served from memory
+            "reader_cache_misses": int(sum(c["cache_misses"] for c in counts)),  # tuples read from zarr
+            "stage_seconds": round(time.perf_counter() - self.t_start, 3),
+            "val_prompts": len(self.split.val_prompts),
+            "train_prompts": len(self.split.train_prompts),
+            "world_size": self.world,
+        }
+
+    def write(self, gathered: GatheredRun, summary: dict[str, Any]) -> None:
+        """Rank 0: the student artifact, the metrics JSON, the plot tables, the Comet artifact and the
+        summary lines on stdout. Other ranks write nothing."""
+        if self.rank != 0:
+            return
+        cfg, merged = self.cfg, self.final_metrics()
+        metrics_ser = {k: merged[k] for k in self.all_layers}
+        save_students(cfg.artifact, gathered.students, self.hkr, num_heads=self.num_heads, ready=self.ready(),
+                      metrics=metrics_ser, train_config=self.train_config, teacher=self.store.attrs["teacher"])
+        atomic_write_text(Path(cfg.metrics), json.dumps({"summary": summary, "layers": metrics_ser}, indent=2,
+                                                   sort_keys=True) + "\n")
+        write_plots(Path(cfg.plots_dir), gathered.history, self.all_layers)
+        self.comet.artifact(Path(cfg.artifact))
+        self.comet.end()
+        for line in summary_lines(merged, cfg.readiness_threshold):
+            print(line)
+
+    def train(self, stop_after: int | None = None) -> DistillResult:
+        """Train to ``cfg.steps`` (validating every ``val_every`` and checkpointing every
+        ``checkpoint_every`` steps), validate at the end if that step was not validated, checkpoint,
+        gather and write the outputs. ``stop_after`` ends this run after that many steps *of this run*
+        (the checkpoint stays resumable, outputs are still written). Runs once per trainer."""
+        if self._trained:
+            raise RuntimeError("DistillTrainer.train() runs once per trainer; build a new one to continue")
+        self._trained = True
+        cfg = self.cfg
+        stop = cfg.steps if stop_after is None else min(cfg.steps, self.start + int(stop_after))
+        _ = self.comet  # opened before the bar, so its messages come first
+        bar = None
+        if cfg.progress and self.rank == 0:
+            from tqdm import tqdm  # noqa: PLC0415
+
+            # under DVC stderr is a log file: update it every few seconds, not on every step
+            bar = tqdm(total=cfg.steps, initial=self.start, desc="distill", unit="step", dynamic_ncols=True,
+                       mininterval=0.1 if sys.stderr.isatty() else 5.0)
+        with PrefetchLoader(self.store, self.planner, stop_step=stop, prefetch_steps=cfg.prefetch_steps,
+                            reader_threads=cfg.reader_threads, cache=self.cache) as loader:
+            for sb in loader:
+                self.step(sb)
+                if self.steps_done % cfg.val_every == 0:
+                    self.validate()
+                if self.steps_done % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if bar is not None:
+                    bar.update(1)
+                    loss = np.mean([s.last_parts.get("total", np.nan) for s in self.states.values()])
+                    bar.set_postfix(ready=sum(self.readiness.ready.values()), loss=f"{loss:.3f}")
+        if bar is not None:
+            bar.close()
+        merged = self.final_metrics()
+        self.save_checkpoint()
+        gathered = self.gather()
+        summary = self.summary(gathered)
+        self.write(gathered, summary)
+        return DistillResult(layer_metrics=merged, summary=summary, students=gathered.students, ready=self.ready(),
+                             steps_run=self.steps_done - self.start, resumed_from=self.start)
+
+
 def train(
     cfg: DistillConfig,
     hkr: HKRConfig,
@@ -582,180 +899,12 @@ def train(
     params_path: Path | None = None,
     stop_after: int | None = None,
 ) -> DistillResult:
-    """Run the distillation described by ``cfg`` and write its outputs (rank 0).
+    """Run the distillation described by ``cfg`` (resuming when it can) and write its outputs (rank 0).
 
     ``expected_teacher``: the identity the params name; the store must agree on every key of it
     (``None`` skips that comparison). ``stop_after`` ends this run after that many steps *of this
     run* (the checkpoint stays resumable, outputs are still written): for tests and time-boxed runs.
     """
-    t_start = time.perf_counter()
-    if cfg.torch_threads:
-        torch.set_num_threads(int(cfg.torch_threads))
-    try:
-        store = TraceStore.open(cfg.store)
-    except TraceStoreError as e:
-        raise DistillError(str(e)) from None
-    check_store(store, expected_teacher)
-    try:
-        split = split_by_prompt(store, cfg.val_fraction, cfg.seed)
-    except ValueError as e:
-        raise DistillError(str(e)) from None
-    all_layers = store.layers
-    no_train = [k for k in all_layers if not split.train.get(k)]
-    if no_train:
-        raise DistillError(f"{store.path}: layer(s) {no_train} have no training tuples after holding out prompts "
-                           f"{split.val_prompts}; capture more prompts or lower distill.val_fraction")
-    shapes = store.shapes(all_layers[0], store.groups(all_layers[0])[0][0])
-    num_heads, _, head_dim = shapes["q_sub"]
-    if head_dim != hkr.head_dim:
-        raise DistillError(f"{store.path}: stored head_dim {head_dim} != hkr.head_dim {hkr.head_dim} in params.yaml")
-
-    rank, world, we_init = _dist_setup()
-    try:
-        mine = all_layers[rank::world]
-        if not mine:
-            raise DistillError(f"torchrun world size {world} > {len(all_layers)} layers; use fewer processes")
-        states = {k: _build_layer(k, cfg, hkr, num_heads) for k in mine}
-        readiness = Readiness(mine, threshold=cfg.readiness_threshold, hysteresis=cfg.readiness_hysteresis,
-                              min_updates=cfg.min_updates)
-        planner = BatchPlanner({k: split.train[k] for k in mine}, batch_size=cfg.batch_size,
-                               min_layers=cfg.min_swap_layers, max_layers=cfg.max_swap_layers, seed=cfg.seed)
-        fp = _fingerprint(cfg, hkr, store, mine, rank, world)
-        ckpt = checkpoint_path(cfg, rank, world)
-        start, history = 0, []
-        if cfg.resume and ckpt.is_file():
-            _, head = load_checkpoint(ckpt)
-            if head.get("fingerprint") != fp or int(head.get("step", 0)) > cfg.steps:
-                if rank == 0:
-                    print(f"distill: {ckpt} is from another setup or a longer run; starting over", file=sys.stderr)
-            else:
-                start, plan_state, history = _load_ckpt(ckpt, states, readiness)
-                planner.load_state_dict(plan_state)
-                if rank == 0:
-                    print(f"distill: resuming from step {start} ({ckpt})", file=sys.stderr)
-        val = {k: load_val_batches(store, split, k, cfg) for k in mine}
-        train_config = {"distill": to_dict(cfg), "store": str(cfg.store), "val_prompts": split.val_prompts,
-                        "train_prompts": len(split.train_prompts), "world_size": world}
-        comet = _Comet(params_path if rank == 0 else None, train_config)
-
-        def validate(step: int) -> dict[str, dict[str, Any]]:
-            for key, st in states.items():
-                m = validation_metrics(st.student, val[key])
-                st.metrics = m
-                if "val_cos_dist" in m:
-                    st.ema = m["val_cos_dist"] if st.ema is None else (
-                        cfg.ema_decay * st.ema + (1.0 - cfg.ema_decay) * m["val_cos_dist"])
-                readiness.update(key, m.get("val_cos_dist"), st.updates)
-                row = {"step": step, "layer": key, **{n: m[n] for n in ("val_cos_dist", "val_nmse", "val_p95_err")
-                                                       if n in m}}
-                if st.ema is not None:
-                    row["val_cos_dist_ema"] = st.ema
-                history.append(row)
-            local = {k: _layer_report(st, readiness.ready[k]) for k, st in states.items()}
-            merged: dict[str, dict[str, Any]] = {}
-            for part in _all_gather_json(local, world):
-                merged.update(part)
-            if rank == 0:
-                comet.validation(step, merged)
-            return merged
-
-        stop = cfg.steps if stop_after is None else min(cfg.steps, start + int(stop_after))
-        bar = None
-        if cfg.progress and rank == 0:
-            from tqdm import tqdm  # noqa: PLC0415
-
-            # under DVC stderr is a log file: update it every few seconds, not on every step
-            bar = tqdm(total=cfg.steps, initial=start, desc="distill", unit="step", dynamic_ncols=True,
-                       mininterval=0.1 if sys.stderr.isatty() else 5.0)
-        step = start
-        plan_state = planner.state_dict()
-        t_train = 0.0
-        tuples_trained = 0
-        merged: dict[str, dict[str, Any]] | None = None
-        last_val = -1
-        cache = TupleCache(cfg.cache_mib * 2**20) if cfg.cache_mib > 0 else None
-        with PrefetchLoader(store, planner, stop_step=stop, prefetch_steps=cfg.prefetch_steps,
-                            reader_threads=cfg.reader_threads, cache=cache) as loader:
-            for sb in loader:
-                t0 = time.perf_counter()
-                for key, batch in sb.batches.items():
-                    if train_step(states[key], batch, cfg):
-                        tuples_trained += int(batch["q_sub"].shape[0])
-                t_train += time.perf_counter() - t0
-                step, plan_state = sb.step + 1, sb.plan_state
-                if step % cfg.val_every == 0:
-                    merged = validate(step)
-                    last_val = step
-                if step % cfg.checkpoint_every == 0:
-                    _save_ckpt(ckpt, step, states, plan_state, readiness, history, fp)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(ready=sum(readiness.ready.values()), loss=f"{np.mean([s.last_parts.get('total', np.nan) for s in states.values()]):.3f}")  # noqa: E501
-        if bar is not None:
-            bar.close()
-        if last_val != step:
-            merged = validate(step)
-        _save_ckpt(ckpt, step, states, plan_state, readiness, history, fp)
-
-        # gather every layer on rank 0 (broadcast flat parameter vectors: no pickle)
-        students: dict[str, HKRLayer] = {}
-        for i, key in enumerate(all_layers):
-            owner = i % world
-            if world == 1:
-                students[key] = states[key].student
-                continue
-            import torch.distributed as dist  # noqa: PLC0415
-
-            holder = states[key].student if owner == rank else _build_layer(key, cfg, hkr, num_heads).student
-            flat = torch.nn.utils.parameters_to_vector(holder.parameters()).detach().to("cpu").clone()
-            dist.broadcast(flat, src=owner)  # gloo: CPU tensors
-            torch.nn.utils.vector_to_parameters(flat.to(cfg.device), holder.parameters())
-            students[key] = holder
-        all_history = [r for part in _all_gather_json(history, world) for r in part]
-        counts = _all_gather_json({"tuples_trained": tuples_trained, "train_seconds": t_train,
-                                   "cache_hits": cache.hits if cache else 0,
-                                   "cache_misses": cache.misses if cache else 0}, world)
-        assert merged is not None
-        ready = {k: bool(merged[k]["ready"]) for k in all_layers}
-        dists = [m["val_cos_dist"] for m in merged.values() if "val_cos_dist" in m]
-        sims = [m["val_cos_sim"] for m in merged.values() if "val_cos_sim" in m]
-        total_tuples = sum(c["tuples_trained"] for c in counts)
-        train_seconds = max(c["train_seconds"] for c in counts)
-        summary = {
-            "layers": len(all_layers),
-            "ready_layers": sum(ready.values()),
-            "readiness_threshold": cfg.readiness_threshold,
-            "val_cos_sim_mean": float(np.mean(sims)) if sims else None,
-            "val_cos_dist": quantiles(dists),
-            "pareto_frontier": pareto_frontier(merged),
-            "steps": step,
-            "resumed_from": start,
-            "skipped_nonfinite": int(sum(m.get("skipped_nonfinite", 0) for m in merged.values())),
-            "tuples_trained_this_run": int(total_tuples),
-            "train_seconds_this_run": round(train_seconds, 3),
-            "tuples_per_s_trained": round(total_tuples / train_seconds, 3) if train_seconds > 0 else None,
-            "reader_cache_hits": int(sum(c["cache_hits"] for c in counts)),  # tuples served from memory
-            "reader_cache_misses": int(sum(c["cache_misses"] for c in counts)),  # tuples read from zarr
-            "stage_seconds": round(time.perf_counter() - t_start, 3),
-            "val_prompts": len(split.val_prompts),
-            "train_prompts": len(split.train_prompts),
-            "world_size": world,
-        }
-        if rank == 0:
-            metrics_ser = {k: merged[k] for k in all_layers}
-            save_students(cfg.artifact, students, hkr, num_heads=num_heads, ready=ready, metrics=metrics_ser,
-                          train_config=train_config, teacher=store.attrs["teacher"])
-            atomic_write_text(Path(cfg.metrics), json.dumps({"summary": summary, "layers": metrics_ser}, indent=2,
-                                                       sort_keys=True) + "\n")
-            write_plots(Path(cfg.plots_dir), all_history, all_layers)
-            comet.artifact(Path(cfg.artifact))
-            comet.end()
-            for line in summary_lines(merged, cfg.readiness_threshold):
-                print(line)
-        return DistillResult(layer_metrics=merged, summary=summary, students=students, ready=ready,
-                             steps_run=step - start, resumed_from=start)
-    finally:
-        if we_init:  # no barrier here: after an error on one rank a barrier would hang the others
-            import torch.distributed as dist  # noqa: PLC0415
-
-            dist.destroy_process_group()
+    with DistillTrainer(cfg, hkr, expected_teacher=expected_teacher, params_path=params_path) as trainer:
+        trainer.try_resume()
+        return trainer.train(stop_after=stop_after)

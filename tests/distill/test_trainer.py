@@ -1,6 +1,7 @@
 """Distill stage on tiny synthetic stores (teacher_sub = exact softmax attention): outputs, exact resume,
 readiness hysteresis across a resume, the prompt-level validation split, bad stores, NaN batches, the
-validation metrics against an fp64 reference, and the torchrun (gloo, 2 processes) path."""
+validation metrics against an fp64 reference, the DistillTrainer object driven step by step, and the
+torchrun (gloo, 2 processes) path."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from safetensors import safe_open
 from flux2ttr.distill.trainer import (
     DistillConfig,
     DistillError,
+    DistillTrainer,
     _build_layer,
     load_val_batches,
     pareto_frontier,
@@ -33,7 +35,7 @@ from flux2ttr.distill.trainer import (
 )
 from flux2ttr.students.artifacts import load_students
 from flux2ttr.students.hkr import HKRConfig, HKRLayer
-from flux2ttr.traces.loader import BatchPlanner, split_by_prompt
+from flux2ttr.traces.loader import BatchPlanner, PrefetchLoader, split_by_prompt
 from flux2ttr.traces.store import TraceStore, TraceWriter
 from helpers.traces import TEACHER, make_store, make_tuple
 from stages.distill import run_stage
@@ -318,6 +320,100 @@ def test_run_stage_checks_the_params_teacher(tmp_path, monkeypatch):
     teacher_file.unlink()
     with pytest.raises(DistillError, match="tiny teacher not found"):
         run_stage(Path("params.yaml"))
+
+
+# ------------------------------------------------------------------------------------------ DistillTrainer
+
+
+def student_tensors(students: dict[str, HKRLayer]) -> dict[str, torch.Tensor]:
+    return {f"{key}.{n}": t.detach().clone() for key, s in students.items() for n, t in s.state_dict().items()}
+
+
+def test_trainer_validate_before_any_step(tmp_path, store):
+    cfg = config(tmp_path, store, min_updates=0, readiness_threshold=10.0)
+    with DistillTrainer(cfg, HKR, expected_teacher=TEACHER) as trainer:
+        assert trainer.try_resume() is False  # no checkpoint yet
+        assert trainer.layers == list(LAYERS) and trainer.steps_done == 0
+        merged = trainer.validate()
+        assert trainer.final_metrics() is merged  # validated at this step: not validated again
+        s = TraceStore.open(store)
+        split = split_by_prompt(s, cfg.val_fraction, cfg.seed)
+        for key in LAYERS:
+            # the untrained student is the seeded init: its metrics equal a freshly built layer's
+            ref = validation_metrics(_build_layer(key, cfg, HKR, num_heads=2).student,
+                                     load_val_batches(s, split, key, cfg))
+            m = merged[key]
+            assert m["val_cos_dist"] == ref["val_cos_dist"] and m["val_nmse"] == ref["val_nmse"]
+            assert m["val_cos_dist_ema"] == ref["val_cos_dist"]  # first validation: ema = value
+            assert m["updates"] == 0 and m["tuples_trained"] == 0 and "train_loss" not in m
+            assert m["ready"]  # min_updates 0 and a threshold above any distance
+        assert [(r["step"], r["layer"]) for r in trainer.history] == [(0, k) for k in LAYERS]
+        with pytest.raises(RuntimeError, match="before the first step"):
+            with PrefetchLoader(trainer.store, trainer.planner, stop_step=1) as loader:
+                for sb in loader:
+                    trainer.step(sb)
+            trainer.try_resume()
+
+
+def test_trainer_steps_by_hand_match_train(tmp_path, store):
+    n = 5
+    ref = train(config(tmp_path / "ref", store, steps=n, val_every=100, checkpoint_every=100), HKR,
+                expected_teacher=TEACHER)
+    cfg = config(tmp_path / "hand", store, steps=n, val_every=100, checkpoint_every=100)
+    with DistillTrainer(cfg, HKR, expected_teacher=TEACHER) as trainer:
+        trained = 0
+        with PrefetchLoader(trainer.store, trainer.planner, stop_step=n) as loader:
+            for sb in loader:
+                trained += trainer.step(sb)
+        assert trainer.steps_done == n and trainer.tuples_trained == trained > 0
+        assert trainer.history == []  # no validation ran: final_metrics validates now
+        merged = trainer.final_metrics()
+        assert [r["step"] for r in trainer.history] == [n] * len(LAYERS)
+        mine = student_tensors({k: st.student for k, st in trainer.states.items()})
+    want = student_tensors(ref.students)
+    assert mine.keys() == want.keys()
+    for k in want:
+        assert torch.equal(mine[k], want[k]), k
+    for key in LAYERS:
+        assert merged[key]["val_cos_dist"] == ref.layer_metrics[key]["val_cos_dist"]
+        assert merged[key]["updates"] == ref.layer_metrics[key]["updates"]
+    assert trained == ref.summary["tuples_trained_this_run"]
+
+
+def test_trainer_resume_summary_and_single_use(tmp_path, store):
+    n = 6
+    full = train(config(tmp_path / "full", store, steps=2 * n, checkpoint_every=n), HKR, expected_teacher=TEACHER)
+    cfg = config(tmp_path / "part", store, steps=2 * n, checkpoint_every=n)
+    with DistillTrainer(cfg, HKR, expected_teacher=TEACHER) as first:
+        r1 = first.train(stop_after=n)  # checkpoint at step n, then interrupted
+        with pytest.raises(RuntimeError, match="once per trainer"):
+            first.train()
+    assert r1.steps_run == n and r1.summary["steps"] == n
+    with DistillTrainer(cfg, HKR, expected_teacher=TEACHER) as second:
+        assert second.try_resume() is True
+        assert second.start == second.steps_done == n
+        # history and per-layer counters come back from the checkpoint
+        assert [r["step"] for r in second.history] == [n] * len(LAYERS)
+        assert {k: st.updates for k, st in second.states.items()} == {k: r1.layer_metrics[k]["updates"] for k in LAYERS}
+        res = second.train()
+    s = res.summary
+    assert (s["steps"], s["resumed_from"], res.steps_run, s["world_size"], s["layers"]) == (2 * n, n, n, 1, 3)
+    split = split_by_prompt(TraceStore.open(store), cfg.val_fraction, cfg.seed)
+    assert (s["val_prompts"], s["train_prompts"]) == (len(split.val_prompts), len(split.train_prompts))
+    # this run's tuples: the counters' growth since the checkpoint; every one came through the reader cache
+    grown = sum(res.layer_metrics[k]["tuples_trained"] - r1.layer_metrics[k]["tuples_trained"] for k in LAYERS)
+    assert s["tuples_trained_this_run"] == grown > 0
+    assert s["reader_cache_hits"] + s["reader_cache_misses"] == grown
+    assert s["ready_layers"] == sum(res.ready.values())
+    # interrupted + resumed == uninterrupted, to the bit, in weights and metrics
+    a, b = student_tensors(full.students), student_tensors(res.students)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert res.layer_metrics == full.layer_metrics
+    wall = {"stage_seconds", "train_seconds_this_run", "tuples_per_s_trained"}
+    same = {"layers", "ready_layers", "val_cos_sim_mean", "val_cos_dist", "pareto_frontier", "steps",
+            "skipped_nonfinite", "val_prompts", "train_prompts", "world_size", "readiness_threshold"}
+    assert same | wall | {"resumed_from", "tuples_trained_this_run", "reader_cache_hits", "reader_cache_misses"} == set(s)
+    assert {k: s[k] for k in same} == {k: full.summary[k] for k in same}
 
 
 WORKER = textwrap.dedent("""
