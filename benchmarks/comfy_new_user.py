@@ -46,7 +46,8 @@ def main() -> None:
     shutil.copytree(src, comfy_dir, symlinks=True)
     print(f"ComfyUI copy: {comfy_dir} (from {src})")
     install = subprocess.run([sys.executable, "-m", "flux2ttr.cli", "comfy-install", str(comfy_dir),
-                              "--artifacts", str(root / "artifacts")], capture_output=True, text=True, check=True)
+                              "--artifacts", str(root / "artifacts"), "--no-pip"],  # this process already has flux2ttr
+                             capture_output=True, text=True, check=True)
     print(install.stdout.strip())
 
     os.environ["COMFYUI_PATH"] = str(comfy_dir)

@@ -2,15 +2,33 @@
 
 Each stage command calls ``run_stage(params_path)`` of the project's ``stages/<name>.py`` (imported
 lazily so that ``flux2ttr --help`` stays fast), the same function ``dvc repro`` runs.
+
+The CLI needs the ``pipeline`` extra; the core install (what goes into ComfyUI's Python) lacks it, and
+then ``flux2ttr`` exits with one line naming the extra instead of a traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
-import click
+PIPELINE_INSTALL = 'pip install "flux2ttr[pipeline]"'
+
+try:
+    import click
+except ModuleNotFoundError as _e:
+    if _e.name != "click":
+        raise
+    # The console script imports this module before calling main(): a SystemExit here prints one line
+    # and exits 1, where an ImportError would print a traceback. Nothing in the library imports the CLI.
+    raise SystemExit("flux2ttr: the command line needs the pipeline extra (click is not installed): "
+                     f"{PIPELINE_INSTALL}") from None
+
+# import names of the pipeline extra's packages (pyproject.toml [project.optional-dependencies] pipeline)
+PIPELINE_MODULES = frozenset({"zarr", "dvc", "click", "comet_ml", "diffusers", "yaml", "tqdm", "matplotlib", "PIL"})
 
 _PARAMS = click.option(
     "--params", "params_path", type=click.Path(path_type=Path), default=Path("params.yaml"),
@@ -40,8 +58,22 @@ def run_stage(name: str, params_path: Path) -> None:
             f"checkout (where dvc.yaml and params.yaml are) or pass --params PATH/params.yaml")
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    module = importlib.import_module(f"stages.{STAGES[name]}")
-    module.run_stage(params_path)
+    with pipeline_needed():
+        module = importlib.import_module(f"stages.{STAGES[name]}")
+        module.run_stage(params_path)
+
+
+@contextlib.contextmanager
+def pipeline_needed() -> Iterator[None]:
+    """Turn a missing pipeline package (a core-only install) into one error naming the extra."""
+    try:
+        yield
+    except ModuleNotFoundError as e:
+        top = (e.name or "").split(".")[0]
+        if top not in PIPELINE_MODULES:
+            raise
+        raise click.ClickException(f"{top} is not installed; the pipeline needs the pipeline extra: "
+                                   f"{PIPELINE_INSTALL}") from e
 
 
 @click.group()
@@ -68,12 +100,23 @@ for _name in STAGES:
 @click.option("--heatmap", "heatmap_layer", default=None, help="layer key whose teacher attention to draw")
 @click.option("--out", "out_path", type=click.Path(path_type=Path), default=None, help="PNG path for --heatmap")
 @click.option("--queries", default=4, show_default=True, help="stored queries drawn by --heatmap")
-def inspect_cmd(store: Path, as_json: bool, heatmap_layer: str | None, out_path: Path | None, queries: int) -> None:
-    """Summarise a captured trace STORE (and optionally draw attention heatmaps)."""
-    from flux2ttr.traces import inspect as inspect_mod  # noqa: PLC0415
+@click.option("--tile", nargs=2, type=int, default=(4, 4), show_default=True,
+              help="window-student tile TH TW (latent tokens) for the attention-mass report")
+@click.option("--radius", default=4, show_default=True, help="window-student radius R (latent tokens)")
+@click.option("--mass-tuples", default=16, show_default=True,
+              help="tuples per layer the attention-mass report reads (0: no report)")
+@click.option("--mass-plot", type=click.Path(path_type=Path), default=None,
+              help="PNG of attention mass and restricted-softmax cosine vs window radius")
+def inspect_cmd(store: Path, as_json: bool, heatmap_layer: str | None, out_path: Path | None, queries: int,
+                tile: tuple[int, int], radius: int, mass_tuples: int, mass_plot: Path | None) -> None:
+    """Summarise a captured trace STORE: contents, where the teacher's attention mass lies (text, 2-D
+    windows, window-student tiles), and optionally attention heatmaps."""
+    with pipeline_needed():
+        from flux2ttr.traces import inspect as inspect_mod  # noqa: PLC0415
 
-    inspect_mod.run_inspect(store, as_json=as_json, heatmap_layer=heatmap_layer, out_path=out_path,
-                            queries=queries)
+        inspect_mod.run_inspect(store, as_json=as_json, heatmap_layer=heatmap_layer, out_path=out_path,
+                                queries=queries, tile=tile, radius=radius, mass_tuples=mass_tuples,
+                                mass_plot=mass_plot)
 
 
 @main.command("comfy-install")
@@ -81,11 +124,22 @@ def inspect_cmd(store: Path, as_json: bool, heatmap_layer: str | None, out_path:
 @click.option("--artifacts", type=click.Path(path_type=Path), default=Path("artifacts"), show_default=True,
               help="folder holding the pipeline's final artifacts")
 @click.option("--copy", "copy_pack", is_flag=True, help="copy the node pack instead of symlinking it")
-def comfy_install_cmd(comfyui_dir: Path, artifacts: Path, copy_pack: bool) -> None:
-    """Install the node pack and the pipeline's artifacts into a ComfyUI checkout."""
+@click.option("--python", "python", type=click.Path(path_type=Path), default=None,
+              help="ComfyUI's Python (default: COMFYUI_DIR/venv, .venv or the portable build's python_embeded)")
+@click.option("--no-pip", "no_pip", is_flag=True, help="do not install the library into ComfyUI's Python")
+@click.option("--pip-arg", "pip_args", multiple=True,
+              help="extra argument for that pip install, repeatable (e.g. --pip-arg=--no-deps)")
+def comfy_install_cmd(comfyui_dir: Path, artifacts: Path, copy_pack: bool, python: Path | None, no_pip: bool,
+                      pip_args: tuple[str, ...]) -> None:
+    """Install the node pack, the pipeline's artifacts and the library's core (into ComfyUI's own
+    Python) into a ComfyUI checkout."""
     from flux2ttr.comfy import install as comfy_install  # noqa: PLC0415
 
-    comfy_install.install(comfyui_dir, artifacts_dir=artifacts, copy_pack=copy_pack)
+    try:
+        comfy_install.install(comfyui_dir, artifacts_dir=artifacts, copy_pack=copy_pack, python=python,
+                              pip=not no_pip, pip_args=pip_args)
+    except comfy_install.InstallError as e:
+        raise click.ClickException(str(e)) from e
 
 
 if __name__ == "__main__":

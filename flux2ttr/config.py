@@ -11,8 +11,6 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
 T = TypeVar("T")
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -24,6 +22,13 @@ class ConfigError(ValueError):
 
 def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     """Read a params file; a missing or non-mapping file is a clear error."""
+    # pyyaml belongs to the pipeline extra: the ComfyUI runtime imports this module (ConfigError,
+    # from_dict for artifact headers) but never reads a params file, so yaml is imported only here.
+    try:
+        import yaml  # noqa: PLC0415
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(f'reading {path} needs pyyaml, part of the pipeline extra: '
+                                  'pip install "flux2ttr[pipeline]"', name=e.name) from e
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found (run from the project root or pass --params)")

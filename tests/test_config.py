@@ -67,3 +67,20 @@ def test_repo_params_sections_all_load():
     for name, (mod, cls) in owners.items():
         klass = getattr(importlib.import_module(mod), cls)
         load_section(klass, name, params_path)
+
+
+def test_yaml_is_imported_only_to_read_a_params_file():
+    """The ComfyUI runtime imports flux2ttr.config (artifact headers) but must not need pyyaml."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import flux2ttr.config as c\n"
+            "assert 'yaml' not in sys.modules, 'flux2ttr.config imported yaml at module level'\n"
+            "sys.modules['yaml'] = None  # as if pyyaml were not installed\n"
+            "try:\n"
+            "    c.load_params('params.yaml')\n"
+            "except ModuleNotFoundError as e:\n"
+            "    print(e.name, '|', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("yaml | ") and 'pip install "flux2ttr[pipeline]"' in out, out

@@ -1,21 +1,29 @@
-"""``flux2ttr comfy-install COMFYUI_DIR``: put the node pack and the pipeline's artifacts into ComfyUI.
+"""``flux2ttr comfy-install COMFYUI_DIR``: put the node pack, the pipeline's artifacts and the library into ComfyUI.
 
+- finds ComfyUI's own Python (``--python PATH``, else ``venv/``, ``.venv/`` or the portable build's
+  ``python_embeded/``, see :data:`PYTHON_CANDIDATES`) before changing anything;
 - links (or, with ``copy_pack``, copies) the repository's ``comfy_nodes/`` to
   ``COMFYUI_DIR/custom_nodes/flux2ttr``;
 - creates ``COMFYUI_DIR/models/approximate_attention``;
 - copies the artifacts (``*.safetensors`` of ``artifacts_dir``) there, each atomically;
-- prints every action. The flux2ttr library itself must be installed into ComfyUI's Python
-  (``pip install -e .``); this command does not touch any Python environment.
+- installs the project's core (no extras: torch, safetensors, numpy) into that Python with
+  ``PY -m pip install -e <project>`` (editable for a git checkout, a plain install otherwise), unless
+  ``pip=False`` (``--no-pip``);
+- prints every action.
+
+No click here: this module sits in the ComfyUI runtime package, which imports only the core
+dependencies; the CLI turns :class:`InstallError` into its one-line error.
 """
 
 from __future__ import annotations
 
 import filecmp
 import os
+import shlex
 import shutil
+import subprocess
+from collections.abc import Callable, Sequence
 from pathlib import Path
-
-import click
 
 import flux2ttr
 
@@ -23,11 +31,30 @@ PACK_NAME = "flux2ttr"
 MODEL_FOLDER = "approximate_attention"
 COMFYUI_MARKERS = ("main.py", "nodes.py", "folder_paths.py", "comfy")
 PACK_MARKER = "flux2ttr ComfyUI node pack"  # first line of the pack's __init__.py docstring
+# Where ComfyUI's Python lives, relative to the ComfyUI folder, in the order they are tried: a venv in
+# the checkout (POSIX, then Windows layout), then the Windows portable build, whose python_embeded/
+# sits inside or (as shipped) beside the ComfyUI folder.
+PYTHON_CANDIDATES = (
+    "venv/bin/python", ".venv/bin/python",
+    "venv/Scripts/python.exe", ".venv/Scripts/python.exe",
+    "python_embeded/python.exe", "../python_embeded/python.exe",
+)
+
+Echo = Callable[[str], object]
 
 
-class InstallError(click.ClickException):
+class InstallError(RuntimeError):
     """The install cannot proceed; the message says why and what to do (the CLI prints it without a
     traceback and exits with status 1)."""
+
+
+def project_root() -> Path:
+    """The flux2ttr source tree this library was installed from (it holds ``pyproject.toml``)."""
+    root = Path(flux2ttr.__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file():
+        raise InstallError(f"flux2ttr at {root} is not a source tree (no pyproject.toml): install flux2ttr from a "
+                           "clone with `pip install -e .` and run comfy-install from there")
+    return root
 
 
 def pack_source() -> Path:
@@ -51,12 +78,70 @@ def check_comfyui(comfyui_dir: Path) -> Path:
     return root
 
 
+def _runnable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
+def find_python(comfyui_root: Path, python: Path | None = None) -> Path:
+    """ComfyUI's Python: ``python`` when given (checked), else the first of :data:`PYTHON_CANDIDATES`
+    under ``comfyui_root``. The path is made absolute but not resolved: a venv's ``bin/python`` is a
+    symlink, and following it would leave the venv."""
+    if python is not None:
+        py = Path(os.path.abspath(Path(python).expanduser()))
+        if not py.is_file():
+            raise InstallError(f"--python {py}: no such file; pass the Python that runs ComfyUI's main.py "
+                               f"(for example {comfyui_root / PYTHON_CANDIDATES[0]})")
+        if not _runnable(py):
+            raise InstallError(f"--python {py} is not executable; pass the Python that runs ComfyUI's main.py")
+        return py
+    for rel in PYTHON_CANDIDATES:
+        py = Path(os.path.normpath(comfyui_root / rel))
+        if _runnable(py):
+            return py
+    looked = ", ".join(str(Path(os.path.normpath(comfyui_root / rel))) for rel in PYTHON_CANDIDATES)
+    raise InstallError(
+        f"no Python of ComfyUI's found (looked for {looked}); pass --python PATH, the python that runs ComfyUI's "
+        "main.py (`python -c 'import sys; print(sys.executable)'` where you start ComfyUI), or pass --no-pip and "
+        f"install the library yourself: PYTHON -m pip install -e {_project_hint()}")
+
+
+def _project_hint() -> str:
+    try:
+        return str(project_root())
+    except InstallError:
+        return "/path/to/flux2ttr"
+
+
+def pip_command(python: Path, project: Path, pip_args: Sequence[str] = ()) -> list[str]:
+    """``python -m pip install [pip_args] [-e] project``: editable for a git checkout (edits and
+    ``git pull`` reach ComfyUI), a plain install of the tree otherwise. No extras: ComfyUI gets the core."""
+    editable = ["-e"] if (project / ".git").exists() else []
+    return [str(python), "-m", "pip", "install", *pip_args, *editable, str(project)]
+
+
+def install_library(python: Path, project: Path, pip_args: Sequence[str] = (), echo: Echo = print) -> list[str]:
+    """Run :func:`pip_command`; a failure is an :class:`InstallError` naming the command. Returns the command."""
+    cmd = pip_command(python, project, pip_args)
+    echo(f"installing flux2ttr (core) into ComfyUI's Python: {shlex.join(cmd)}")
+    # our own interpreter's search path must not leak into ComfyUI's
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    try:
+        rc = subprocess.run(cmd, env=env, check=False).returncode
+    except OSError as e:
+        raise InstallError(f"cannot run {python} ({e}); pass --python PATH with the Python that runs ComfyUI") from e
+    if rc != 0:
+        raise InstallError(f"pip failed (exit {rc}): {shlex.join(cmd)}; fix the error above and rerun, or pass "
+                           "--no-pip and install the library into ComfyUI's Python yourself")
+    echo(f"installed flux2ttr into {python}")
+    return cmd
+
+
 def _is_our_pack(path: Path) -> bool:
     init = path / "__init__.py"
     return init.is_file() and PACK_MARKER in init.read_text(encoding="utf-8", errors="replace")[:500]
 
 
-def _install_pack(src: Path, target: Path, copy_pack: bool, say) -> None:
+def _install_pack(src: Path, target: Path, copy_pack: bool, say: Echo) -> None:
     if target.is_symlink() or target.exists():
         if target.is_symlink() and not copy_pack and target.resolve() == src:
             say(f"pack already linked: {target} -> {src}")
@@ -80,7 +165,7 @@ def _install_pack(src: Path, target: Path, copy_pack: bool, say) -> None:
         say(f"linked pack {target} -> {src}")
 
 
-def _copy_artifacts(artifacts_dir: Path, dest: Path, say) -> list[Path]:
+def _copy_artifacts(artifacts_dir: Path, dest: Path, say: Echo) -> list[Path]:
     artifacts_dir = Path(artifacts_dir).expanduser().resolve()
     if not artifacts_dir.is_dir():
         say(f"no artifacts folder at {artifacts_dir}: run `dvc repro` first (or pass --artifacts), then rerun "
@@ -105,10 +190,17 @@ def _copy_artifacts(artifacts_dir: Path, dest: Path, say) -> list[Path]:
 
 
 def install(comfyui_dir: Path, artifacts_dir: Path = Path("artifacts"), copy_pack: bool = False,
-            echo=print) -> dict[str, object]:
-    """Install the pack and artifacts into ``comfyui_dir``; returns ``{"pack", "models", "artifacts"}``."""
+            echo: Echo = print, *, python: Path | None = None, pip: bool = True,
+            pip_args: Sequence[str] = ()) -> dict[str, object]:
+    """Install the pack, the artifacts and (``pip``) the library into ``comfyui_dir``; returns
+    ``{"pack", "models", "artifacts", "python", "pip_command"}`` (the last two ``None`` without ``pip``)."""
     root = check_comfyui(comfyui_dir)
     src = pack_source()
+    py = project = None
+    if pip:  # find ComfyUI's Python before touching anything, so a wrong folder changes nothing
+        project = project_root()
+        py = find_python(root, python)
+        echo(f"ComfyUI's Python: {py}")
     custom = root / "custom_nodes"
     custom.mkdir(exist_ok=True)
     target = custom / PACK_NAME
@@ -120,5 +212,11 @@ def install(comfyui_dir: Path, artifacts_dir: Path = Path("artifacts"), copy_pac
         models.mkdir(parents=True)
         echo(f"created model folder {models}")
     copied = _copy_artifacts(artifacts_dir, models, echo)
-    echo("done: restart ComfyUI; make sure flux2ttr is installed in ComfyUI's Python (`pip install -e <repo>`)")
-    return {"pack": target, "models": models, "artifacts": copied}
+    cmd = None
+    if pip:
+        cmd = install_library(py, project, pip_args, echo)
+        echo("done: restart ComfyUI")
+    else:
+        echo("done (--no-pip): install the library into ComfyUI's Python yourself "
+             f"(PYTHON -m pip install -e {_project_hint()}), then restart ComfyUI")
+    return {"pack": target, "models": models, "artifacts": copied, "python": py, "pip_command": cmd}
