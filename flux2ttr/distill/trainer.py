@@ -58,7 +58,9 @@ from flux2ttr.distill.readiness import Readiness
 from flux2ttr.provenance import source_digest
 from flux2ttr.seeds import derive_seed
 from flux2ttr.students.artifacts import save_students
-from flux2ttr.students.hkr import HKRConfig, HKRLayer
+from flux2ttr.students.build import build_student
+from flux2ttr.students.hkr import HKRConfig
+from flux2ttr.students.layer import StudentLayer
 from flux2ttr.students.losses import KendallDistillLoss
 from flux2ttr.traces.loader import (
     BatchPlanner,
@@ -230,7 +232,7 @@ def _all_gather_json(obj: Any, world: int) -> list[Any]:
 class LayerState:
     """One layer's student, loss and optimisers plus its counters."""
 
-    student: HKRLayer
+    student: StudentLayer
     loss: KendallDistillLoss
     opt: torch.optim.AdamW
     loss_opt: torch.optim.Adam
@@ -245,10 +247,10 @@ class LayerState:
 def _build_layer(key: str, cfg: DistillConfig, hkr: HKRConfig, num_heads: int) -> LayerState:
     # Init depends only on (seed, layer key): the same student whatever the rank layout.
     torch.manual_seed(derive_seed(cfg.seed, layer_seed(key)))
-    student = HKRLayer(hkr, num_heads=num_heads).to(cfg.device)
+    student = build_student(hkr, num_heads=num_heads).to(cfg.device)
     loss = KendallDistillLoss.from_config(hkr).to(cfg.device)
-    # the fusion scalars get their own lr (and no weight decay): at the network lr a logit moves ~0.1/100 updates
-    fusion = [student.alpha_logit, student.alpha_gamma]
+    # the balance scalars get their own lr (and no weight decay): at the network lr a logit moves ~0.1/100 updates
+    fusion = student.balance_parameters()
     rest = [p for p in student.parameters() if all(p is not f for f in fusion)]
     opt = torch.optim.AdamW([{"params": rest, "base_lr": cfg.lr},
                              {"params": fusion, "base_lr": cfg.alpha_lr, "weight_decay": 0.0}],
@@ -262,7 +264,7 @@ def _finite(batch: dict[str, torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(batch[k]).all()) for k in _BATCH_TENSORS)
 
 
-def student_forward(student: HKRLayer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def student_forward(student: StudentLayer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Student output ``[B, H, Nq, D]`` at the stored query positions of a batch from
     :meth:`TraceStore.read`. Rows with different ``(n_cond, h, w)`` run as separate sub-batches."""
     geo = torch.stack([batch["n_cond"], batch["h"], batch["w"]], dim=1)
@@ -273,7 +275,7 @@ def student_forward(student: HKRLayer, batch: dict[str, torch.Tensor]) -> torch.
         n_cond, h, w = (int(x) for x in g)
         sel = slice(None) if rows.numel() == geo.shape[0] else rows
         o = student(batch["q_sub"][sel], batch["k"][sel], batch["v"][sel], n_cond, batch["sigma"][sel],
-                    batch["cfg"][sel], height=h, width=w, q_idx=batch["q_idx"][rows[0]])
+                    batch["cfg"][sel], height=h, width=w, q_idx=batch["q_idx"][rows])
         out[sel] = o.to(out.dtype)
     return out
 
@@ -345,7 +347,7 @@ def load_val_batches(store: TraceStore, split: Split, layer: str, cfg: DistillCo
 
 
 @torch.no_grad()
-def validation_metrics(student: HKRLayer, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+def validation_metrics(student: StudentLayer, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     """``val_cos_dist``, ``val_cos_sim``, ``val_nmse``, ``val_p95_err`` and ``val_tuples`` over every
     ``(tuple, head, query)`` token of ``batches`` (non-finite batches are left out)."""
     student.eval()
@@ -554,7 +556,7 @@ class DistillResult:
 
     layer_metrics: dict[str, dict[str, Any]]
     summary: dict[str, Any]
-    students: dict[str, HKRLayer]
+    students: dict[str, StudentLayer]
     ready: dict[str, bool]
     steps_run: int
     resumed_from: int
@@ -567,8 +569,7 @@ def _layer_report(st: LayerState, ready: bool) -> dict[str, Any]:
         "updates": st.updates,
         "skipped_nonfinite": st.skipped_nonfinite,
         "tuples_trained": st.tuples,
-        "alpha": st.student.base_alpha(),
-        "alpha_sigmoid": float(torch.sigmoid(st.student.alpha_logit.detach().float())),
+        **st.student.report(),
         "log_var_huber": float(st.loss.s_h.detach()),
         "log_var_cosine": float(st.loss.s_c.detach()),
     })
@@ -588,7 +589,7 @@ class GatheredRun:
     ``tuples_trained`` (this run), ``train_seconds`` (wall seconds inside :meth:`DistillTrainer.step`),
     ``cache_hits`` and ``cache_misses`` (tuples served by the in-memory cache / read from zarr)."""
 
-    students: dict[str, HKRLayer]
+    students: dict[str, StudentLayer]
     history: list[dict[str, Any]]
     counts: list[dict[str, Any]]
 
@@ -781,7 +782,7 @@ class DistillTrainer:
     def gather(self) -> GatheredRun:
         """Collect every layer's student, the validation history and the run counters of all ranks
         (a collective; flat parameter vectors are broadcast from each layer's owner, no pickle)."""
-        students: dict[str, HKRLayer] = {}
+        students: dict[str, StudentLayer] = {}
         for i, key in enumerate(self.all_layers):
             if self.world == 1:
                 students[key] = self.states[key].student

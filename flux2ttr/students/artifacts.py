@@ -35,7 +35,9 @@ import torch
 from flux2ttr.atomic import file_sha256  # noqa: F401 - file_sha256 is public here
 from flux2ttr.config import ConfigError, from_dict, to_dict
 from flux2ttr.contract import layer_sort_key
-from flux2ttr.students.hkr import HKRConfig, HKRLayer
+from flux2ttr.students.build import build_student
+from flux2ttr.students.hkr import HKRConfig
+from flux2ttr.students.layer import StudentLayer
 from flux2ttr.versioned_file import VersionedFile
 
 FORMAT = "flux2ttr.students"
@@ -64,7 +66,7 @@ class StudentArtifact:
     path: Path
     header: dict[str, Any]
     cfg: HKRConfig
-    layers: dict[str, HKRLayer]
+    layers: dict[str, StudentLayer]
     ready: dict[str, bool] = field(default_factory=dict)
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     migrated: bool = False  # True when a legacy raw-alpha file was converted while loading
@@ -87,7 +89,7 @@ def _json_clean(obj: Any, where: str) -> Any:
 
 def save_students(
     path: str | Path,
-    layers: dict[str, HKRLayer],
+    layers: dict[str, StudentLayer],
     cfg: HKRConfig,
     *,
     num_heads: int,
@@ -122,6 +124,7 @@ def save_students(
         "feature_dim": cfg.feature_dim,
         "head_dim": cfg.head_dim,
         "num_heads": int(num_heads),
+        "mode": cfg.mode,
         "alpha_format": ALPHA_FORMAT,
         "hkr": to_dict(cfg),
         "layers": {k: {"ready": bool(ready[k]), "metrics": _json_clean(metrics.get(k, {}), f"metrics[{k}]")}
@@ -149,9 +152,12 @@ def _check_header(path: Path, header: dict[str, Any]) -> None:
 
 def _cfg_from_header(path: Path, header: dict[str, Any]) -> HKRConfig:
     try:
-        cfg = from_dict(HKRConfig, header["hkr"], f"{path}:hkr")
+        # files from before student modes hold HKR students (the default mode may be another)
+        cfg = from_dict(HKRConfig, {"mode": header.get("mode", "hkr"), **header["hkr"]}, f"{path}:hkr")
     except (ConfigError, TypeError, ValueError) as e:
         raise ArtifactError(f"{path}: header 'hkr' config is invalid: {e}") from None
+    if header.get("mode", cfg.mode) != cfg.mode:
+        raise ArtifactError(f"{path}: header mode {header.get('mode')!r} disagrees with its hkr config ({cfg.mode!r})")
     for k in ("feature_dim", "head_dim"):
         if int(header[k]) != getattr(cfg, k):
             raise ArtifactError(f"{path}: header {k}={header[k]} disagrees with its hkr config ({getattr(cfg, k)})")
@@ -244,15 +250,15 @@ def load_students(
             )
     cfg = _cfg_from_header(path, header)
     migrated = False
-    if header.get("alpha_format") is None:
+    if header.get("alpha_format") is None and cfg.mode == "hkr":
         tensors = _migrate_tensors(header, tensors, path)
         header = dict(header, alpha_format=ALPHA_FORMAT)
         migrated = True
     num_heads = int(header["num_heads"])
-    layers: dict[str, HKRLayer] = {}
+    layers: dict[str, StudentLayer] = {}
     used: set[str] = set()
     for key in layer_meta:
-        layer = HKRLayer(cfg, num_heads=num_heads)
+        layer = build_student(cfg, num_heads=num_heads)
         want = layer.expected_shapes()
         mine: dict[str, torch.Tensor] = {}
         for name, shape in want.items():
@@ -281,5 +287,5 @@ def load_students(
 
 def layer_tensor_names(cfg: HKRConfig, num_heads: int = 1) -> list[str]:
     """The per-layer parameter names a file built with ``cfg`` holds (handy for tools and tests)."""
-    return sorted(HKRLayer(cfg, num_heads=num_heads).expected_shapes())
+    return sorted(build_student(cfg, num_heads=num_heads).expected_shapes())
 

@@ -24,7 +24,7 @@ dtype (fp32, bf16, fp16); the output has the input dtype.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -32,12 +32,17 @@ from torch import nn
 
 from flux2ttr.students import fast_path
 from flux2ttr.students.landmarks import landmark_indices
+from flux2ttr.students.layer import StudentLayer
+
+STUDENT_MODES = ("hkr", "window")
+TEXT_QUERY_KEYS = ("all", "text_and_landmarks")
 
 
 @dataclass
 class HKRConfig:
-    """Shape and behaviour of a student layer (``params.yaml`` section ``hkr``)."""
+    """Shape and behaviour of a student layer, either mode (``params.yaml`` section ``hkr``)."""
 
+    mode: str = "hkr"  # hkr (kernel + landmark softmax, convex blend) | window (exact text + window, kernel rest)
     head_dim: int = 128  # D of the teacher's attention (FLUX.2: 128)
     feature_dim: int = 64  # F, kernel feature size; cost is O(N * F * D)
     shared_qk: bool = False  # one feature MLP for queries and keys instead of two
@@ -58,8 +63,23 @@ class HKRConfig:
     loss_s_h_init: float = 0.0  # initial Kendall log-variance of the huber term
     loss_s_c_init: float = -1.0  # initial Kendall log-variance of the cosine term
     fast_path: bool = True  # CUDA bf16/fp16 inference runs the fused Triton kernels (flux2ttr.students.fast_path)
+    # window mode (flux2ttr.students.window); sizes in latent tokens
+    window_tile: list[int] = field(default_factory=lambda: [4, 4])  # [rows, cols] of a tile: queries of a tile share keys
+    window_radius: int = 4  # every image query sees at least its (2R+1)^2 neighbourhood (as whole tiles)
+    window_landmarks: bool = False  # also the landmark grid above as exact keys for every query
+    text_query_keys: str = "all"  # text queries: all (exact softmax over every key) | text_and_landmarks (+ kernel)
+    gamma_init: float = 0.0  # initial log of the kernel-term balance gamma
+    per_head_gamma: bool = True  # one gamma per head (else one per layer)
 
     def __post_init__(self) -> None:
+        if self.mode not in STUDENT_MODES:
+            raise ValueError(f"hkr.mode must be one of {STUDENT_MODES}, got {self.mode!r}")
+        if len(self.window_tile) != 2 or min(int(x) for x in self.window_tile) <= 0:
+            raise ValueError(f"hkr.window_tile must be [rows, cols] of positive ints, got {self.window_tile!r}")
+        if int(self.window_radius) < 0:
+            raise ValueError(f"hkr.window_radius must be >= 0, got {self.window_radius}")
+        if self.text_query_keys not in TEXT_QUERY_KEYS:
+            raise ValueError(f"hkr.text_query_keys must be one of {TEXT_QUERY_KEYS}, got {self.text_query_keys!r}")
         for name in ("head_dim", "feature_dim", "cond_hidden", "kv_chunk", "q_chunk"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"hkr.{name} must be positive, got {getattr(self, name)}")
@@ -140,13 +160,15 @@ def _as_batch(x: float | torch.Tensor, batch: int, device: torch.device, name: s
     return t
 
 
-class HKRLayer(nn.Module):
+class HKRLayer(StudentLayer):
     """HKR student for one attention layer.
 
     ``forward(q, k, v, n_cond, sigma, cfg, *, height, width, q_idx=None) -> [B, H, Nq or N, D]``.
     Parameters: ``phi_q`` (and ``phi_k`` unless ``shared_qk``), ``cond`` (conditioner),
     ``alpha_logit`` (scalar) and ``alpha_gamma`` (scalar, used only when ``adaptive_alpha``).
     """
+
+    mode = "hkr"
 
     def __init__(self, cfg: HKRConfig, *, num_heads: int) -> None:
         super().__init__()
@@ -268,46 +290,10 @@ class HKRLayer(nn.Module):
             out = out_k + alpha * (out_l - out_k)
         return out.to(dtype)
 
-    def _check(self, q, k, v, n_cond, height, width, q_idx) -> None:
-        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-            raise ValueError(f"q, k, v must be [B,H,N,D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-        if k.shape != v.shape:
-            raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
-        b, h, n, d = k.shape
-        if d != self.config.head_dim:
-            raise ValueError(f"head_dim {d} does not match the student's hkr.head_dim {self.config.head_dim}")
-        if q.shape[0] != b or q.shape[1] != h or q.shape[3] != d:
-            raise ValueError(f"q {tuple(q.shape)} does not match k {tuple(k.shape)} in B, H or D")
-        if n != n_cond + height * width:
-            raise ValueError(
-                f"sequence length {n} != n_cond ({n_cond}) + height*width ({height}*{width}={height * width})"
-            )
-        if q_idx is None:
-            if q.shape[2] != n:
-                raise ValueError(f"q has {q.shape[2]} tokens but k has {n}; pass q_idx for a query subset")
-        else:
-            if q_idx.dim() != 1 or q_idx.numel() != q.shape[2]:
-                raise ValueError(f"q_idx must be [Nq={q.shape[2]}], got shape {tuple(q_idx.shape)}")
-            if q_idx.numel() and (int(q_idx.min()) < 0 or int(q_idx.max()) >= n):
-                raise ValueError(f"q_idx out of range [0, {n})")
+    def balance_parameters(self) -> list[nn.Parameter]:
+        return [self.alpha_logit, self.alpha_gamma]
 
-    # ---------------------------------------------------------------- export
-
-    def export_tensors(self) -> dict[str, torch.Tensor]:
-        """The layer's state as a flat ``{param_name: tensor}`` dict (fp32, CPU, contiguous copies)."""
-        return {k: t.detach().to("cpu", torch.float32).contiguous().clone() for k, t in self.state_dict().items()}
-
-    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        """``{param_name: shape}`` this layer's configuration requires."""
-        return {k: tuple(t.shape) for k, t in self.state_dict().items()}
-
-    def import_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Load a flat dict from :meth:`export_tensors`; every key must be present with its exact shape."""
-        want = self.expected_shapes()
-        missing = sorted(set(want) - set(tensors))
-        unexpected = sorted(set(tensors) - set(want))
-        bad = sorted(f"{k}: {tuple(tensors[k].shape)} != {want[k]}" for k in want
-                     if k in tensors and tuple(tensors[k].shape) != want[k])
-        if missing or unexpected or bad:
-            raise ValueError(f"student tensors do not match: missing={missing} unexpected={unexpected} shapes={bad}")
-        self.load_state_dict({k: t for k, t in tensors.items()}, strict=True)
+    def report(self) -> dict[str, float]:
+        """Scalars for logs and the artifact header: the fusion weight."""
+        return {"alpha": self.base_alpha(),
+                "alpha_sigmoid": float(torch.sigmoid(self.alpha_logit.detach().float()))}
