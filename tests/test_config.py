@@ -46,28 +46,15 @@ def test_missing_file_and_section(tmp_path):
 
 def test_repo_params_sections_all_load():
     """Every section of the shipped params.yaml builds its dataclass (no typos, no stale keys)."""
-    import importlib
     from pathlib import Path
+
+    from flux2ttr.sections import SECTIONS, section_class
 
     params_path = Path(__file__).resolve().parents[1] / "params.yaml"
     params = load_params(params_path)
-    owners = {
-        "hkr": ("flux2ttr.students.hkr", "HKRConfig"),
-        "teacher": ("flux2ttr.teachers.teacher", "TeacherConfig"),
-        "sampler": ("flux2ttr.teachers.sampler", "SamplerConfig"),
-        "capture": ("flux2ttr.traces.capture", "CaptureConfig"),
-        "distill": ("flux2ttr.distill.trainer", "DistillConfig"),
-        "quality": ("flux2ttr.routing.quality", "QualityConfig"),
-        "comet": ("flux2ttr.comet_log", "CometConfig"),
-        "rollout": ("flux2ttr.routing.rollouts", "RolloutConfig"),
-        "controller": ("flux2ttr.routing.training", "ControllerTrainConfig"),
-        "evaluate": ("flux2ttr.routing.evaluate", "EvaluateConfig"),
-    }
-    assert set(owners) == set(params), "params.yaml sections and their owners differ"
-    for name, (mod, cls) in owners.items():
-        klass = getattr(importlib.import_module(mod), cls)
-        load_section(klass, name, params_path)
-
+    assert set(SECTIONS) == set(params), "params.yaml sections and their owners differ"
+    for name in SECTIONS:
+        load_section(section_class(name), name, params_path)
 
 def test_yaml_is_imported_only_to_read_a_params_file():
     """The ComfyUI runtime imports flux2ttr.config (artifact headers) but must not need pyyaml."""
