@@ -21,13 +21,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_cuda)
 
 
+def _comfy_on_gpu(session: pytest.Session) -> bool:
+    """ComfyUI runs on the GPU when CUDA is there and every selected ComfyUI test is a GPU test
+    (``pytest -m gpu``); otherwise on CPU (``--cpu``), and the GPU ComfyUI tests skip themselves."""
+    import torch
+
+    comfy_items = [i for i in session.items if _COMFY_FIXTURES & set(getattr(i, "fixturenames", ()))]
+    return torch.cuda.is_available() and bool(comfy_items) and all(i.get_closest_marker("gpu") for i in comfy_items)
+
+
 @pytest.fixture(scope="session")
-def comfy(tmp_path_factory):
+def comfy(request, tmp_path_factory):
     """The real ComfyUI (``$COMFYUI_PATH``), started once per test process with temp folders, the
-    built-in nodes, the test-only nodes and the flux2ttr pack loaded by ``nodes.load_custom_node``."""
+    built-in nodes, the test-only nodes and the flux2ttr pack loaded by ``nodes.load_custom_node``;
+    on CPU, or on the GPU where only GPU tests use it (see :func:`_comfy_on_gpu`)."""
     from helpers import comfy as comfy_harness
 
-    instance = comfy_harness.start_comfy(tmp_path_factory.mktemp("comfyui"))
+    instance = comfy_harness.start_comfy(tmp_path_factory.mktemp("comfyui"), gpu=_comfy_on_gpu(request.session))
     assert comfy_harness.load_pack(instance), "nodes.load_custom_node failed on comfy_nodes/ (see the log above)"
     return instance
 

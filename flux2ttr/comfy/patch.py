@@ -10,15 +10,21 @@ How a sampling run is routed:
 - :func:`patch_model` clones the MODEL and puts a :class:`RoutingHolder` into the clone's
   ``transformer_options`` together with :func:`attention_override` as ComfyUI's
   ``optimized_attention_override`` and two wrappers: OUTER_SAMPLE (a fresh holder copy per run,
-  like ``comfy_extras/nodes_easycache.py``), DIFFUSION_MODEL (the text length, latent grid and guidance
-  of the current denoiser call).
+  like ``comfy_extras/nodes_easycache.py``), DIFFUSION_MODEL (the text length, latent grid, guidance
+  and sigma of the current denoiser call: sigma and guidance are read to the host here, once per
+  denoiser call, so no attention call waits on the GPU).
 - Every attention call of the run comes to :func:`attention_override` with ``q, k, v [B, H, N, D]``
-  (after QK-norm and RoPE), ``block_type``/``block_index`` (the layer key) and ``sigmas``. The step is
-  found from ``sigma`` in the run's schedule (``sample_sigmas``); the first call of a step decides the
-  step's mask (which layers run their student) and logs one line; every later call of the step,
-  cond and uncond alike, reuses it. Layers outside the mask, and non-ready layers always, call the
-  native attention (fail-closed: so does any call the student cannot take: an attention mask, extra
+  (after QK-norm and RoPE) and ``block_type``/``block_index`` (the layer key). The step is found
+  from the denoiser call's sigma in the run's schedule (``sample_sigmas``); the first call of a step
+  decides the step's mask (which layers run their student) and logs one line; every later call of
+  the step, cond and uncond alike, reuses it. Layers outside the mask, and non-ready layers always, call
+  the native attention (fail-closed: so does any call the student cannot take: an attention mask, extra
   reference tokens, a shape it was not built for).
+- The students run in the model's device and dtype: :class:`StudentCopies` makes those copies once per
+  patched MODEL, device and dtype (outside inference mode, see there) and every run of that MODEL
+  shares them; they are freed with the patched MODEL, never kept by a global.
+- The number of leading conditioning tokens is ``img_slice[0]`` (single blocks) or the text length,
+  unless ``transformer_options`` carries a hint (:data:`COND_TOKEN_HINTS`, as upstream's node accepts).
 - A measurement mode (``controller_node(..., measure=True)``) keeps native attention everywhere and
   records, per layer, the cosine similarity between the student's and the native output: the online
   side of the offline-vs-online check (:func:`cosine_table`, :func:`online_vs_offline` against the
@@ -30,6 +36,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import operator
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +52,8 @@ LOG = logging.getLogger("flux2ttr.comfy")
 HOLDER_KEY = "flux2ttr"        # transformer_options key of the per-run RoutingHolder
 WRAPPER_KEY = "flux2ttr"       # key of our wrappers on the ModelPatcher
 POLICY_MODES = ("stochastic", "threshold")
+# transformer_options keys that give the number of leading conditioning tokens (first present wins)
+COND_TOKEN_HINTS = ("conditioning_token_count", "cond_token_count", "prefix_token_count")
 
 
 class ArtifactMismatch(ValueError):
@@ -74,6 +83,61 @@ class CallInfo:
     height: int         # latent image-token grid (FLUX.2 patch size is 1: the latent's h, w)
     width: int
     guidance: float | None
+    sigma: float | None = None   # this call's sigma (read once here, not per attention call)
+
+
+def _inference_copy(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """``module`` in ``device``/``dtype``, for inference, its parameters normal (non-inference) tensors.
+
+    ComfyUI runs the whole prompt under ``torch.inference_mode()``: a module copied or moved there gets
+    inference tensors (no version counter, no in-place update outside inference mode), which code that
+    keeps modules across runs or caches on parameter versions cannot use. So the copy is made with
+    inference mode off; it needs no autograd either (``requires_grad`` off)."""
+    with torch.inference_mode(False), torch.no_grad():
+        params = list(module.parameters())
+        if params and all(p.device == device and p.dtype == dtype and not p.is_inference() for p in params):
+            return module.eval()
+        out = copy.deepcopy(module)
+        out.__dict__.pop("_fast_cache", None)  # kernel-layout weights of the source, never of the copy
+        out = out.to(device=device, dtype=dtype).eval()
+        out.requires_grad_(False)
+    return out
+
+
+class StudentCopies:
+    """The students in the device and dtype the model runs in, made once per (layer, device, dtype).
+
+    One instance belongs to one patched MODEL (the :class:`RoutingHolder` in its ``transformer_options``
+    holds it, and every run's fresh holder shares it), so the GPU copies are built at the first routed
+    call of the first run and reused by every later run; they are freed when ComfyUI drops the patched
+    MODEL (a run's holder lets go of them when the run ends: :meth:`RoutingHolder.end_run`)."""
+
+    def __init__(self, students: dict[str, torch.nn.Module]) -> None:
+        self.students = students
+        self._copies: dict[tuple[str, str, torch.dtype], torch.nn.Module] = {}
+        self.made = 0  # copies built so far (once per layer, device and dtype: tests check it)
+
+    def get(self, key: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+        ck = (key, str(device), dtype)
+        module = self._copies.get(ck)
+        if module is None:
+            module = _inference_copy(self.students[key], device, dtype)
+            self._copies[ck] = module
+            self.made += 1
+        return module
+
+    def __len__(self) -> int:
+        return len(self._copies)
+
+    def modules(self) -> list[torch.nn.Module]:
+        return list(self._copies.values())
+
+    def nbytes(self) -> int:
+        """Bytes of the copies' parameters (on whatever device they live)."""
+        return sum(p.numel() * p.element_size() for m in self._copies.values() for p in m.parameters())
+
+    def clear(self) -> None:
+        self._copies.clear()
 
 
 @dataclass
@@ -82,7 +146,8 @@ class RoutingHolder:
 
     ``students``: layer key -> student module (CPU master copies); ``ready``: keys allowed to route;
     ``decide(step, sigma, cfg, height, width) -> (frozenset of student-routed keys, threshold or None)``
-    picks a step's mask (``height``/``width``: latent tokens).
+    picks a step's mask (``height``/``width``: latent tokens); ``copies``: the students in the model's
+    device and dtype, shared by the configuration and every run made from it.
     The run fields (``schedule`` .. ``cosine``) are filled during sampling; :meth:`fresh` copies the
     configuration with empty run state, which the OUTER_SAMPLE wrapper does for every run.
     """
@@ -102,22 +167,28 @@ class RoutingHolder:
     routed_calls: Counter = field(default_factory=Counter)     # (step, key, "student"|"native") -> calls
     fallbacks: Counter = field(default_factory=Counter)        # reason -> calls sent native against the mask
     cosine: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
-    _cast: dict[tuple[str, str, torch.dtype], torch.nn.Module] = field(default_factory=dict)
+    copies: StudentCopies | None = None
+
+    def __post_init__(self) -> None:
+        if self.copies is None:
+            self.copies = StudentCopies(self.students)
 
     def fresh(self) -> "RoutingHolder":
-        """A copy with the same students/controller and empty run state."""
+        """A copy with the same students/controller, the same device copies and empty run state."""
+        if self.copies is None:
+            raise RuntimeError("flux2ttr: fresh() of a holder whose run has ended")
         return RoutingHolder(students=self.students, ready=self.ready, decide=self.decide, measure=self.measure,
-                             previous_override=self.previous_override, label=self.label)
+                             previous_override=self.previous_override, label=self.label, copies=self.copies)
 
     def student(self, key: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-        """The student of ``key`` in the model's device and dtype (cast once per run)."""
-        ck = (key, str(device), dtype)
-        if ck not in self._cast:
-            module = self.students[key]
-            if next(module.parameters()).device != device or next(module.parameters()).dtype != dtype:
-                module = copy.deepcopy(module).to(device=device, dtype=dtype)
-            self._cast[ck] = module.eval()
-        return self._cast[ck]
+        """The student of ``key`` in the model's device and dtype (made once per patched MODEL)."""
+        if self.copies is None:
+            raise RuntimeError("flux2ttr: this sampling run has ended; its holder no longer holds students")
+        return self.copies.get(key, device, dtype)
+
+    def end_run(self) -> None:
+        """Let go of the device copies (the run is over; a finished holder stays inspectable)."""
+        self.copies = None
 
     def step_of(self, sigma: float) -> int:
         """0-based step whose interval ``(schedule[i+1], schedule[i]]`` holds ``sigma``."""
@@ -172,13 +243,20 @@ def _as_native_layout(out: torch.Tensor, kwargs: dict) -> torch.Tensor:
     return out.transpose(1, 2).reshape(b, n, h * d)
 
 
-def _sigma_of(transformer_options: dict) -> float | None:
-    sig = transformer_options.get("sigmas")
-    if sig is None:
-        return None
-    if isinstance(sig, torch.Tensor):
-        return float(sig.detach().flatten()[0].float().cpu())
-    return float(sig)
+def _host_floats(*values: Any) -> list[float | None]:
+    """The first element of each value as a Python float (``None`` stays ``None``), with one device->host
+    copy for all tensor values that share a device: each copy of a CUDA tensor waits for the GPU."""
+    out: list[float | None] = [None if v is None else (None if isinstance(v, torch.Tensor) else float(v))
+                               for v in values]
+    tensors = [(i, v) for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
+    by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = defaultdict(list)
+    for i, t in tensors:
+        by_device[t.device].append((i, t))
+    for group in by_device.values():
+        firsts = torch.stack([t.detach().reshape(-1)[0].float() for _, t in group])
+        for (i, _), x in zip(group, firsts.tolist()):
+            out[i] = float(x)
+    return out
 
 
 def token_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -197,12 +275,15 @@ def attention_override(func: Callable, *args: Any, **kwargs: Any) -> torch.Tenso
     if holder is None or len(args) < 3 or not kwargs.get("skip_reshape", False):
         return _native(holder, func, args, kwargs)
     block_type, block_index = topts.get("block_type"), topts.get("block_index")
-    sigma = _sigma_of(topts)
-    if block_type not in ("single", "double") or block_index is None or sigma is None:
+    if block_type not in ("single", "double") or block_index is None:
         return _native(holder, func, args, kwargs)
+    # sigma comes from the DIFFUSION_MODEL wrapper (read once per denoiser call): reading
+    # transformer_options["sigmas"] here would wait on the GPU at every attention call
+    if holder.call is None or holder.call.sigma is None:
+        holder.fallbacks["no denoiser call info"] += 1
+        return _native(holder, func, args, kwargs)
+    sigma = holder.call.sigma
     key = comfy_key(block_type, block_index)
-    if holder.schedule is None and topts.get("sample_sigmas") is not None:
-        holder.schedule = [float(s) for s in topts["sample_sigmas"].flatten().tolist()]
     step = holder.step_of(sigma)
     routed = key in holder.mask_for(step, sigma)
     if key not in holder.students or not (routed or holder.measure):
@@ -230,8 +311,39 @@ def attention_override(func: Callable, *args: Any, **kwargs: Any) -> torch.Tenso
     return _as_native_layout(out.to(q.dtype), kwargs)
 
 
+def cond_token_hint(topts: dict) -> int | None:
+    """The conditioning-token count a ``transformer_options`` hint gives (:data:`COND_TOKEN_HINTS`, the
+    first present wins), ``None`` without one. A hint must be a non-negative integer (an int, or a
+    one-element tensor: keep it on the CPU, a CUDA one is read with a wait on the GPU); anything else
+    raises ``ValueError`` naming the key."""
+    for name in COND_TOKEN_HINTS:
+        value = topts.get(name)
+        if value is None:
+            continue
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1 or value.dtype.is_floating_point or value.dtype == torch.bool:
+                raise ValueError(f"transformer_options[{name!r}] must be one integer, got a tensor "
+                                 f"{tuple(value.shape)} {value.dtype}")
+            value = int(value.reshape(-1)[0])
+        elif isinstance(value, bool):
+            raise ValueError(f"transformer_options[{name!r}] must be an integer, got {value!r}")
+        elif not isinstance(value, int):
+            try:
+                value = operator.index(value)  # numpy integers
+            except TypeError:
+                raise ValueError(f"transformer_options[{name!r}] must be an integer, got {value!r}") from None
+        if value < 0:
+            raise ValueError(f"transformer_options[{name!r}] must be >= 0, got {value}")
+        return int(value)
+    return None
+
+
 def _n_cond(holder: RoutingHolder, topts: dict) -> int:
-    """Conditioning tokens: ``img_slice[0]`` where ComfyUI passes it (single blocks), else the text length."""
+    """Conditioning tokens: a hint in ``transformer_options`` (:func:`cond_token_hint`), else
+    ``img_slice[0]`` where ComfyUI passes it (single blocks), else the text length."""
+    hint = cond_token_hint(topts)
+    if hint is not None:
+        return hint
     img_slice = topts.get("img_slice")
     if img_slice is not None:
         return int(img_slice[0])
@@ -244,17 +356,22 @@ def _cannot_route(holder: RoutingHolder, topts: dict, q: torch.Tensor, kwargs: d
         return "attention mask"
     if holder.call is None:
         return "no denoiser call info"
-    n_cond = _n_cond(holder, topts)
+    try:
+        n_cond = _n_cond(holder, topts)
+    except ValueError as e:
+        return f"bad conditioning-token hint: {e}"
     if q.shape[2] != n_cond + holder.call.height * holder.call.width:
         return "token count is not text + latent grid (reference latents?)"
     return ""
 
 
 def diffusion_model_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
-    """DIFFUSION_MODEL wrapper: record the text length, latent grid and guidance of this call.
+    """DIFFUSION_MODEL wrapper: record the text length, latent grid, guidance and sigma of this call.
 
     ComfyUI calls it as ``(x [B, C, h, w], timestep, context [B, T, C], y, guidance, ref_latents,
-    control, transformer_options)``.
+    control, transformer_options)``. Sigma (``transformer_options["sigmas"]``, else the timestep) and
+    guidance are read to the host together: one wait on the GPU per denoiser call, none per attention
+    call. Rows of one call share sigma (ComfyUI batches cond and uncond of one step).
     """
     topts = args[7] if len(args) > 7 and isinstance(args[7], dict) else kwargs.get("transformer_options", {})
     holder: RoutingHolder | None = topts.get(HOLDER_KEY) if isinstance(topts, dict) else None
@@ -262,11 +379,14 @@ def diffusion_model_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
         x = args[0]
         context = args[2] if len(args) > 2 else kwargs.get("context")
         guidance = args[4] if len(args) > 4 else kwargs.get("guidance")
-        g = None
-        if guidance is not None:
-            g = float(guidance.flatten()[0]) if isinstance(guidance, torch.Tensor) else float(guidance)
+        sigmas = topts.get("sigmas")
+        if sigmas is None:
+            sigmas = args[1] if len(args) > 1 else kwargs.get("timestep")
+        sigma, g = _host_floats(sigmas, guidance)
+        if holder.schedule is None and topts.get("sample_sigmas") is not None:
+            holder.schedule = [float(s) for s in topts["sample_sigmas"].flatten().tolist()]
         holder.call = CallInfo(n_txt=int(context.shape[1]), height=int(x.shape[-2]), width=int(x.shape[-1]),
-                               guidance=g)
+                               guidance=g, sigma=sigma)
     return executor(*args, **kwargs)
 
 
@@ -290,12 +410,16 @@ def outer_sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
         topts[HOLDER_KEY] = holder
         _LAST_RUNS.append(holder)
         del _LAST_RUNS[:-_KEEP_RUNS]
-        return executor(*args, **kwargs)
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            holder.end_run()  # the finished holder (kept in _LAST_RUNS) must not keep the device copies
     finally:
         guider.model_options = orig_options
 
 
-# the last few runs' holders, for tests and the measurement mode (cleared holders stay inspectable)
+# the last few runs' holders, for tests and the measurement mode (finished holders stay inspectable; they
+# hold the CPU students and the run logs, never the device copies)
 _KEEP_RUNS = 8
 _LAST_RUNS: list[RoutingHolder] = []
 
@@ -459,13 +583,16 @@ def controller_node(model: Any, student_path: str | Path, controller_path: str |
                     config: PatchConfig = PatchConfig()) -> Any:
     """What ``Flux2TTRController`` does: validate, load the artifacts, return the patched clone."""
     validate_inputs(quality_speed, policy_mode, seed)
-    art, shape = load_students_for(model, student_path)
-    ready = frozenset(k for k, r in art.ready.items() if r)
-    if controller_path is None:
-        decide = no_controller_policy(ready, float(quality_speed), config)
-    else:
-        decide = controller_policy(controller_path, student_path, art, shape, float(quality_speed), policy_mode,
-                                   int(seed))
+    # ComfyUI runs nodes under torch.inference_mode(): modules built there hold inference tensors, which
+    # outlive this prompt in ComfyUI's cache; load the artifacts as ordinary tensors.
+    with torch.inference_mode(False):
+        art, shape = load_students_for(model, student_path)
+        ready = frozenset(k for k, r in art.ready.items() if r)
+        if controller_path is None:
+            decide = no_controller_policy(ready, float(quality_speed), config)
+        else:
+            decide = controller_policy(controller_path, student_path, art, shape, float(quality_speed),
+                                       policy_mode, int(seed))
     mode = policy_mode if controller_path is not None else "no-controller"
     holder = build_holder(art.layers, ready, decide, measure=measure, label=f"{Path(student_path).name} {mode}")
     return patch_model(model, holder)

@@ -158,17 +158,37 @@ def _mlp_tensors(mlp, dtype: torch.dtype, device: torch.device, hid: int, fp: in
     return tuple(out)
 
 
+def _version(p: torch.Tensor) -> int:
+    """``p._version``, or -1 for an inference tensor (made under ``torch.inference_mode()``, as ComfyUI
+    runs every node and sampler): those keep no version counter and reading it raises. They cannot be
+    updated in place outside inference mode; ``load_state_dict`` inside it is caught by the post hook
+    that :func:`prepared` registers. Any other in-place edit of inference-tensor weights inside
+    inference mode is not seen: call :func:`invalidate` after one."""
+    return -1 if p.is_inference() else p._version
+
+
 def _key(params: list, dtype: torch.dtype, device: torch.device) -> tuple:
     # A parameter's _version moves on every in-place update (load_state_dict, optimizer steps) and its
     # data_ptr on a move (.to()), so a stale cache is never used after the weights change.
-    return (dtype, device) + tuple((p.data_ptr(), p._version) for p in params)
+    return (dtype, device) + tuple((p.data_ptr(), p.is_inference(), _version(p)) for p in params)
+
+
+def invalidate(layer) -> None:
+    """Drop the kernel-layout weights cached on ``layer`` (the next fast call prepares them again)."""
+    layer.__dict__.pop("_fast_cache", None)
+
+
+def _drop_cache_after_load(module, incompatible_keys) -> None:  # noqa: ANN001 - nn.Module hook signature
+    # load_state_dict copies in place: inference tensors show no version change, so drop the cache here.
+    invalidate(module)
 
 
 def prepared(layer, dtype: torch.dtype, device: torch.device) -> _Prepared:
     """Kernel-layout copies of the layer's weights, cached on the layer until a parameter changes.
 
     The check is cheap (no module walk): the parameter list is taken when preparing; replacing a
-    feature MLP or the conditioner is caught by identity, an in-place update by ``_version``."""
+    feature MLP or the conditioner is caught by identity, an in-place update by ``_version`` (inference
+    tensors, which have none: see :func:`_version`), ``load_state_dict`` also by a post hook."""
     cache = getattr(layer, "_fast_cache", None)
     if (cache is not None and cache.mods[0] is layer.phi_q and cache.mods[1] is layer.phi_k
             and cache.mods[2] is layer.cond and cache.key == _key(cache.params, dtype, device)):
@@ -185,6 +205,9 @@ def prepared(layer, dtype: torch.dtype, device: torch.device) -> _Prepared:
     prep = _Prepared(_key(params, dtype, device), params, (layer.phi_q, layer.phi_k, layer.cond), pq, pk, cond,
                      alpha, hid, fp)
     object.__setattr__(layer, "_fast_cache", prep)  # plain attribute, not a buffer or parameter
+    if not layer.__dict__.get("_fast_cache_hooked", False):
+        layer.register_load_state_dict_post_hook(_drop_cache_after_load)
+        object.__setattr__(layer, "_fast_cache_hooked", True)
     return prep
 
 

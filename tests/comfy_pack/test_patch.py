@@ -391,6 +391,210 @@ def test_students_run_in_the_callers_dtype_and_step_lookup():
     with torch.inference_mode():
         out = cast(q, k, v, 4, 0.5, 4.0, height=3, width=3)
     assert out.dtype == torch.bfloat16
-    assert holder.fresh()._cast == {}
+    assert not any(p.is_inference() or p.requires_grad for p in cast.parameters())
+    again = holder.fresh()  # a new sampling run of the same patched MODEL shares the copies
+    assert again.student("single_blocks.0", torch.device("cpu"), torch.bfloat16) is cast
+    assert holder.copies.made == 1
     holder.schedule = [1.0, 0.8, 0.5, 0.0]
     assert [holder.step_of(s) for s in (1.0, 0.9, 0.8, 0.79, 0.5, 0.2)] == [0, 0, 1, 1, 2, 2]
+
+
+def test_copies_made_in_inference_mode_are_normal_tensors():
+    """The GPU bug on CPU: ComfyUI casts the students inside torch.inference_mode(); copies made there
+    were inference tensors and the fast path's weight cache raised on them."""
+    from flux2ttr.students import fast_path
+
+    with torch.inference_mode():  # the node loads the artifact here too
+        layer = HKRLayer(HKRConfig(feature_dim=8, landmark_min=2), num_heads=2)
+    holder = comfy_patch.build_holder({"single_blocks.0": layer}, {"single_blocks.0"},
+                                      comfy_patch.no_controller_policy(frozenset({"single_blocks.0"}), 1.0))
+    with torch.inference_mode():
+        cast = holder.student("single_blocks.0", torch.device("cpu"), torch.bfloat16)
+        prep = fast_path.prepared(cast, torch.bfloat16, torch.device("cpu"))  # raised before the fix
+    assert not any(p.is_inference() for p in cast.parameters())
+    assert fast_path.prepared(cast, torch.bfloat16, torch.device("cpu")) is prep
+    # a same-device, same-dtype master made in inference mode is copied too (it would stay an inference tensor)
+    with torch.inference_mode():
+        same = holder.student("single_blocks.0", torch.device("cpu"), torch.float32)
+    assert same is not layer and not any(p.is_inference() for p in same.parameters())
+    torch.testing.assert_close(same.phi_q.net[0].weight, layer.phi_q.net[0].weight, rtol=0, atol=0)
+
+
+class _Explosive:
+    """Stands in for ``transformer_options["sigmas"]``: any host read of it fails the test."""
+
+    def __float__(self) -> float:
+        raise AssertionError("attention_override read sigmas on the host")
+
+    def __getattr__(self, name: str):
+        raise AssertionError(f"attention_override used sigmas.{name}")
+
+
+def _holder_for(layer: HKRLayer, key: str = "single_blocks.0") -> comfy_patch.RoutingHolder:
+    holder = comfy_patch.build_holder({key: layer}, {key}, comfy_patch.no_controller_policy(frozenset({key}), 1.0))
+    holder.schedule = [1.0, 0.5, 0.0]
+    return holder
+
+
+def _call(holder, q, k, v, topts: dict, block_index: int = 0, block_type: str = "single"):
+    native_calls = []
+
+    def native(q, k, v, heads, **kwargs):
+        native_calls.append(q.shape)
+        return softmax64(q, k, v).to(q.dtype)
+
+    topts = {comfy_patch.HOLDER_KEY: holder, "block_type": block_type, "block_index": block_index, **topts}
+    out = comfy_patch.attention_override(native, q, k, v, q.shape[1], skip_reshape=True, mask=None,
+                                         transformer_options=topts)
+    return out, native_calls
+
+
+def test_sigma_read_once_per_denoiser_call_not_per_attention_call():
+    """The DIFFUSION_MODEL wrapper reads sigma (and guidance) to the host; attention calls never touch
+    transformer_options["sigmas"] (a host read of a CUDA tensor waits on the GPU every call)."""
+    torch.manual_seed(0)
+    layer = HKRLayer(HKRConfig(feature_dim=8, landmark_min=2), num_heads=2)
+    holder = _holder_for(layer)
+    x = torch.zeros(1, 128, 3, 3)
+    context = torch.zeros(1, 4, 64)
+    seen = {}
+
+    def executor(*args, **kwargs):
+        seen["call"] = holder.call
+        return "out"
+
+    topts = {comfy_patch.HOLDER_KEY: holder, "sigmas": torch.tensor([0.75]), "sample_sigmas": torch.tensor([1.0, 0.5, 0.0])}
+    assert comfy_patch.diffusion_model_wrapper(executor, x, torch.tensor([0.75]), context, None,
+                                               torch.tensor([3.5]), None, None, topts) == "out"
+    call = seen["call"]
+    assert (call.sigma, call.guidance, call.n_txt, call.height, call.width) == (0.75, 3.5, 4, 3, 3)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 4 + 9, 128, generator=g) for _ in range(3))
+    out, native_calls = _call(holder, q, k, v, {"sigmas": _Explosive(), "img_slice": [4, 9]})
+    assert native_calls == []
+    with torch.inference_mode():
+        want = layer(q, k, v, 4, 0.75, 3.5, height=3, width=3)
+    torch.testing.assert_close(out, want.transpose(1, 2).reshape(1, 13, 256), rtol=0, atol=0)
+    assert holder.routed_calls == {(0, "single_blocks.0", "student"): 1}
+    assert comfy_patch._host_floats(None, 2, torch.tensor([0.5, 0.25]), torch.tensor(1.5)) == [None, 2.0, 0.5, 1.5]
+
+
+@pytest.mark.parametrize("hint_key", comfy_patch.COND_TOKEN_HINTS)
+def test_conditioning_token_hints(hint_key):
+    """A hint gives the number of leading conditioning tokens: here 2 extra prefix tokens ahead of the
+    image that neither img_slice nor the context length count (4 + 2 + 3x3 tokens)."""
+    torch.manual_seed(0)
+    layer = HKRLayer(HKRConfig(feature_dim=8, landmark_min=2), num_heads=2)
+    keys = {"double_blocks.0", "single_blocks.0"}
+    holder = comfy_patch.build_holder({k: layer for k in keys}, keys, comfy_patch.no_controller_policy(frozenset(keys), 1.0))
+    holder.schedule = [1.0, 0.5, 0.0]
+    holder.call = comfy_patch.CallInfo(n_txt=4, height=3, width=3, guidance=2.0, sigma=0.75)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 6 + 9, 128, generator=g) for _ in range(3))
+    # no hint: img_slice says 4 text tokens, 4 + 9 != 15 -> native (fail-closed)
+    out, native_calls = _call(holder, q, k, v, {"img_slice": [4, 11]})
+    assert len(native_calls) == 1 and holder.fallbacks["token count is not text + latent grid (reference latents?)"] == 1
+    # the hint overrides img_slice (single blocks) and the context length (double blocks)
+    with torch.inference_mode():
+        want = layer(q, k, v, 6, 0.75, 2.0, height=3, width=3).transpose(1, 2).reshape(1, 15, 256)
+        wrong = layer(q[:, :, 1:], k[:, :, 1:], v[:, :, 1:], 5, 0.75, 2.0, height=3, width=3)
+    for topts, index, btype in (({"img_slice": [4, 11]}, 0, "single"), ({}, 0, "double")):
+        out, native_calls = _call(holder, q, k, v, {**topts, hint_key: 6}, index, btype)
+        assert native_calls == []
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+    assert (out[:, 1:] - wrong.transpose(1, 2).reshape(1, 14, 256)).abs().max() > 1e-4  # n_cond matters
+    # first present key wins; a one-element integer tensor counts; bad values stay native with a reason
+    first, *rest = comfy_patch.COND_TOKEN_HINTS
+    assert comfy_patch.cond_token_hint({rest[-1]: 3, first: torch.tensor([6])}) == 6
+    assert comfy_patch.cond_token_hint({"img_slice": [4, 11]}) is None
+    for bad in (-1, 2.5, "6", True, torch.tensor([1.0]), torch.tensor([1, 2])):
+        out, native_calls = _call(holder, q, k, v, {"img_slice": [4, 11], hint_key: bad})
+        assert len(native_calls) == 1
+    assert sum(n for r, n in holder.fallbacks.items() if r.startswith("bad conditioning-token hint") and hint_key in r) == 6
+
+
+def test_conditioning_token_hint_through_comfyui(comfy, setup):
+    """A hint put into the MODEL's transformer_options reaches the routing: a consistent one (512) routes
+    as without it, an inconsistent one sends every call native."""
+    import nodes
+
+    model = nodes.UNETLoader().load_unet(setup["unet"], "default")[0]
+    cond = [[torch.randn(1, 8, 64, generator=torch.Generator().manual_seed(1)), {"guidance": GUIDANCE}]]
+    lat = {"samples": torch.zeros(1, 128, GRID, GRID)}
+    outs = {}
+    for hint in (None, FLUX2_TXT, FLUX2_TXT - 3):
+        patched = comfy_patch.controller_node(model, setup["folder"] / "students_some.safetensors", None,
+                                              quality_speed=1.0, policy_mode="threshold", seed=0)
+        if hint is not None:
+            patched.model_options["transformer_options"]["cond_token_count"] = hint
+        outs[hint] = nodes.common_ksampler(patched, 7, STEPS, 1.0, "euler", "simple", cond, cond, lat)[0]["samples"]
+        holder = comfy_patch.last_runs()[-1]
+        routed = sum(n for (_, _, r), n in holder.routed_calls.items() if r == "student")
+        if hint == FLUX2_TXT - 3:
+            assert routed == 0 and sum(holder.fallbacks.values()) == STEPS * len(setup["ready"])
+        else:
+            assert routed == STEPS * len(setup["ready"]) and not holder.fallbacks
+    assert torch.equal(outs[None], outs[FLUX2_TXT])
+    assert torch.equal(outs[FLUX2_TXT - 3], setup["base"])  # all native: the unpatched latent
+
+
+def test_node_under_inference_mode_with_the_fast_path_weight_cache(comfy, setup, monkeypatch):
+    """The GPU bug, reproduced on CPU through the node as ComfyUI runs it (inside inference mode): the
+    fast path is made to run its first step (the weight cache) and then hand over to the eager forward."""
+    from flux2ttr.students import fast_path
+
+    prepared = []
+
+    def fast_forward(layer, q, k, v, *args, **kwargs):
+        prepared.append(fast_path.prepared(layer, q.dtype, q.device))  # what the kernel launch does first
+        return None  # "kernels do not fit": the layer runs its eager forward
+
+    monkeypatch.setattr(fast_path, "fast_path_reason", lambda *a: None)
+    monkeypatch.setattr(fast_path, "fast_forward", fast_forward)
+    res = comfy.run(workflow(setup["unet"], "students_some.safetensors", quality_speed=1.0))
+    got = latent(res)  # failed before: "Inference tensors do not track version counter"
+    holder = comfy_patch.last_runs()[-1]
+    assert len(prepared) == STEPS * len(setup["ready"])
+    assert len({id(p) for p in prepared}) == len(setup["ready"])  # prepared once per layer, then cached
+    assert all(not t.is_inference() for p in prepared for t in p.params)
+    assert holder.copies is None  # the finished run let go of the copies
+    monkeypatch.undo()
+    assert torch.equal(got, latent(comfy.run(workflow(setup["unet"], "students_some.safetensors", quality_speed=1.0))))
+
+
+def test_student_copies_once_per_patched_model_and_freed_with_it(comfy, setup):
+    """Two sampling runs of one patched MODEL share its device copies; the finished runs' holders (kept
+    by last_runs) do not keep them, so they go with the patched MODEL."""
+    import gc
+    import weakref
+
+    import nodes
+
+    model = nodes.UNETLoader().load_unet(setup["unet"], "default")[0]
+    patched = comfy_patch.controller_node(model, setup["folder"] / "students_some.safetensors", None,
+                                          quality_speed=1.0, policy_mode="threshold", seed=0)
+    key = sorted(setup["ready"], key=layer_sort_key)[0]
+
+    class Guider:
+        model_options = patched.model_options
+        cfg = 1.0
+
+    class Executor:  # stands in for CFGGuider.outer_sample: asks the run's holder for a bf16 copy
+        class_obj = Guider()
+
+        def __call__(self, *args, **kwargs):
+            with torch.inference_mode():
+                run = self.class_obj.model_options["transformer_options"][comfy_patch.HOLDER_KEY]
+                return run.student(key, torch.device("cpu"), torch.bfloat16)
+
+    sigmas = torch.tensor([1.0, 0.5, 0.0])
+    first = comfy_patch.outer_sample_wrapper(Executor(), None, None, None, sigmas)
+    second = comfy_patch.outer_sample_wrapper(Executor(), None, None, None, sigmas)
+    config = patched.model_options["transformer_options"][comfy_patch.HOLDER_KEY]
+    assert first is second and config.copies.made == 1 and len(config.copies) == 1
+    assert all(h.copies is None for h in comfy_patch.last_runs()[-2:])
+    assert config.copies.nbytes() == sum(p.numel() * 2 for p in first.parameters())
+    ref = weakref.ref(first)
+    del first, second, config, Executor, Guider, patched
+    gc.collect()
+    assert ref() is None

@@ -1,4 +1,5 @@
-"""Run the real ComfyUI headless on CPU inside a pytest process (shared by tests/test_comfy_*.py).
+"""Run the real ComfyUI headless inside a pytest process (shared by tests/test_comfy_*.py): on CPU
+(``--cpu``) by default, on the GPU with ``start_comfy(..., gpu=True)`` (the GPU tests).
 
 ComfyUI keeps module-level global state (folder paths, node registry, model management), so it is
 imported once per process: :func:`start_comfy` is called by the session fixture in ``conftest.py``.
@@ -72,13 +73,39 @@ class _PlaceholderFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass
 
 
+def _comfy_kitchen_stand_in() -> types.ModuleType:
+    """A ``comfy_kitchen`` for machines where its wheel is not installed (the GPU device: too large to carry,
+    see DESIGN.md). ComfyUI uses it for quantized ops (none here) and FLUX.2's fused RoPE; the stand-in
+    reports no int8 attention and applies RoPE with ComfyUI's own eager functions."""
+    module = types.ModuleType("comfy_kitchen")
+
+    def apply_rope(xq, xk, freqs_cis):  # noqa: ANN001, ANN202 - ComfyUI's signature
+        from comfy.ldm.flux import math as flux_math
+
+        return flux_math._apply_rope(xq, xk, freqs_cis)
+
+    def apply_rope1(x, freqs_cis):  # noqa: ANN001, ANN202
+        from comfy.ldm.flux import math as flux_math
+
+        return flux_math._apply_rope1(x, freqs_cis)
+
+    module.int8_attention_is_available = lambda *a, **k: False
+    module.flash_attention_decode_is_available = lambda *a, **k: False
+    module.apply_rope, module.apply_rope1 = apply_rope, apply_rope1
+    return module
+
+
 def install_placeholders() -> list[str]:
-    """Register import placeholders for the packages in :data:`PLACEHOLDER_PACKAGES` that are missing."""
+    """Register import placeholders for the packages in :data:`PLACEHOLDER_PACKAGES` that are missing,
+    and the :func:`_comfy_kitchen_stand_in` where ``comfy_kitchen`` is missing."""
     import diffusers  # noqa: F401 - diffusers probes optional packages' versions: import it first
 
     missing = [n for n in PLACEHOLDER_PACKAGES if importlib.util.find_spec(n) is None]
     if missing and not any(isinstance(f, _PlaceholderFinder) for f in sys.meta_path):
         sys.meta_path.append(_PlaceholderFinder(tuple(missing)))
+    if "comfy_kitchen" not in sys.modules and importlib.util.find_spec("comfy_kitchen") is None:
+        sys.modules["comfy_kitchen"] = _comfy_kitchen_stand_in()
+        missing.append("comfy_kitchen")
     return missing
 
 
@@ -102,6 +129,7 @@ class Comfy:
     base: Path
     modules: dict[str, Any]
     captured: dict[str, list[Any]] = field(default_factory=dict)
+    gpu: bool = False  # started without --cpu (ComfyUI picks the CUDA device)
 
     @property
     def nodes(self):  # noqa: ANN201
@@ -204,9 +232,12 @@ def _test_nodes(comfy: Comfy):  # noqa: ANN202 - returns V3 node classes
     return [TestConditioning, TestCapture]
 
 
-def start_comfy(base: Path) -> Comfy:
+def start_comfy(base: Path, *, gpu: bool = False) -> Comfy:
     """Import ComfyUI from :func:`comfyui_path` with temp folders under ``base``, load the built-in
-    nodes, the test-only nodes and the flux2ttr pack (through ``nodes.load_custom_node``)."""
+    nodes, the test-only nodes and the flux2ttr pack (through ``nodes.load_custom_node``).
+
+    ``gpu``: start without ``--cpu`` (ComfyUI then runs on the CUDA device). ComfyUI is imported once
+    per process, so one process runs either the CPU or the GPU ComfyUI tests."""
     root = comfyui_path()
     install_placeholders()
     for sub in ("output", "input", "user", "temp", "models"):
@@ -215,8 +246,8 @@ def start_comfy(base: Path) -> Comfy:
         sys.path.insert(0, str(root))
     saved_argv = sys.argv
     sys.argv = [
-        "main.py", "--cpu", "--base-directory", str(base), "--output-directory", str(base / "output"),
-        "--input-directory", str(base / "input"), "--user-directory", str(base / "user"),
+        "main.py", *([] if gpu else ["--cpu"]), "--base-directory", str(base), "--output-directory",
+        str(base / "output"), "--input-directory", str(base / "input"), "--user-directory", str(base / "user"),
         "--temp-directory", str(base / "temp"), "--disable-all-custom-nodes",
     ]
     try:
@@ -231,7 +262,7 @@ def start_comfy(base: Path) -> Comfy:
         sys.argv = saved_argv
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     comfy = Comfy(root=root, base=base, modules={"nodes": nodes, "execution": execution,
-                                                 "folder_paths": folder_paths})
+                                                 "folder_paths": folder_paths}, gpu=gpu)
     for node_cls in _test_nodes(comfy):
         schema = node_cls.GET_SCHEMA()
         nodes.NODE_CLASS_MAPPINGS[schema.node_id] = node_cls

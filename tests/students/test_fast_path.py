@@ -104,6 +104,34 @@ def test_prepared_weights_follow_parameter_updates():
     assert fast_path.prepared(layer, torch.bfloat16, torch.device("cpu")).phi_q[0].dtype == torch.bfloat16
 
 
+def test_prepared_weights_of_inference_tensors():
+    """Students built or moved under torch.inference_mode() (as ComfyUI runs every node and sampler) have
+    inference-tensor parameters, which keep no version counter: the weight cache must still work, and a
+    load_state_dict inside inference mode (no version change to see) must still refresh it."""
+    with torch.inference_mode():
+        layer = make_layer(small_cfg())
+        assert all(p.is_inference() for p in layer.parameters())
+        key = fast_path._key(list(layer.parameters()), torch.float16, torch.device("cpu"))
+        p1 = fast_path.prepared(layer, torch.float16, torch.device("cpu"))
+        assert fast_path.prepared(layer, torch.float16, torch.device("cpu")) is p1  # cached
+    assert fast_path._key(list(layer.parameters()), torch.float16, torch.device("cpu")) == key  # outside too
+    w = layer.phi_q.net[0].weight
+    assert torch.equal(p1.phi_q[0][:, : w.shape[0]], w.t().half())
+    other = make_layer(small_cfg(), seed=5)
+    with torch.inference_mode():
+        layer.load_state_dict(other.state_dict())  # in place: same data_ptr, no version counter
+        p2 = fast_path.prepared(layer, torch.float16, torch.device("cpu"))
+    assert p2 is not p1
+    assert torch.equal(p2.phi_q[0][:, : w.shape[0]], other.phi_q.net[0].weight.detach().t().half())
+    # an inference-mode copy moved to another dtype: new storage, new key
+    with torch.inference_mode():
+        moved = layer.to(torch.bfloat16)
+        p3 = fast_path.prepared(moved, torch.bfloat16, torch.device("cpu"))
+    assert p3 is not p2 and p3.phi_q[0].dtype == torch.bfloat16
+    fast_path.invalidate(moved)
+    assert "_fast_cache" not in moved.__dict__
+
+
 def test_sigma_cfg_arguments_never_read_on_host():
     dummy = torch.zeros(1)
     assert fast_path._scalar_or_tensor(0.25, 3, torch.device("cpu"), "sigma", dummy) == (None, 0, 0.25)
