@@ -104,11 +104,11 @@ class DistillConfig:
     min_swap_layers: int = 1  # layers trained per step: uniform in [min, max] (clamped to layer count)
     max_swap_layers: int = 4
     val_fraction: float = 0.2  # fraction of prompts held out for validation (whole prompts)
-    val_max_tuples: int = 16  # validation tuples per layer (kept in memory)
+    val_max_tuples: int = 64  # validation tuples per layer (kept in memory)
     val_batch_size: int = 4  # tuples per validation forward
     val_every: int = 50  # validate every this many steps (and at the end)
     ema_decay: float = 0.7  # EMA of the validation cosine distance: ema = d * ema + (1 - d) * new
-    readiness_threshold: float = 0.15  # ready when val cosine distance < this (cos sim > 0.85) ...
+    readiness_threshold: float = 0.02  # ready when val cosine distance < this (cos sim > 0.98) ...
     readiness_hysteresis: float = 1.2  # ... and stays ready until it exceeds 1.2 x threshold
     min_updates: int = 100  # ... and only after this many updates of the layer
     checkpoint_every: int = 100  # steps between checkpoints (and one at the end)
@@ -351,7 +351,7 @@ def validation_metrics(student: StudentLayer, batches: list[dict[str, torch.Tens
     """``val_cos_dist``, ``val_cos_sim``, ``val_nmse``, ``val_p95_err`` and ``val_tuples`` over every
     ``(tuple, head, query)`` token of ``batches`` (non-finite batches are left out)."""
     student.eval()
-    cos_d, rel = [], []
+    cos_d, rel, is_img = [], [], []
     sq_err = sq_ref = 0.0
     tuples = 0
     device = next(student.parameters()).device
@@ -360,6 +360,8 @@ def validation_metrics(student: StudentLayer, batches: list[dict[str, torch.Tens
             continue
         s = student_forward(student, _to(b, str(device))).cpu().double()  # metrics in fp64 on the CPU
         t = b["teacher_sub"].double()
+        img = (b["q_idx"] >= b["n_cond"][:, None])[:, None, :].expand(s.shape[:3])  # [B,H,Nq] image queries
+        is_img.append(img.flatten())
         cos_d.append((1.0 - F.cosine_similarity(s, t, dim=-1, eps=1e-12)).flatten())
         rel.append(((s - t).norm(dim=-1) / t.norm(dim=-1).clamp_min(1e-12)).flatten())
         sq_err += float(((s - t) ** 2).sum())
@@ -367,15 +369,20 @@ def validation_metrics(student: StudentLayer, batches: list[dict[str, torch.Tens
         tuples += int(s.shape[0])
     if not tuples:
         return {"val_tuples": 0}
-    cd, re_ = torch.cat(cos_d), torch.cat(rel)
+    cd, re_, img = torch.cat(cos_d), torch.cat(rel), torch.cat(is_img)
     mean_cd = float(cd.mean())
-    return {
+    out = {
         "val_cos_dist": mean_cd,
         "val_cos_sim": 1.0 - mean_cd,
         "val_nmse": sq_err / max(sq_ref, 1e-300),
         "val_p95_err": float(torch.quantile(re_, 0.95)),
         "val_tuples": tuples,
     }
+    # text and image queries behave differently (the window student is exact on text queries)
+    for name, sel in (("image", img), ("text", ~img)):
+        if bool(sel.any()):
+            out[f"val_{name}_cos_sim"] = 1.0 - float(cd[sel].mean())
+    return out
 
 
 def quantiles(values: list[float]) -> dict[str, float]:
@@ -527,7 +534,7 @@ class _Comet(GuardedComet):
         flat: dict[str, float] = {}
         for key, m in layer_metrics.items():
             for name in ("val_cos_dist", "val_cos_sim", "val_nmse", "val_p95_err", "val_cos_dist_ema",
-                         "alpha_sigmoid", "log_var_huber", "log_var_cosine", "train_loss"):
+                         "alpha_sigmoid", "gamma_mean", "log_var_huber", "log_var_cosine", "train_loss"):
                 if name in m and m[name] is not None:
                     flat[f"{key}/{name}"] = float(m[name])
             flat[f"{key}/ready"] = float(bool(m.get("ready")))

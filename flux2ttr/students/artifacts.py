@@ -115,6 +115,10 @@ def save_students(
             raise ArtifactError(f"{path}: layer {key} has num_heads={layer.num_heads}, header says {num_heads}")
         for name, t in layer.export_tensors().items():
             tensors[f"{key}.{name}"] = t
+    modes = sorted({layer.mode for layer in layers.values()})
+    if len(modes) != 1:
+        raise ArtifactError(f"{path}: layers of several student modes {modes}; one artifact holds one mode")
+    mode = modes[0]  # what the layers are decides, whatever mode the config would build by default
     missing_ready = sorted(set(layers) - set(ready))
     if missing_ready:
         raise ArtifactError(f"{path}: no readiness given for layer(s) {missing_ready}")
@@ -124,9 +128,9 @@ def save_students(
         "feature_dim": cfg.feature_dim,
         "head_dim": cfg.head_dim,
         "num_heads": int(num_heads),
-        "mode": cfg.mode,
+        "mode": mode,
         "alpha_format": ALPHA_FORMAT,
-        "hkr": to_dict(cfg),
+        "hkr": {**to_dict(cfg), "mode": mode},
         "layers": {k: {"ready": bool(ready[k]), "metrics": _json_clean(metrics.get(k, {}), f"metrics[{k}]")}
                    for k in layers},
         "train_config": _json_clean(train_config, "train_config"),

@@ -42,7 +42,7 @@ TEXT_QUERY_KEYS = ("all", "text_and_landmarks")
 class HKRConfig:
     """Shape and behaviour of a student layer, either mode (``params.yaml`` section ``hkr``)."""
 
-    mode: str = "hkr"  # hkr (kernel + landmark softmax, convex blend) | window (exact text + window, kernel rest)
+    mode: str = "window"  # window (exact text + window, kernel rest) | hkr (kernel + landmark softmax, convex blend)
     head_dim: int = 128  # D of the teacher's attention (FLUX.2: 128)
     feature_dim: int = 64  # F, kernel feature size; cost is O(N * F * D)
     shared_qk: bool = False  # one feature MLP for queries and keys instead of two

@@ -35,12 +35,14 @@ from flux2ttr.distill.trainer import (
 )
 from flux2ttr.students.artifacts import load_students
 from flux2ttr.students.hkr import HKRConfig, HKRLayer
+from flux2ttr.students.window import WindowLayer
 from flux2ttr.traces.loader import BatchPlanner, PrefetchLoader, split_by_prompt
 from flux2ttr.traces.store import TraceStore, TraceWriter
 from helpers.traces import TEACHER, make_store, make_tuple
 from stages.distill import run_stage
 
-HKR = HKRConfig(head_dim=16, feature_dim=8, landmark_min=2, landmark_max=4, cond_hidden=8)
+HKR = HKRConfig(mode="hkr", head_dim=16, feature_dim=8, landmark_min=2, landmark_max=4, cond_hidden=8)
+WINDOW = HKRConfig(mode="window", head_dim=16, feature_dim=8, window_tile=[2, 2], window_radius=1, cond_hidden=8)
 LAYERS = ("single_blocks.0", "single_blocks.1", "single_blocks.2")
 
 
@@ -107,6 +109,26 @@ def test_training_learns_structured_attention(tmp_path):
     before = validation_metrics(init, load_val_batches(s, split, "single_blocks.0", cfg))["val_cos_dist"]
     after = res.layer_metrics["single_blocks.0"]["val_cos_dist"]
     assert before > 0.2 and after < 0.5 * before
+
+
+def test_window_mode_learns_the_complement_and_round_trips(tmp_path):
+    """Attention that is global, not local (queries share a direction per head): the window's exact part
+    sees little of it, so what the student gains comes from the kernel term learning the rest."""
+    store = make_store(tmp_path / "focus.zarr", layers=("single_blocks.0",), prompts=5, steps=4, focus=2.0,
+                       hgrid=12, wgrid=12)  # the 2x2-tile, radius-1 window sees at most 6x6 of the 12x12 grid
+    cfg = config(tmp_path, store, steps=120, val_every=40, checkpoint_every=120, lr=2e-3)
+    res = train(cfg, WINDOW, expected_teacher=TEACHER)
+    s = TraceStore.open(store)
+    batches = load_val_batches(s, split_by_prompt(s, cfg.val_fraction, cfg.seed), "single_blocks.0", cfg)
+    init = _build_layer("single_blocks.0", cfg, WINDOW, num_heads=2).student
+    before = validation_metrics(init, batches)["val_cos_dist"]
+    after = res.layer_metrics["single_blocks.0"]["val_cos_dist"]
+    assert after < 0.7 * before
+    assert "gamma_mean" in res.layer_metrics["single_blocks.0"]
+    art = load_students(cfg.artifact)
+    assert art.header["mode"] == "window" and isinstance(art.layers["single_blocks.0"], WindowLayer)
+    again = validation_metrics(art.layers["single_blocks.0"], batches)
+    assert again["val_cos_dist"] == pytest.approx(after, rel=1e-9)
 
 
 def test_resume_is_bit_identical(tmp_path, store):

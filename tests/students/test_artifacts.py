@@ -29,7 +29,7 @@ TEACHER = {"kind": "tiny", "seed": 0, "sha256": "ab" * 32}
 
 
 def cfg_(**kw) -> HKRConfig:
-    return HKRConfig(**{**dict(head_dim=16, feature_dim=8, cond_hidden=8, landmark_min=2), **kw})
+    return HKRConfig(**{**dict(mode="hkr", head_dim=16, feature_dim=8, cond_hidden=8, landmark_min=2), **kw})
 
 
 def make_layers(cfg: HKRConfig, seed: int = 0) -> dict[str, HKRLayer]:
