@@ -28,6 +28,9 @@ from flux2ttr.traces.store import STORAGE_DTYPES, TraceStore, TraceTuple, TraceW
 MIB = 2**20
 
 
+LAYER_SETS = ("all_single", "all")
+
+
 @dataclass
 class CaptureConfig:
     """params.yaml section ``capture``."""
@@ -36,7 +39,7 @@ class CaptureConfig:
     store: str = "traces/capture.zarr"  # the trace store written (atomically)
     metrics: str = "metrics/capture.json"  # offered/kept counts and timings; "" = none
     queries: int = 64  # query positions per tuple (all tokens when N is smaller)
-    layers: list[str] | str = "all_single"  # layer keys, or "all_single"
+    layers: list[str] | str = "all_single"  # layer keys, or "all_single", or "all" (double blocks too)
     steps: list[int] | str = "all"  # 0-based denoising steps, or "all"
     rollouts: int = 1  # sampling runs per prompt; rollout r of prompt i uses seed sampler.seed + r*P + i
     storage_dtype: str = "float16"  # float16 | bfloat16 | float32
@@ -54,8 +57,8 @@ class CaptureConfig:
                 raise ConfigError(f"capture.{name} must be >= 1, got {getattr(self, name)}")
         if self.budget_mib <= 0 or self.shard_mib <= 0:
             raise ConfigError("capture.budget_mib and capture.shard_mib must be positive")
-        if isinstance(self.layers, str) and self.layers != "all_single":
-            raise ConfigError(f"capture.layers must be a list of layer keys or 'all_single', got {self.layers!r}")
+        if isinstance(self.layers, str) and self.layers not in LAYER_SETS:
+            raise ConfigError(f"capture.layers must be a list of layer keys or one of {LAYER_SETS}, got {self.layers!r}")
         if isinstance(self.steps, str) and self.steps != "all":
             raise ConfigError(f"capture.steps must be a list of step indices or 'all', got {self.steps!r}")
 
@@ -64,6 +67,8 @@ def resolve_layers(cfg: CaptureConfig, available: list[str], single: list[str]) 
     """The layer keys to capture, in execution order; unknown keys are a :class:`ConfigError`."""
     if cfg.layers == "all_single":
         return list(single)
+    if cfg.layers == "all":  # double blocks (joint attention, text first) and single blocks
+        return sorted(available, key=layer_sort_key)
     layers = [str(k) for k in cfg.layers]
     unknown = sorted(set(layers) - set(available))
     if unknown:

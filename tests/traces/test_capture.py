@@ -120,6 +120,23 @@ def test_layer_and_step_selection_and_budget(teacher, tmp_path):
     assert seeds <= {100 + r * 3 + i for r in range(2) for i in range(3)}
 
 
+def test_all_layers_include_the_double_blocks(teacher, tmp_path):
+    """layers: all captures the double blocks too: joint attention, text first, the same tuple contract."""
+    cfg = CaptureConfig(store=str(tmp_path / "c.zarr"), queries=12, layers="all", steps=[0], storage_dtype="float32",
+                        budget_mib=64, batch_size=3)
+    capture(teacher, PROMPTS, cfg, sampler_cfg(), progress=False)
+    store = TraceStore.open(tmp_path / "c.zarr")
+    assert store.layers == teacher.layer_keys and store.layers[0] == "double_blocks.0"
+    batch = store.read("double_blocks.0", N, list(range(3)))
+    for i in range(3):
+        assert int(batch["n_cond"][i]) == N_COND
+        ref = fp64_attention(batch["q_sub"][i], batch["k"][i], batch["v"][i])
+        assert np.abs(batch["teacher_sub"][i].numpy() - ref).max() < 1e-5 * np.abs(ref).max()
+    # a double block's attention differs from the single blocks' (it is another layer, not a copy)
+    single = store.read("single_blocks.0", N, [0])
+    assert not torch.allclose(single["k"][0], batch["k"][0])
+
+
 def test_bad_layer_and_step_selection(teacher, tmp_path):
     cfg = CaptureConfig(store=str(tmp_path / "c.zarr"), layers=["single_blocks.7"])
     with pytest.raises(ConfigError, match=r"capture.layers: \['single_blocks.7'\] are not layers"):
