@@ -1,5 +1,7 @@
 """Offline numbers hold online: per-layer cosine between student and native attention measured inside
-the real ComfyUI while it samples the pipeline's teacher, next to the artifact's validation figure.
+the real ComfyUI while it samples the pipeline's teacher, next to the artifact's validation figure; and
+what a user sees: the final latent of the routed run (``quality_speed`` 1, every ready layer on its
+student) against the native run's, as a share of its norm.
 
 Run from a project folder where the pipeline has produced ``teachers/tiny`` and
 ``artifacts/flux2_ttr.safetensors`` (``dvc repro distill``):
@@ -67,7 +69,19 @@ def main() -> None:
         nodes.common_ksampler(patched, scfg.seed + i, scfg.steps, 1.0, "euler", "simple", cond, cond, lat)
         for key, (value, _) in comfy_patch.online_vs_offline(comfy_patch.last_runs()[-1], art.metrics).items():
             online.setdefault(key, []).append(value)
+    routed = comfy_patch.controller_node(model, art.path, None, quality_speed=1.0, policy_mode="threshold", seed=0)
+    drift = []
+    for i, prompt in enumerate(prompts):
+        cond = [[teacher.encode_prompts([prompt]), {"guidance": scfg.guidance}]]
+        lat = {"samples": torch.zeros(1, 128, scfg.height // 16, scfg.width // 16)}
+        native = nodes.common_ksampler(model, scfg.seed + i, scfg.steps, 1.0, "euler", "simple", cond, cond, lat)
+        student = nodes.common_ksampler(routed, scfg.seed + i, scfg.steps, 1.0, "euler", "simple", cond, cond, lat)
+        a, b = native[0]["samples"].double(), student[0]["samples"].double()
+        drift.append(float((b - a).norm() / a.norm()))
     print(f"{len(prompts)} prompts x {scfg.steps} steps, {scfg.width}x{scfg.height} px, guidance {scfg.guidance}")
+    print(f"final latent, routed (quality_speed 1, {sum(art.ready.values())} ready layers) vs native: "
+          f"{100 * sum(drift) / len(drift):.2f}% of its norm on average (per prompt: "
+          f"{', '.join(f'{100 * d:.2f}%' for d in drift)})")
     print(f"| layer | ready | offline {comfy_patch.OFFLINE_COSINE_METRIC} | online cosine (ComfyUI) | online - offline |")
     print("| --- | --- | --- | --- | --- |")
     for key, values in online.items():

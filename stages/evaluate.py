@@ -8,7 +8,7 @@ from flux2ttr.atomic import atomic_write_json, file_sha256
 from flux2ttr.config import load_section, to_dict
 from flux2ttr.contract import layer_sort_key
 from flux2ttr.routing.controller import load_controller
-from flux2ttr.routing.evaluate import EvaluateConfig, EvaluateError, evaluate, image_grid, plot_quality_vs_speed
+from flux2ttr.routing.evaluate import EvaluateConfig, evaluate, image_grid, plot_quality_vs_speed
 from flux2ttr.routing.quality import QualityConfig, QualityLoss
 from flux2ttr.routing.rollouts import RolloutStore
 from flux2ttr.students.artifacts import load_students
@@ -24,8 +24,7 @@ def run_stage(params_path: Path) -> None:
     qcfg = load_section(QualityConfig, "quality", params_path)
     store = RolloutStore(cfg.rollouts)
     teacher = load_teacher(tcfg)
-    if store.teacher.get("sha256") != teacher.identity.get("sha256"):
-        raise EvaluateError(f"{cfg.rollouts}: rollouts were made with another teacher; rerun the rollout stage")
+    store.check_teacher(teacher)
     art = load_students(cfg.students, expect_num_heads=teacher.num_heads, expect_head_dim=teacher.head_dim)
     controller, layer_keys = load_controller(cfg.controller, student_sha256=file_sha256(cfg.students),
                                              expect_layers=sorted(art.layers, key=layer_sort_key))

@@ -10,7 +10,7 @@ from flux2ttr.comet_log import GuardedComet
 from flux2ttr.config import load_section, to_dict
 from flux2ttr.routing.quality import QualityConfig, QualityLoss
 from flux2ttr.routing.rollouts import RolloutStore
-from flux2ttr.routing.training import ControllerTrainConfig, ControllerTrainer, ControllerTrainError, write_records
+from flux2ttr.routing.training import ControllerTrainConfig, ControllerTrainer, write_records
 from flux2ttr.students.artifacts import load_students
 from flux2ttr.teachers.teacher import TeacherConfig, load_teacher
 from stages import main
@@ -24,8 +24,7 @@ def run_stage(params_path: Path) -> None:
     qcfg = load_section(QualityConfig, "quality", params_path)
     store = RolloutStore(cfg.rollouts)
     teacher = load_teacher(tcfg)
-    if store.teacher.get("sha256") != teacher.identity.get("sha256"):
-        raise ControllerTrainError(f"{cfg.rollouts}: rollouts were made with another teacher; rerun the rollout stage")
+    store.check_teacher(teacher)
     art = load_students(cfg.students, expect_num_heads=teacher.num_heads, expect_head_dim=teacher.head_dim)
     quality = QualityLoss(qcfg)
     comet = GuardedComet(params_path, "train_controller", {"controller": to_dict(cfg), "quality": to_dict(qcfg)})

@@ -123,6 +123,12 @@ class RolloutStore:
         self.teacher: dict[str, Any] = dict(self.meta.get("teacher") or {})
         self.entries_meta: list[dict[str, Any]] = list(self.meta["entries"])
 
+    def check_teacher(self, teacher: Any) -> RolloutStore:
+        """This store, after checking it was sampled by ``teacher`` (same weights' sha256)."""
+        if self.teacher.get("sha256") != teacher.identity.get("sha256"):
+            raise RolloutStoreError(f"{self.path}: rollouts were made with another teacher; rerun the rollout stage")
+        return self
+
     def __len__(self) -> int:
         return len(self.entries_meta)
 
