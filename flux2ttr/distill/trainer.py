@@ -56,7 +56,7 @@ from flux2ttr.config import load_section, to_dict
 from flux2ttr.contract import layer_sort_key
 from flux2ttr.distill.readiness import Readiness
 from flux2ttr.provenance import source_digest
-from flux2ttr.seeds import derive_seed
+from flux2ttr.seeds import derive_seed, generator
 from flux2ttr.students.artifacts import save_students
 from flux2ttr.students.build import build_student
 from flux2ttr.students.hkr import HKRConfig
@@ -74,6 +74,7 @@ from flux2ttr.traces.loader import (
 )
 from flux2ttr.traces.store import TraceStore, TraceStoreError
 
+JITTER_STREAM = 0x3AD1  # separates the window-radius draws from other seeded streams
 _BATCH_TENSORS = ("q_sub", "k", "v", "teacher_sub", "sigma", "cfg")
 
 
@@ -108,6 +109,7 @@ class DistillConfig:
     val_batch_size: int = 4  # tuples per validation forward
     val_every: int = 50  # validate every this many steps (and at the end)
     ema_decay: float = 0.7  # EMA of the validation cosine distance: ema = d * ema + (1 - d) * new
+    window_radius_jitter: bool = True  # window students train at radii drawn from 0..window_radius (see train_step)
     readiness_threshold: float = 0.02  # ready when val cosine distance < this (cos sim > 0.98) ...
     readiness_hysteresis: float = 1.2  # ... and stays ready until it exceeds 1.2 x threshold
     min_updates: int = 100  # ... and only after this many updates of the layer
@@ -264,7 +266,7 @@ def _finite(batch: dict[str, torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(batch[k]).all()) for k in _BATCH_TENSORS)
 
 
-def student_forward(student: StudentLayer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def student_forward(student: StudentLayer, batch: dict[str, torch.Tensor], **kw: Any) -> torch.Tensor:
     """Student output ``[B, H, Nq, D]`` at the stored query positions of a batch from
     :meth:`TraceStore.read`. Rows with different ``(n_cond, h, w)`` run as separate sub-batches."""
     geo = torch.stack([batch["n_cond"], batch["h"], batch["w"]], dim=1)
@@ -275,7 +277,7 @@ def student_forward(student: StudentLayer, batch: dict[str, torch.Tensor]) -> to
         n_cond, h, w = (int(x) for x in g)
         sel = slice(None) if rows.numel() == geo.shape[0] else rows
         o = student(batch["q_sub"][sel], batch["k"][sel], batch["v"][sel], n_cond, batch["sigma"][sel],
-                    batch["cfg"][sel], height=h, width=w, q_idx=batch["q_idx"][rows])
+                    batch["cfg"][sel], height=h, width=w, q_idx=batch["q_idx"][rows], **kw)
         out[sel] = o.to(out.dtype)
     return out
 
@@ -290,6 +292,17 @@ def _to(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def _train_variant(st: LayerState, cfg: DistillConfig) -> dict[str, Any]:
+    """Forward options of this update: a window student trains at a radius drawn from 0..window_radius
+    (a pure function of seed and update count, so resume stays exact); at the capture resolution the
+    configured window may hold every key and leave the kernel term nothing to learn."""
+    if not (cfg.window_radius_jitter and getattr(st.student, "mode", "") == "window"):
+        return {}
+    top = int(st.student.config.window_radius)
+    g = generator(cfg.seed, st.updates, JITTER_STREAM)
+    return {"radius": int(torch.randint(0, top + 1, (1,), generator=g))}
+
+
 def train_step(st: LayerState, batch: dict[str, torch.Tensor], cfg: DistillConfig) -> bool:
     """One update of one layer; returns False (and counts it) when the batch or its loss/gradients
     are not finite, in which case nothing changes."""
@@ -298,7 +311,7 @@ def train_step(st: LayerState, batch: dict[str, torch.Tensor], cfg: DistillConfi
         st.skipped_nonfinite += 1
         return False
     st.student.train()
-    out = student_forward(st.student, batch)
+    out = student_forward(st.student, batch, **_train_variant(st, cfg))
     total, parts = st.loss(out, batch["teacher_sub"])
     if not bool(torch.isfinite(total)):
         st.skipped_nonfinite += 1
@@ -382,7 +395,22 @@ def validation_metrics(student: StudentLayer, batches: list[dict[str, torch.Tens
     for name, sel in (("image", img), ("text", ~img)):
         if bool(sel.any()):
             out[f"val_{name}_cos_sim"] = 1.0 - float(cd[sel].mean())
+    if getattr(student, "mode", "") == "window" and bool(img.any()):
+        out["val_kernel_cos_sim"] = _image_cos_at_radius0(student, batches, device)
     return out
+
+
+def _image_cos_at_radius0(student: StudentLayer, batches: list[dict[str, torch.Tensor]], device) -> float:
+    """Image-query cosine with each window shrunk to the query's own tile: how well the kernel term carries
+    the mass a window leaves out (at the capture resolution the full window may hold every key)."""
+    cos = []
+    for b in batches:
+        if not _finite(b):
+            continue
+        s = student_forward(student, _to(b, str(device)), radius=0).cpu().double()
+        img = (b["q_idx"] >= b["n_cond"][:, None])[:, None, :].expand(s.shape[:3])
+        cos.append(F.cosine_similarity(s, b["teacher_sub"].double(), dim=-1, eps=1e-12)[img])
+    return float(torch.cat(cos).mean())
 
 
 def quantiles(values: list[float]) -> dict[str, float]:

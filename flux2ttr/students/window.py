@@ -43,15 +43,15 @@ def window_tile_ranges(pos: torch.Tensor, tile: int, radius: int) -> tuple[torch
 
 
 def exact_key_mask(q_pos: torch.Tensor, n_cond: int, height: int, width: int, cfg: HKRConfig,
-                   landmarks: torch.Tensor | None = None) -> torch.Tensor:
+                   landmarks: torch.Tensor | None = None, radius: int | None = None) -> torch.Tensor:
     """``[..., Nq, N]`` bool: key ``j`` is in the exact set of the query at token position ``q_pos [..., Nq]``.
 
     ``landmarks [L]``: absolute token indices of image landmarks seen exactly by every query (``None``
-    or empty: none)."""
+    or empty: none). ``radius`` overrides ``cfg.window_radius`` (training and diagnostics)."""
     device = q_pos.device
     n = n_cond + height * width
     th, tw = (int(x) for x in cfg.window_tile)
-    radius = int(cfg.window_radius)
+    radius = int(cfg.window_radius if radius is None else radius)
     key = torch.arange(n, device=device)
     key_img = (key - n_cond).clamp(min=0)
     key_tr = torch.div(torch.div(key_img, width, rounding_mode="floor"), th, rounding_mode="floor")
@@ -115,15 +115,18 @@ class WindowLayer(StudentLayer):
         height: int,
         width: int,
         q_idx: torch.Tensor | None = None,
+        radius: int | None = None,
     ) -> torch.Tensor:
         """Student attention output ``[B, H, Nq or N, D]`` in ``q.dtype``.
 
         ``q [B,H,N,D]`` (or ``[B,H,Nq,D]``, the queries at token positions ``q_idx`` ``[Nq]`` or
         ``[B, Nq]``), ``k, v [B,H,N,D]`` with ``N = n_cond + height * width``. ``sigma``/``cfg`` are part
-        of the call contract; this mode does not condition on them.
+        of the call contract; this mode does not condition on them. ``radius`` (latent tokens) overrides
+        the configured window radius: distill trains at smaller windows so the kernel term learns what a
+        window at a higher resolution leaves to it.
         """
         self._check(q, k, v, n_cond, height, width, q_idx)
-        if self.config.fast_path and q_idx is None:
+        if self.config.fast_path and q_idx is None and radius is None:
             out = _fast(self, q, k, v, n_cond, sigma, cfg, height, width)
             if out is not None:
                 return out
@@ -140,7 +143,7 @@ class WindowLayer(StudentLayer):
             pk = phi_k(kf)  # [B,H,N,F]
             for s in range(0, nq, step):
                 qc = q[:, :, s:s + step].float()
-                mask = exact_key_mask(pos[..., s:s + step], n_cond, height, width, self.config, lm)
+                mask = exact_key_mask(pos[..., s:s + step], n_cond, height, width, self.config, lm, radius)
                 mask = mask[None, None] if mask.dim() == 2 else mask[:, None]  # [B|1, 1, c, N]
                 scores = (qc @ kf.transpose(-1, -2)) / math.sqrt(d)  # [B,H,c,N]
                 scores = scores.masked_fill(~mask, float("-inf"))
