@@ -538,7 +538,9 @@ def summary_lines(layer_metrics: dict[str, dict[str, Any]], threshold: float) ->
             f"cos_sim {('%.4f' % (1 - cd)) if cd is not None else 'n/a':>7}  cos_dist "
             f"{('%.4f' % cd) if cd is not None else 'n/a':>7}  nmse {m.get('val_nmse', float('nan')):.4f}  "
             f"p95_err {m.get('val_p95_err', float('nan')):.3f}  updates {m.get('updates', 0)}  "
-            f"skipped {m.get('skipped_nonfinite', 0)}  alpha {m.get('alpha', float('nan')):.4f}"
+            f"skipped {m.get('skipped_nonfinite', 0)}  "
+            + (f"gamma {m['gamma_mean']:.4f}  kernel cos {m.get('val_kernel_cos_sim', float('nan')):.4f}"
+               if "gamma_mean" in m else f"alpha {m.get('alpha', float('nan')):.4f}")
         )
     dists = [m["val_cos_dist"] for m in layer_metrics.values() if "val_cos_dist" in m]
     q = quantiles(dists)
