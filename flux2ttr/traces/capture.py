@@ -43,7 +43,7 @@ class CaptureConfig:
     steps: list[int] | str = "all"  # 0-based denoising steps, or "all"
     rollouts: int = 1  # sampling runs per prompt; rollout r of prompt i uses seed sampler.seed + r*P + i
     storage_dtype: str = "float16"  # float16 | bfloat16 | float32
-    budget_mib: float = 640.0  # global budget: uncompressed bytes of all kept tuples
+    budget_mib: float = 800.0  # global budget: uncompressed bytes of all kept tuples
     batch_size: int = 4  # prompts per sampler batch
     seed: int = 0  # query draws and reservoir priorities
     shard_mib: float = 16.0  # target size of one shard file (k, v arrays)
