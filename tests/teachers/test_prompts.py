@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parents[2]
 def test_shipped_prompt_files_load():
     capture = load_prompts(REPO / "data/prompts/capture.json")
     controller = load_prompts(REPO / "data/prompts/controller.json")
-    assert 8 <= len(capture) <= 16 and 4 <= len(controller) <= 6
+    # enough capture prompts that the held-out fifth gives >= 32 validation tuples per layer, few enough for a CPU
+    assert 32 <= len(capture) <= 64 and 4 <= len(controller) <= 6
     assert len(set(capture)) == len(capture)
     assert not set(capture) & set(controller)  # controller prompts are held out from capture
 
