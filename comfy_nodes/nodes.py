@@ -109,8 +109,13 @@ class LoadPromptListFromJSON(io.ComfyNode):
             node_id="LoadPromptListFromJSON",
             display_name="Load Prompt List From JSON",
             category="utils/flux2ttr",
-            description="A JSON file holding an array of prompt strings (relative paths: ComfyUI's input folder).",
-            inputs=[io.String.Input("json_path", default="prompts.json")],
+            description="Reads a JSON file holding an array of prompt strings from ComfyUI's input folder (only "
+                        "there: paths leaving it, through .. or symlinks, and absolute paths elsewhere are refused).",
+            inputs=[io.String.Input(
+                "json_path", default="prompts.json",
+                tooltip="Path of a .json file inside ComfyUI's input folder, relative to it (prompts.json, "
+                        "lists/cats.json); an absolute path is accepted only inside that folder. The file must "
+                        "hold a JSON array of non-empty strings.")],
             outputs=[io.String.Output("prompts", is_output_list=True)],
         )
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from flux2ttr.config import Flux2TTRError
 from flux2ttr.versioned_file import VersionedFile
 
 FORMAT = "flux2ttr.checkpoint"
@@ -23,7 +24,7 @@ SCHEMA_VERSION = 1
 METADATA_KEY = "flux2ttr.checkpoint"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ValueError, Flux2TTRError):
     """A checkpoint file is missing, corrupt, or belongs to another training setup."""
 
 

@@ -1,7 +1,10 @@
 """The ``flux2ttr`` command line: every DVC stage, plus ``inspect`` and ``comfy-install``.
 
 Each stage command calls ``run_stage(params_path)`` of the project's ``stages/<name>.py`` (imported
-lazily so that ``flux2ttr --help`` stays fast), the same function ``dvc repro`` runs.
+lazily so that ``flux2ttr --help`` stays fast), the same function ``dvc repro`` runs. A config or input
+error (the project's own error classes: a bad ``params.yaml``, a missing or mismatched input) prints one
+line ``<stage>: <message>`` on stderr and exits 1; ``flux2ttr --debug <stage>`` (or ``FLUX2TTR_DEBUG=1``)
+shows its traceback. Other exceptions are bugs and always show theirs.
 
 The CLI needs the ``pipeline`` extra; the core install (what goes into ComfyUI's Python) lacks it, and
 then ``flux2ttr`` exits with one line naming the extra instead of a traceback.
@@ -14,6 +17,8 @@ import importlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+
+from flux2ttr.config import DEBUG_ENV, report_input_errors
 
 PIPELINE_INSTALL = 'pip install "flux2ttr[pipeline]"'
 
@@ -34,6 +39,9 @@ _PARAMS = click.option(
     "--params", "params_path", type=click.Path(path_type=Path), default=Path("params.yaml"),
     show_default=True, help="params file holding every tunable number",
 )
+
+_DEBUG = click.option("--debug", is_flag=True, default=False,
+                      help=f"show the traceback of a config or input error (also {DEBUG_ENV}=1)")
 
 # command name -> module of stages/ (beside params.yaml) whose run_stage(params_path) does the work
 STAGES = {
@@ -77,15 +85,26 @@ def pipeline_needed() -> Iterator[None]:
 
 
 @click.group()
-def main() -> None:
+@_DEBUG
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
     """flux2ttr: cheaper high-resolution FLUX.2 through distilled attention students."""
+    ctx.ensure_object(dict)["debug"] = debug
+
+
+def _debug(ctx: click.Context, debug: bool) -> bool:
+    """``--debug`` given to the command or to ``flux2ttr`` itself."""
+    return debug or bool((ctx.find_root().obj or {}).get("debug"))
 
 
 def _stage_command(name: str) -> click.Command:
     @click.command(name=name, help=f"Run the '{name}' pipeline stage (what `dvc repro` runs).")
     @_PARAMS
-    def command(params_path: Path) -> None:
-        run_stage(name, params_path)
+    @_DEBUG
+    @click.pass_context
+    def command(ctx: click.Context, params_path: Path, debug: bool) -> None:
+        with report_input_errors(name, debug=_debug(ctx, debug)):
+            run_stage(name, params_path)
 
     return command
 
@@ -107,11 +126,14 @@ for _name in STAGES:
               help="tuples per layer the attention-mass report reads (0: no report)")
 @click.option("--mass-plot", type=click.Path(path_type=Path), default=None,
               help="PNG of attention mass and restricted-softmax cosine vs window radius")
-def inspect_cmd(store: Path, as_json: bool, heatmap_layer: str | None, out_path: Path | None, queries: int,
-                tile: tuple[int, int], radius: int, mass_tuples: int, mass_plot: Path | None) -> None:
+@_DEBUG
+@click.pass_context
+def inspect_cmd(ctx: click.Context, store: Path, as_json: bool, heatmap_layer: str | None, out_path: Path | None,
+                queries: int, tile: tuple[int, int], radius: int, mass_tuples: int, mass_plot: Path | None,
+                debug: bool) -> None:
     """Summarise a captured trace STORE: contents, where the teacher's attention mass lies (text, 2-D
     windows, window-student tiles), and optionally attention heatmaps."""
-    with pipeline_needed():
+    with pipeline_needed(), report_input_errors("inspect", debug=_debug(ctx, debug)):
         from flux2ttr.traces import inspect as inspect_mod  # noqa: PLC0415
 
         inspect_mod.run_inspect(store, as_json=as_json, heatmap_layer=heatmap_layer, out_path=out_path,

@@ -2,7 +2,8 @@
 
 - :func:`random_seed_batch`: ``count`` seeds from a base seed (SplitMix64, so the same base seed
   always gives the same list, on every machine).
-- :func:`load_prompt_list`: a strict JSON array of non-empty strings from a file.
+- :func:`load_prompt_list`: a strict JSON array of non-empty strings from a file inside one folder
+  (ComfyUI's input folder); errors never quote the file's content.
 - :func:`clocked_sweep`: one sweep value per clock entry, the values held over equal contiguous
   segments of the clock (the last segment takes the remainder).
 - :func:`combinations`: up to four value lists expanded so that, read position by position, the
@@ -20,6 +21,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from flux2ttr.config import Flux2TTRError
+
 MASK64 = (1 << 64) - 1
 # SplitMix64 constants (Steele, Lea, Flood 2014): the golden-ratio increment and the two mix multipliers.
 _SPLITMIX_GAMMA = 0x9E3779B97F4A7C15
@@ -31,7 +34,7 @@ MAX_COMBINATIONS = 65536  # Cartesian products beyond this would stall a ComfyUI
 SEED_MAX = MASK64         # ComfyUI seeds are unsigned 64-bit
 
 
-class UtilityInputError(ValueError):
+class UtilityInputError(ValueError, Flux2TTRError):
     """Bad input to a utility node; the message names the input and the fix."""
 
 
@@ -58,34 +61,79 @@ def random_seed_batch(base_seed: int, count: int) -> list[int]:
     return seeds
 
 
-def load_prompt_list(path: str | Path, base_dir: str | Path | None = None) -> list[str]:
-    """Read a JSON file holding exactly an array of non-empty strings (a relative ``path`` is taken
-    relative to ``base_dir``, ComfyUI's input folder in the node)."""
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.relative_to(folder)
+    except ValueError:
+        return False
+    return True
+
+
+def load_prompt_list(path: str | Path, base_dir: str | Path) -> list[str]:
+    """Read a JSON file holding exactly an array of non-empty strings, from inside ``base_dir`` only
+    (ComfyUI's input folder in the node).
+
+    ``path`` is relative to ``base_dir``, or absolute inside it; after resolving ``..`` and symlinks it
+    must still lie inside ``base_dir``, else it is refused before anything is read (so the node cannot
+    read, or probe for, other files of the machine). Error messages name the path, the item index and its
+    type, never the file's content."""
     raw = str(path).strip()
     if not raw:
         raise UtilityInputError("LoadPromptListFromJSON: json_path is empty; give the path of a .json file "
-                                "holding an array of prompt strings")
-    p = Path(raw).expanduser()
-    if not p.is_absolute() and base_dir is not None:
-        p = Path(base_dir) / p
-    if not p.is_file():
-        raise UtilityInputError(f"LoadPromptListFromJSON: {p} not found (absolute path, or relative to {base_dir})")
+                                "in ComfyUI's input folder holding an array of prompt strings")
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UtilityInputError(f"LoadPromptListFromJSON: {p} is not valid UTF-8 JSON: {e}") from e
+        base = Path(base_dir).resolve()
+        given = Path(raw)
+        p = (given if given.is_absolute() else base / given).resolve()
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte, ...
+        raise UtilityInputError(f"LoadPromptListFromJSON: json_path {raw!r} cannot be resolved; give a file "
+                                f"in ComfyUI's input folder ({base_dir})") from None
+    if not _inside(p, base):
+        raise UtilityInputError(f"LoadPromptListFromJSON: json_path {raw!r} lies outside ComfyUI's input folder; "
+                                f"put the file in {base} and give its path relative to that folder")
+    shown = p.relative_to(base).as_posix() or "."
+    if not p.is_file():
+        raise UtilityInputError(f"LoadPromptListFromJSON: {shown} not found in ComfyUI's input folder ({base})")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise UtilityInputError(f"LoadPromptListFromJSON: {shown} cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise UtilityInputError(f"LoadPromptListFromJSON: {shown} is not UTF-8 text (bad byte at offset {e.start}); "
+                                "save it as UTF-8 JSON") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        # e.msg is the parser's description ("Expecting value"), never the text itself
+        raise UtilityInputError(f"LoadPromptListFromJSON: {shown} is not valid JSON ({e.msg} at line {e.lineno}, "
+                                f"column {e.colno})") from None
     if not isinstance(data, list):
-        raise UtilityInputError(f"LoadPromptListFromJSON: {p} must hold a JSON array of strings, "
-                                f"found a {type(data).__name__}")
+        raise UtilityInputError(f"LoadPromptListFromJSON: {shown} must hold a JSON array of strings, "
+                                f"found {_json_kind(data)}")
     if not data:
-        raise UtilityInputError(f"LoadPromptListFromJSON: {p} holds an empty array; add at least one prompt")
+        raise UtilityInputError(f"LoadPromptListFromJSON: {shown} holds an empty array; add at least one prompt")
     for i, item in enumerate(data):
         if not isinstance(item, str):
-            raise UtilityInputError(f"LoadPromptListFromJSON: {p} item {i} is a {type(item).__name__} "
-                                    f"({item!r}); every item must be a string")
+            raise UtilityInputError(f"LoadPromptListFromJSON: {shown} item {i} is {_json_kind(item)}; every item "
+                                    "must be a string")
         if not item.strip():
-            raise UtilityInputError(f"LoadPromptListFromJSON: {p} item {i} is an empty string")
+            raise UtilityInputError(f"LoadPromptListFromJSON: {shown} item {i} is an empty string")
     return list(data)
+
+
+def _json_kind(value: object) -> str:
+    """The JSON type of a parsed value, with its article ("an object", "a number", ...)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    return "a string" if isinstance(value, str) else f"a {type(value).__name__}"
 
 
 _SPLIT = re.compile(r"[,\s]+")

@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from flux2ttr.atomic import atomic_write_bytes
-from flux2ttr.config import ConfigError
+from flux2ttr.config import ConfigError, Flux2TTRError, check_range
 from flux2ttr.routing.controller import sample_mask, threshold_mask
 from flux2ttr.routing.rollouts import RolloutStore, TeacherRollout
 from flux2ttr.routing.student_rollout import make_router, run_student_rollout
@@ -43,7 +43,7 @@ from flux2ttr.students.artifacts import StudentArtifact
 MODES = ("stochastic", "threshold")
 
 
-class EvaluateError(RuntimeError):
+class EvaluateError(RuntimeError, Flux2TTRError):
     """The evaluate stage cannot run on its inputs (message names the file and the fix)."""
 
 
@@ -76,6 +76,7 @@ class EvaluateConfig:
             raise ConfigError("evaluate.reference_quality_speed must be in [0, 1]")
         if self.random_repeats < 1 or self.timing_repeats < 1 or self.grid_rollouts < 1:
             raise ConfigError("evaluate.random_repeats, timing_repeats and grid_rollouts must be >= 1")
+        check_range("evaluate", self, "seed", ge=0)
 
 
 # ------------------------------------------------------------------------------------------ masks

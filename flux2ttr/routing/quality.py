@@ -31,6 +31,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from flux2ttr.config import Flux2TTRError
+
 log = logging.getLogger("flux2ttr.routing.quality")
 
 GEMINI_INSTRUCTION = (
@@ -44,11 +46,11 @@ TERMS = ("rmse", "cosine", "lpips", "dreamsim", "hps", "biqa_quality", "biqa_aes
          "gemini_quality")
 
 
-class QualityDependencyError(ImportError):
+class QualityDependencyError(ImportError, Flux2TTRError):
     """A quality term with a non-zero weight needs a package that is not installed."""
 
 
-class QualityWeightsError(FileNotFoundError):
+class QualityWeightsError(FileNotFoundError, Flux2TTRError):
     """A quality term with a non-zero weight needs a weights file that is not there."""
 
 
@@ -94,13 +96,16 @@ class QualityConfig:
     gemini_attempts: int = 1  # HTTP attempts per call (1 = no retry)
 
     def __post_init__(self) -> None:
-        from flux2ttr.config import ConfigError  # noqa: PLC0415
+        from flux2ttr.config import ConfigError, check_choice, check_range  # noqa: PLC0415
 
         for t in TERMS:
             if getattr(self, f"{t}_weight") < 0:
                 raise ConfigError(f"quality.{t}_weight must be >= 0")
         if self.gemini_attempts < 1:
             raise ConfigError("quality.gemini_attempts must be >= 1")
+        check_choice("quality", self, "lpips_net", ("alex", "vgg", "squeeze"))
+        check_range("quality", self, "lpips_min_size", "hps_size", ge=1)
+        check_range("quality", self, "gemini_timeout_s", gt=0.0)
 
 
 def _require(module: str, extra: str, term: str) -> Any:

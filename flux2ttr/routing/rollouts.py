@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from flux2ttr.atomic import replace_dir
-from flux2ttr.config import ConfigError
+from flux2ttr.config import ConfigError, Flux2TTRError, check_range
 from flux2ttr.teachers.sampler import SamplerConfig, sample
 
 FORMAT = "flux2ttr.rollouts"
@@ -43,7 +43,7 @@ TENSOR_FILE = "rollouts.safetensors"
 SPLITS = ("train", "eval")
 
 
-class RolloutStoreError(ValueError):
+class RolloutStoreError(ValueError, Flux2TTRError):
     """A rollout store is missing or does not match what the caller needs (message names path and fix)."""
 
 
@@ -69,6 +69,9 @@ class RolloutConfig:
             raise ConfigError("rollout: num_prompts, eval_prompts >= 0 and seeds_per_prompt, batch_size >= 1 "
                               f"(got {self.num_prompts}, {self.eval_prompts}, {self.seeds_per_prompt}, "
                               f"{self.batch_size})")
+        check_range("rollout", self, "steps", ge=1)
+        check_range("rollout", self, "height", "width", ge=16, multiple_of=16)  # pixels: 16 per latent token
+        check_range("rollout", self, "seed", ge=0)
         self.sampler_config()  # validates steps and resolution
 
     def sampler_config(self) -> SamplerConfig:

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from flux2ttr.atomic import atomic_write_text
 from flux2ttr.checkpoint import CheckpointError, load_checkpoint
 from flux2ttr.comet_log import GuardedComet
-from flux2ttr.config import ConfigError, to_dict
+from flux2ttr.config import ConfigError, Flux2TTRError, to_dict
 from flux2ttr.contract import layer_sort_key
 from flux2ttr.provenance import source_digest
 from flux2ttr.routing.controller import (
@@ -67,7 +67,7 @@ CHECKPOINT_NAME = "controller_ckpt.safetensors"
 RECORDS_NAME = "records.jsonl"
 
 
-class ControllerTrainError(RuntimeError):
+class ControllerTrainError(RuntimeError, Flux2TTRError):
     """The controller stage cannot run on its inputs (message names the file and the fix)."""
 
 

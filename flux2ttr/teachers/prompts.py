@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from flux2ttr.config import Flux2TTRError
 
-class PromptFileError(ValueError):
+
+class PromptFileError(ValueError, Flux2TTRError):
     """A prompt file is missing or is not a JSON array of non-empty strings (message names file and entry)."""
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from flux2ttr.config import ConfigError
+from flux2ttr.config import ConfigError, check_range
 from flux2ttr.contract import RunState
 
 PIXELS_PER_TOKEN = 16  # FLUX.2: VAE 8x, then 2x2 patchify
@@ -49,6 +49,8 @@ class SamplerConfig:
             v = getattr(self, name)
             if v < PIXELS_PER_TOKEN or v % PIXELS_PER_TOKEN:
                 raise ConfigError(f"sampler.{name} = {v} px: must be a positive multiple of {PIXELS_PER_TOKEN}")
+        check_range("sampler", self, "seed", ge=0)  # seeds feed numpy generators, which refuse negatives
+        check_range("sampler", self, "guidance", ge=0.0)
 
     @property
     def latent_height(self) -> int:

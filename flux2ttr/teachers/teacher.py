@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from flux2ttr.atomic import atomic_save_safetensors, atomic_write_text, file_sha256, replace_dir
-from flux2ttr.config import ConfigError, to_dict
+from flux2ttr.config import ConfigError, Flux2TTRError, check_range, to_dict
 from flux2ttr.contract import FLUX2_COND_TOKENS, RunState, block_layer_keys
 
 # FLUX.2 architecture constants (fixed by the model family and by ComfyUI's detection, not tunables).
@@ -51,7 +51,7 @@ IDENTITY_FILE_NAME = "identity.json"
 METADATA_KEY = "flux2ttr"
 
 
-class TeacherError(ValueError):
+class TeacherError(ValueError, Flux2TTRError):
     """A teacher cannot be built or loaded; the message names the param and the path."""
 
 
@@ -92,6 +92,20 @@ class TeacherConfig:
         self.rope_bands = tuple(int(i) for i in self.rope_bands)
         if self.kind not in ("tiny", "diffusers"):
             raise ConfigError(f"teacher.kind must be 'tiny' or 'diffusers', got {self.kind!r}")
+        torch_dtype(self.dtype)  # teacher.dtype must be one of ... (checked before anything loads)
+        check_range("teacher", self, "num_heads", "joint_attention_dim", "vocab_size", ge=1)
+        check_range("teacher", self, "num_double", "num_single", ge=0)
+        if self.num_double + self.num_single < 1:
+            raise ConfigError(f"teacher.num_double + teacher.num_single = {self.num_double + self.num_single}: "
+                              "must be >= 1 (the tiny teacher needs at least one block)")
+        check_range("teacher", self, "weight_gain", "mod_gain", "resid_const_rms", ge=0.0)
+        check_range("teacher", self, "qk_norm_scale", gt=0.0)
+        check_range("teacher", self, "pos_fraction", ge=0.0, le=1.0)
+        pairs = FLUX2_AXES_DIM[1] // 2
+        for band in self.rope_bands:
+            if not 0 <= band < pairs:
+                raise ConfigError(f"teacher.rope_bands = {list(self.rope_bands)}: {band} is not a RoPE pair index "
+                                  f"in [0, {pairs})")
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flux2ttr.config import ConfigError, to_dict
+from flux2ttr.config import ConfigError, check_range, to_dict
 from flux2ttr.contract import RunState, layer_sort_key
 from flux2ttr.traces.store import STORAGE_DTYPES, TraceStore, TraceTuple, TraceWriter
 
@@ -61,6 +61,7 @@ class CaptureConfig:
             raise ConfigError(f"capture.layers must be a list of layer keys or one of {LAYER_SETS}, got {self.layers!r}")
         if isinstance(self.steps, str) and self.steps != "all":
             raise ConfigError(f"capture.steps must be a list of step indices or 'all', got {self.steps!r}")
+        check_range("capture", self, "seed", ge=0)  # seeds a numpy generator, which refuses negatives
 
 
 def resolve_layers(cfg: CaptureConfig, available: list[str], single: list[str]) -> list[str]:

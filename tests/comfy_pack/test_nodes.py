@@ -78,40 +78,107 @@ def test_random_seed_batch_bad_count(comfy):
     assert "count" in json.dumps(res.status_messages, default=str)
 
 
-def test_load_prompt_list(comfy, tmp_path):
-    good = tmp_path / "prompts.json"
-    good.write_text(json.dumps(["a red fox", "ein Haus am See", "  spaced  "]))
-    res = comfy.run({"1": {"class_type": "LoadPromptListFromJSON", "inputs": {"json_path": str(good)}},
-                     "2": capture("1")})
+def _load_prompts(comfy, json_path: str):
+    return comfy.run({"1": {"class_type": "LoadPromptListFromJSON", "inputs": {"json_path": json_path}},
+                      "2": capture("1")})
+
+
+def test_load_prompt_list(comfy):
+    inp = comfy.base / "input"
+    (inp / "prompts.json").write_text(json.dumps(["a red fox", "ein Haus am See", "  spaced  "]))
+    res = _load_prompts(comfy, "prompts.json")  # relative paths resolve against ComfyUI's input folder
     assert res.success, res.error()
     assert res.captured["value"] == ["a red fox", "ein Haus am See", "  spaced  "]
-    # relative paths resolve against ComfyUI's input folder
-    (comfy.base / "input" / "rel.json").write_text('["one"]')
-    res = comfy.run({"1": {"class_type": "LoadPromptListFromJSON", "inputs": {"json_path": "rel.json"}},
-                     "2": capture("1")})
-    assert res.success, res.error()
-    assert res.captured["value"] == ["one"]
+    # a subfolder, a harmless .. that stays inside, and an absolute path inside the input folder all load
+    (inp / "lists").mkdir(exist_ok=True)
+    (inp / "lists" / "one.json").write_text('["one"]')
+    for json_path in ("lists/one.json", "lists/../lists/one.json", str(inp / "lists" / "one.json")):
+        res = _load_prompts(comfy, json_path)
+        assert res.success, (json_path, res.error())
+        assert res.captured["value"] == ["one"]
+
+
+SECRET = "sk-flux2ttr-test-0123456789"
+
+
+def _assert_refused_without_content(res, *, needle: str) -> None:
+    assert not res.success
+    err = res.error()
+    assert "LoadPromptListFromJSON" in err and needle in err, err
+    everything = json.dumps(res.status_messages, default=str)  # message, traceback, inputs: all of it
+    assert SECRET not in everything and "api_key" not in everything, everything
+
+
+def test_load_prompt_list_refuses_paths_outside_the_input_folder(comfy, tmp_path):
+    inp = comfy.base / "input"
+    secret = {"api_key": SECRET}
+    # next to the input folder: reached through ../
+    (comfy.base / "secret.json").write_text(json.dumps([secret]))
+    for json_path in ("../secret.json", "lists/../../secret.json", "./../secret.json"):
+        res = _load_prompts(comfy, json_path)
+        _assert_refused_without_content(res, needle="outside ComfyUI's input folder")
+        assert str(inp.resolve()) in res.error()  # says where files must be
+    # an absolute path elsewhere on the machine
+    outside = tmp_path / "secret.json"
+    outside.write_text(json.dumps(["fine", secret]))
+    res = _load_prompts(comfy, str(outside))
+    _assert_refused_without_content(res, needle="outside ComfyUI's input folder")
+    assert str(inp.resolve()) in res.error()
+    # a missing file outside is refused the same way (no probing for files elsewhere)
+    res = _load_prompts(comfy, str(tmp_path / "does_not_exist.json"))
+    _assert_refused_without_content(res, needle="outside ComfyUI's input folder")
+    # a symlink inside the input folder that points outside
+    link = inp / "link_to_secret.json"
+    if not link.is_symlink():
+        link.symlink_to(outside)
+    res = _load_prompts(comfy, "link_to_secret.json")
+    _assert_refused_without_content(res, needle="outside ComfyUI's input folder")
+
+
+def test_load_prompt_list_errors_never_echo_content(comfy):
+    """A file inside the input folder with a non-string item: the error names the index and the type only."""
+    (comfy.base / "input" / "with_secret.json").write_text(json.dumps(["ok", {"api_key": SECRET}]))
+    res = _load_prompts(comfy, "with_secret.json")
+    _assert_refused_without_content(res, needle="item 1 is an object")
+    (comfy.base / "input" / "secret_list.json").write_text(json.dumps([SECRET, [SECRET]]))
+    res = _load_prompts(comfy, "secret_list.json")
+    assert not res.success and "item 1 is an array" in res.error()
+    assert SECRET not in json.dumps(res.status_messages, default=str)
+    (comfy.base / "input" / "broken.json").write_text('["' + SECRET + '",')
+    res = _load_prompts(comfy, "broken.json")
+    assert not res.success and "not valid JSON" in res.error()
+    assert SECRET not in json.dumps(res.status_messages, default=str)
 
 
 @pytest.mark.parametrize(
     "content, message",
     [
-        ('{"a": 1}', "must hold a JSON array"),
-        ('["ok", 3]', "item 1 is a int"),
+        ('{"a": 1}', "must hold a JSON array of strings, found an object"),
+        ('["ok", 3]', "item 1 is a number"),
         ("[]", "empty array"),
-        ('["a",]', "not valid UTF-8 JSON"),
+        ('["a",]', "not valid JSON"),
         ('["a", ""]', "item 1 is an empty string"),
+        (b"\xff\xfe[]", "not UTF-8 text"),
         (None, "not found"),
     ],
 )
-def test_load_prompt_list_errors(comfy, tmp_path, content, message):
-    path = tmp_path / "bad.json"
-    if content is not None:
+def test_load_prompt_list_errors(comfy, content, message):
+    name = f"bad_{abs(hash((content, message)))}.json"
+    path = comfy.base / "input" / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
         path.write_text(content)
-    res = comfy.run({"1": {"class_type": "LoadPromptListFromJSON", "inputs": {"json_path": str(path)}},
-                     "2": capture("1")})
+    res = _load_prompts(comfy, name)
     assert not res.success
     assert message in res.error() and "LoadPromptListFromJSON" in res.error()
+
+
+def test_load_prompt_list_says_what_it_accepts(comfy):
+    schema = comfy.nodes.NODE_CLASS_MAPPINGS["LoadPromptListFromJSON"].GET_SCHEMA()
+    assert "input folder" in schema.description
+    tooltip = schema.inputs[0].tooltip
+    assert "input folder" in tooltip and "absolute" in tooltip
 
 
 @pytest.mark.parametrize(
