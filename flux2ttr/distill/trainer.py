@@ -15,6 +15,19 @@ Validation holds out whole prompts. Per layer it measures, over every ``(tuple, 
 
 and readiness is decided fail-closed with hysteresis (:mod:`flux2ttr.distill.readiness`).
 
+Non-finite tuples (NaN/inf in ``q_sub, k, v, teacher_sub, sigma`` or ``cfg``) are dropped one by one, not
+with their batch: an update trains on the finite rows of its batch (and is skipped only when none is left),
+validation leaves them out the same way, and each bad tuple is reported once, when first seen, as one line
+on stderr (``distill: <layer>: skipping non-finite tuple prompt P step S seed X (...)``). Per layer
+``skipped_nonfinite`` counts those tuples (``skipped_updates`` the updates skipped because no row was
+finite or the loss/gradients were not); the summary of ``metrics/distill.json`` lists them as
+``nonfinite_tuples: {layer: [[prompt, step, seed], ...]}``. A store without bad tuples trains exactly as
+before (same batches, same RNG draws, same weights).
+
+Before training, every file of this rank's layers is checked against the store's manifest
+(:meth:`~flux2ttr.traces.store.TraceStore.verify`), so a damaged store fails before the first step, naming
+the file.
+
 Outputs: the student artifact (readiness and metrics in its header), ``metrics/distill.json``, per-layer
 plot tables (CSV, one column per layer) and checkpoints every ``checkpoint_every`` steps from which a
 rerun resumes exactly (weights, AdamW moments, loss optimiser, data-plan position, readiness).
@@ -238,12 +251,20 @@ class LayerState:
     loss: KendallDistillLoss
     opt: torch.optim.AdamW
     loss_opt: torch.optim.Adam
+    key: str = ""
     updates: int = 0
-    skipped_nonfinite: int = 0
+    skipped_updates: int = 0  # updates not taken: no finite row, or a non-finite loss / gradient
     tuples: int = 0
+    # non-finite tuples seen (train and validation), each once: (n_tokens, prompt, step, seed) -> bad fields
+    nonfinite: dict[tuple[int, int, int, int], list[str]] = field(default_factory=dict)
     last_parts: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)  # latest validation
     ema: float | None = None
+
+    @property
+    def skipped_nonfinite(self) -> int:
+        """Distinct non-finite tuples of this layer left out so far."""
+        return len(self.nonfinite)
 
 
 def _build_layer(key: str, cfg: DistillConfig, hkr: HKRConfig, num_heads: int) -> LayerState:
@@ -259,11 +280,40 @@ def _build_layer(key: str, cfg: DistillConfig, hkr: HKRConfig, num_heads: int) -
                             lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                             weight_decay=cfg.weight_decay)
     loss_opt = torch.optim.Adam(loss.parameters(), lr=cfg.loss_lr)
-    return LayerState(student, loss, opt, loss_opt)
+    return LayerState(student, loss, opt, loss_opt, key=key)
 
 
-def _finite(batch: dict[str, torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(batch[k]).all()) for k in _BATCH_TENSORS)
+def finite_rows(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[B]`` bool: the rows of a batch whose tensors (``q_sub, k, v, teacher_sub, sigma, cfg``) are all finite."""
+    b = int(batch["q_sub"].shape[0])
+    ok = torch.ones(b, dtype=torch.bool, device=batch["q_sub"].device)
+    for k in _BATCH_TENSORS:
+        ok &= torch.isfinite(batch[k].reshape(b, -1)).all(dim=1)
+    return ok
+
+
+def select_rows(batch: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The rows ``keep`` (bool ``[B]``) of every tensor of a batch."""
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def _note_nonfinite(st: LayerState, batch: dict[str, torch.Tensor], ok: torch.Tensor, where: str) -> None:
+    """Record the non-finite rows of ``batch`` (``ok`` False) in ``st.nonfinite``; a tuple seen for the first
+    time gets one line on stderr naming it by layer, prompt, step and seed."""
+    for i in (~ok).nonzero().flatten().tolist():
+        key = (int(batch["k"].shape[2]), int(batch["prompt"][i]), int(batch["step"][i]), int(batch["seed"][i]))
+        if key in st.nonfinite:
+            continue
+        fields = [k for k in _BATCH_TENSORS if not bool(torch.isfinite(batch[k][i]).all())]
+        st.nonfinite[key] = fields
+        _warn(f"distill: {st.key}: skipping non-finite tuple prompt {key[1]} step {key[2]} seed {key[3]} "
+              f"({', '.join(fields)} not finite; n{key[0]}, {where})")
+
+
+def _warn(line: str) -> None:
+    from tqdm import tqdm  # noqa: PLC0415  (writes around an active progress bar)
+
+    tqdm.write(line, file=sys.stderr)
 
 
 def student_forward(student: StudentLayer, batch: dict[str, torch.Tensor], **kw: Any) -> torch.Tensor:
@@ -303,19 +353,24 @@ def _train_variant(st: LayerState, cfg: DistillConfig) -> dict[str, Any]:
     return {"radius": int(torch.randint(0, top + 1, (1,), generator=g))}
 
 
-def train_step(st: LayerState, batch: dict[str, torch.Tensor], cfg: DistillConfig) -> bool:
-    """One update of one layer; returns False (and counts it) when the batch or its loss/gradients
-    are not finite, in which case nothing changes."""
+def train_step(st: LayerState, batch: dict[str, torch.Tensor], cfg: DistillConfig) -> int:
+    """One update of one layer on the finite rows of ``batch``; returns the tuples trained. Non-finite rows
+    are dropped and reported once each (:func:`_note_nonfinite`); with no finite row left, or a non-finite
+    loss or gradient, nothing changes, the update is counted in ``skipped_updates`` and 0 is returned."""
     batch = _to(batch, cfg.device)
-    if not _finite(batch):
-        st.skipped_nonfinite += 1
-        return False
+    ok = finite_rows(batch)
+    if not bool(ok.all()):
+        _note_nonfinite(st, batch, ok, "train")
+        if not bool(ok.any()):
+            st.skipped_updates += 1
+            return 0
+        batch = select_rows(batch, ok)
     st.student.train()
     out = student_forward(st.student, batch, **_train_variant(st, cfg))
     total, parts = st.loss(out, batch["teacher_sub"])
     if not bool(torch.isfinite(total)):
-        st.skipped_nonfinite += 1
-        return False
+        st.skipped_updates += 1
+        return 0
     st.opt.zero_grad(set_to_none=True)
     st.loss_opt.zero_grad(set_to_none=True)
     total.backward()
@@ -328,23 +383,26 @@ def train_step(st: LayerState, batch: dict[str, torch.Tensor], cfg: DistillConfi
     if not bool(torch.isfinite(norm)) or not loss_grads_ok:
         st.opt.zero_grad(set_to_none=True)
         st.loss_opt.zero_grad(set_to_none=True)
-        st.skipped_nonfinite += 1
-        return False
+        st.skipped_updates += 1
+        return 0
     for g in st.opt.param_groups:
         g["lr"] = g["base_lr"] * _warmup_lr(cfg, st.updates) / cfg.lr
     st.opt.step()
     st.loss_opt.step()
+    n = int(batch["q_sub"].shape[0])
     st.updates += 1
-    st.tuples += int(batch["q_sub"].shape[0])
+    st.tuples += n
     st.last_parts = {k: float(v) for k, v in parts.items()}
-    return True
+    return n
 
 
 # ------------------------------------------------------------------------------------------ validation
 
 
-def load_val_batches(store: TraceStore, split: Split, layer: str, cfg: DistillConfig) -> list[dict[str, torch.Tensor]]:
-    """Up to ``val_max_tuples`` held-out tuples of ``layer`` (a seeded choice), in batches."""
+def load_val_batches(store: TraceStore, split: Split, layer: str, cfg: DistillConfig,
+                     state: LayerState | None = None) -> list[dict[str, torch.Tensor]]:
+    """Up to ``val_max_tuples`` held-out tuples of ``layer`` (a seeded choice), in batches, without their
+    non-finite tuples (recorded and reported in ``state`` when given)."""
     pairs = [(n, int(r)) for n, rows in split.val.get(layer, []) for r in rows]
     if not pairs:
         return []
@@ -355,21 +413,38 @@ def load_val_batches(store: TraceStore, split: Split, layer: str, cfg: DistillCo
     for n in sorted({n for n, _ in chosen}):
         rows = [r for m, r in chosen if m == n]
         for s in range(0, len(rows), cfg.val_batch_size):
-            out.append(read_batch(store, layer, n, rows[s:s + cfg.val_batch_size]))
+            b = read_batch(store, layer, n, rows[s:s + cfg.val_batch_size])
+            ok = finite_rows(b)
+            if not bool(ok.all()):
+                if state is not None:
+                    _note_nonfinite(state, b, ok, "validation")
+                if not bool(ok.any()):
+                    continue
+                b = select_rows(b, ok)
+            out.append(b)
     return out
+
+
+def _finite_part(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """``b`` itself when every row is finite, else its finite rows (``None`` when there are none)."""
+    ok = finite_rows(b)
+    if bool(ok.all()):
+        return b
+    return select_rows(b, ok) if bool(ok.any()) else None
 
 
 @torch.no_grad()
 def validation_metrics(student: StudentLayer, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     """``val_cos_dist``, ``val_cos_sim``, ``val_nmse``, ``val_p95_err`` and ``val_tuples`` over every
-    ``(tuple, head, query)`` token of ``batches`` (non-finite batches are left out)."""
+    ``(tuple, head, query)`` token of ``batches`` (non-finite tuples are left out, one by one)."""
     student.eval()
     cos_d, rel, is_img = [], [], []
     sq_err = sq_ref = 0.0
     tuples = 0
     device = next(student.parameters()).device
     for b in batches:
-        if not _finite(b):
+        b = _finite_part(b)
+        if b is None:
             continue
         s = student_forward(student, _to(b, str(device))).cpu().double()  # metrics in fp64 on the CPU
         t = b["teacher_sub"].double()
@@ -405,7 +480,8 @@ def _image_cos_at_radius0(student: StudentLayer, batches: list[dict[str, torch.T
     the mass a window leaves out (at the capture resolution the full window may hold every key)."""
     cos = []
     for b in batches:
-        if not _finite(b):
+        b = _finite_part(b)
+        if b is None:
             continue
         s = student_forward(student, _to(b, str(device)), radius=0).cpu().double()
         img = (b["q_idx"] >= b["n_cond"][:, None])[:, None, :].expand(s.shape[:3])
@@ -468,7 +544,8 @@ def _save_ckpt(path: Path, step: int, states: dict[str, LayerState], plan_state:
         tensors.update(t_opt)
         tensors.update(t_lopt)
         layers_meta[key] = {"opt": m_opt, "loss_opt": m_lopt, "updates": st.updates,
-                            "skipped_nonfinite": st.skipped_nonfinite, "tuples": st.tuples,
+                            "skipped_updates": st.skipped_updates, "tuples": st.tuples,
+                            "nonfinite": [[*k, *v] for k, v in sorted(st.nonfinite.items())],
                             "last_parts": st.last_parts, "metrics": st.metrics, "ema": st.ema}
     header = {"step": step, "fingerprint": fingerprint, "plan": plan_state, "readiness": readiness.state_dict(),
               "history": history, "layers": layers_meta}
@@ -486,7 +563,9 @@ def _load_ckpt(path: Path, states: dict[str, LayerState], readiness: Readiness) 
         optimizer_from_flat(st.opt, f"opt.{key}", tensors, meta["opt"])
         optimizer_from_flat(st.loss_opt, f"lossopt.{key}", tensors, meta["loss_opt"])
         st.updates = int(meta["updates"])
-        st.skipped_nonfinite = int(meta["skipped_nonfinite"])
+        st.skipped_updates = int(meta["skipped_updates"])
+        for n, p, s, seed, *fields in meta["nonfinite"]:  # union: validation may have found some already
+            st.nonfinite.setdefault((int(n), int(p), int(s), int(seed)), list(fields))
         st.tuples = int(meta["tuples"])
         st.last_parts = dict(meta["last_parts"])
         st.metrics = dict(meta["metrics"])
@@ -527,8 +606,11 @@ def write_plots(plots_dir: Path, history: list[dict[str, Any]], layers: list[str
     return written
 
 
-def summary_lines(layer_metrics: dict[str, dict[str, Any]], threshold: float) -> list[str]:
-    """One line per layer and a final line with ready layers and cosine-distance quantiles."""
+def summary_lines(layer_metrics: dict[str, dict[str, Any]], threshold: float,
+                  nonfinite: dict[str, list[list[int]]] | None = None) -> list[str]:
+    """One line per layer, a line listing the non-finite tuples left out (``nonfinite``: ``{layer:
+    [[prompt, step, seed], ...]}``; none, no line) and a final line with ready layers and cosine-distance
+    quantiles."""
     lines = []
     for key in sorted(layer_metrics, key=layer_sort_key):
         m = layer_metrics[key]
@@ -538,10 +620,15 @@ def summary_lines(layer_metrics: dict[str, dict[str, Any]], threshold: float) ->
             f"cos_sim {('%.4f' % (1 - cd)) if cd is not None else 'n/a':>7}  cos_dist "
             f"{('%.4f' % cd) if cd is not None else 'n/a':>7}  nmse {m.get('val_nmse', float('nan')):.4f}  "
             f"p95_err {m.get('val_p95_err', float('nan')):.3f}  updates {m.get('updates', 0)}  "
-            f"skipped {m.get('skipped_nonfinite', 0)}  "
+            f"nonfinite {m.get('skipped_nonfinite', 0)}  "
             + (f"gamma {m['gamma_mean']:.4f}  kernel cos {m.get('val_kernel_cos_sim', float('nan')):.4f}"
                if "gamma_mean" in m else f"alpha {m.get('alpha', float('nan')):.4f}")
         )
+    if nonfinite:
+        n_bad = sum(len(v) for v in nonfinite.values())
+        listed = "; ".join(f"{k} " + ", ".join(f"p{p}/s{s}/seed{seed}" for p, s, seed in v)
+                           for k, v in sorted(nonfinite.items(), key=lambda kv: layer_sort_key(kv[0])))
+        lines.append(f"distill: left out {n_bad} non-finite tuple(s) (prompt/step/seed): {listed}")
     dists = [m["val_cos_dist"] for m in layer_metrics.values() if "val_cos_dist" in m]
     q = quantiles(dists)
     n_ready = sum(1 for m in layer_metrics.values() if m.get("ready"))
@@ -605,6 +692,7 @@ def _layer_report(st: LayerState, ready: bool) -> dict[str, Any]:
         "ready": bool(ready),
         "updates": st.updates,
         "skipped_nonfinite": st.skipped_nonfinite,
+        "skipped_updates": st.skipped_updates,
         "tuples_trained": st.tuples,
         **st.student.report(),
         "log_var_huber": float(st.loss.s_h.detach()),
@@ -624,7 +712,9 @@ class GatheredRun:
     ``students``: every layer's student on every rank (the rank's own layers are its live modules, the
     others received copies); ``history``: the validation rows of all ranks, rank order; ``counts``: per rank
     ``tuples_trained`` (this run), ``train_seconds`` (wall seconds inside :meth:`DistillTrainer.step`),
-    ``cache_hits`` and ``cache_misses`` (tuples served by the in-memory cache / read from zarr)."""
+    ``cache_hits`` and ``cache_misses`` (tuples served by the in-memory cache / read from zarr),
+    ``verify_seconds`` (hashing the store's files before training) and ``nonfinite`` (``{layer:
+    [[prompt, step, seed], ...]}``, the non-finite tuples left out)."""
 
     students: dict[str, StudentLayer]
     history: list[dict[str, Any]]
@@ -689,6 +779,10 @@ class DistillTrainer:
         self.layers: list[str] = self.all_layers[rank::world]  # this rank's layers (round-robin)
         if not self.layers:
             raise DistillError(f"torchrun world size {world} > {len(self.all_layers)} layers; use fewer processes")
+        try:  # every shard this rank can read, hashed once up front: a damaged store fails before step 1
+            self.store_check = self.store.verify(layers=self.layers)
+        except TraceStoreError as e:
+            raise DistillError(str(e)) from None
         # built in layer order: each one reseeds torch (derive_seed), so the RNG state after this is fixed
         self.states: dict[str, LayerState] = {k: _build_layer(k, cfg, self.hkr, self.num_heads) for k in self.layers}
         self.readiness = Readiness(self.layers, threshold=cfg.readiness_threshold,
@@ -707,7 +801,7 @@ class DistillTrainer:
         self.tuples_trained = 0  # tuples of finite updates this run
         self.cache = TupleCache(cfg.cache_mib * 2**20) if cfg.cache_mib > 0 else None
         # validation tuples: a seeded numpy choice read once (no torch RNG, so it may come before a resume)
-        self.val = {k: load_val_batches(self.store, self.split, k, cfg) for k in self.layers}
+        self.val = {k: load_val_batches(self.store, self.split, k, cfg, self.states[k]) for k in self.layers}
         self.train_config = {"distill": to_dict(cfg), "store": str(cfg.store), "val_prompts": self.split.val_prompts,
                              "train_prompts": len(self.split.train_prompts), "world_size": world}
         self._comet: _Comet | None = None
@@ -767,12 +861,11 @@ class DistillTrainer:
     # --- training -------------------------------------------------------------------------------
     def step(self, step_batch: StepBatch) -> int:
         """Train one prefetched step (one update per layer in it, in the planner's layer order);
-        returns the tuples trained (non-finite batches are skipped and count 0)."""
+        returns the tuples trained (the finite ones: non-finite tuples are dropped, see :func:`train_step`)."""
         t0 = time.perf_counter()
         n = 0
         for key, batch in step_batch.batches.items():
-            if train_step(self.states[key], batch, self.cfg):
-                n += int(batch["q_sub"].shape[0])
+            n += train_step(self.states[key], batch, self.cfg)
         self.t_train += time.perf_counter() - t0
         self.tuples_trained += n
         self.steps_done, self.plan_state = step_batch.step + 1, step_batch.plan_state
@@ -836,13 +929,18 @@ class DistillTrainer:
         history = [r for part in _all_gather_json(self.history, self.world) for r in part]
         counts = _all_gather_json({"tuples_trained": self.tuples_trained, "train_seconds": self.t_train,
                                    "cache_hits": self.cache.hits if self.cache else 0,
-                                   "cache_misses": self.cache.misses if self.cache else 0}, self.world)
+                                   "cache_misses": self.cache.misses if self.cache else 0,
+                                   "verify_seconds": self.store_check["seconds"],
+                                   "nonfinite": {k: sorted([p, s, seed] for _, p, s, seed in st.nonfinite)
+                                                 for k, st in self.states.items() if st.nonfinite}}, self.world)
         return GatheredRun(students=students, history=history, counts=counts)
 
     def summary(self, gathered: GatheredRun) -> dict[str, Any]:
         """The ``summary`` block of ``metrics/distill.json``: readiness, cosine-distance quantiles, the
         Pareto frontier, step counts, tuples and seconds of this run (slowest rank), reader cache counts,
-        ``stage_seconds`` since the trainer was created and the split sizes."""
+        ``stage_seconds`` since the trainer was created, the split sizes, the non-finite tuples left out
+        (``skipped_nonfinite`` their count, ``nonfinite_tuples`` ``{layer: [[prompt, step, seed], ...]}``)
+        and ``store_verify_seconds`` (slowest rank)."""
         cfg, merged = self.cfg, self.final_metrics()
         ready = self.ready()
         dists = [m["val_cos_dist"] for m in merged.values() if "val_cos_dist" in m]
@@ -850,6 +948,9 @@ class DistillTrainer:
         counts = gathered.counts
         total_tuples = sum(c["tuples_trained"] for c in counts)
         train_seconds = max(c["train_seconds"] for c in counts)
+        bad: dict[str, list] = {}
+        for c in counts:
+            bad.update(c["nonfinite"])
         return {
             "layers": len(self.all_layers),
             "ready_layers": sum(ready.values()),
@@ -860,12 +961,15 @@ class DistillTrainer:
             "steps": self.steps_done,
             "resumed_from": self.start,
             "skipped_nonfinite": int(sum(m.get("skipped_nonfinite", 0) for m in merged.values())),
+            "skipped_updates": int(sum(m.get("skipped_updates", 0) for m in merged.values())),
+            "nonfinite_tuples": {k: bad[k] for k in self.all_layers if k in bad},
             "tuples_trained_this_run": int(total_tuples),
             "train_seconds_this_run": round(train_seconds, 3),
             "tuples_per_s_trained": round(total_tuples / train_seconds, 3) if train_seconds > 0 else None,
             "reader_cache_hits": int(sum(c["cache_hits"] for c in counts)),  # tuples served from memory
             "reader_cache_misses": int(sum(c["cache_misses"] for c in counts)),  # tuples read from zarr
             "stage_seconds": round(time.perf_counter() - self.t_start, 3),
+            "store_verify_seconds": round(max(c["verify_seconds"] for c in counts), 3),
             "val_prompts": len(self.split.val_prompts),
             "train_prompts": len(self.split.train_prompts),
             "world_size": self.world,
@@ -885,7 +989,7 @@ class DistillTrainer:
         write_plots(Path(cfg.plots_dir), gathered.history, self.all_layers)
         self.comet.artifact(Path(cfg.artifact))
         self.comet.end()
-        for line in summary_lines(merged, cfg.readiness_threshold):
+        for line in summary_lines(merged, cfg.readiness_threshold, summary["nonfinite_tuples"]):
             print(line)
 
     def train(self, stop_after: int | None = None) -> DistillResult:

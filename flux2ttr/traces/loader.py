@@ -87,14 +87,6 @@ def split_by_prompt(store: TraceStore, val_fraction: float, seed: int) -> Split:
                  val_prompts=val_prompts)
 
 
-def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
-    """Sorted unique rows as contiguous ``[start, stop)`` runs."""
-    if rows.size == 0:
-        return []
-    cuts = np.nonzero(np.diff(rows) != 1)[0] + 1
-    return [(int(r[0]), int(r[-1]) + 1) for r in np.split(rows, cuts)]
-
-
 def read_batch(store: TraceStore, layer: str, n_tokens: int, rows: list[int] | np.ndarray) -> dict[str, torch.Tensor]:
     """The tuples ``rows`` of a group as a batch, exactly what :meth:`TraceStore.read` returns
     (``q_sub``/``teacher_sub`` ``[B,H,Nq,D]``, ``k``/``v`` ``[B,H,N,D]`` float32, ``q_idx`` ``[B,Nq]``,
@@ -103,6 +95,9 @@ def read_batch(store: TraceStore, layer: str, n_tokens: int, rows: list[int] | n
     Why: zarr's orthogonal indexing (``oindex``) over a sharded array decodes far more than the chunks
     asked for (about 10x slower for a few scattered rows of a 16 MiB shard); plain slices touch only the
     chunks of the selected tuples (one tuple per chunk in a trace store).
+
+    Reads go through :meth:`TraceStore.read_array`: each shard file is checked against the store's
+    manifest the first time it is read, and a damaged one is a :class:`TraceStoreError` naming it.
     """
     idx = np.asarray(rows, dtype=np.int64).reshape(-1)
     g = store._group(layer, n_tokens)
@@ -110,14 +105,12 @@ def read_batch(store: TraceStore, layer: str, n_tokens: int, rows: list[int] | n
     if idx.size == 0 or idx.min() < 0 or idx.max() >= count:
         return store.read(layer, n_tokens, idx)  # its error message / empty batch
     uniq, inverse = np.unique(idx, return_inverse=True)
-    runs = _runs(uniq)
     out: dict[str, torch.Tensor] = {}
     for name in ARRAY_FIELDS:
-        arr = g[name]
-        data = np.concatenate([np.asarray(arr[a:b]) for a, b in runs])[inverse]
+        data = store.read_array(layer, n_tokens, name, uniq, runs=True)[inverse]
         out[name] = decode(data, store.storage_dtype)
-    out["q_idx"] = torch.from_numpy(np.asarray(g["q_idx"][:])[idx].astype(np.int64))
-    table = np.asarray(g["scalars"][:])[idx]
+    out["q_idx"] = torch.from_numpy(store.read_array(layer, n_tokens, "q_idx")[idx].astype(np.int64))
+    table = store.read_array(layer, n_tokens, "scalars")[idx]
     for i, name in enumerate(SCALAR_FIELDS):
         col = table[:, i]
         out[name] = torch.from_numpy(col.astype(np.float32) if name in ("sigma", "cfg") else col.astype(np.int64))

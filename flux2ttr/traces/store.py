@@ -48,6 +48,23 @@ renames it into place on :meth:`TraceWriter.close`; on an exception (``with`` bl
 folder is removed. A store killed mid-write is left only as a hidden temporary folder whose root
 says ``flux2ttr.traces.partial``; the next writer for the same target removes such leftovers.
 
+**Manifest and integrity.** The store knows what it holds: :meth:`TraceWriter.close` lists, in the root
+attribute ``manifest`` (written with the other root attributes, before the rename), every array (shape,
+dtype, rows per file) and every file of the store but the root ``zarr.json`` itself, with its size in bytes
+and its sha256 (``{"hash": "sha256", "arrays": {...}, "files": {"<relative path>": [bytes, hex]}}``).
+sha256 because it is the standard checksum (``sha256sum`` checks a file by hand; the teacher identity uses
+it too), it catches any change, and with the SHA extensions of current CPUs it hashes ~1.7 GB/s on one core
+here, faster than the disk a store is read from, so a fast non-cryptographic hash (crc32: ~3 GB/s) would
+save little. :meth:`TraceStore.open` checks, cheaply, that every listed file exists with its listed size,
+that no unlisted file sits in the store (hidden dot-files aside) and that the small metadata files
+(``zarr.json``) hash right, and refuses a store that fails with :class:`TraceStoreError` naming the file and
+the fix (recapture). Shards and chunks are hashed when a read first touches them (each file once per open
+store, in whatever thread reads it), so a reader verifies exactly what it reads; :meth:`TraceStore.verify`
+hashes every file (or those of some layers) at once. A zarr error while decoding (checksum, codec) becomes a
+:class:`TraceStoreError` naming the array, its file and the fix. Stores written before the manifest existed
+(same schema 1: the manifest is an additive attribute, older readers ignore it) open with a
+:class:`TraceStoreWarning` and are read unverified: a deleted shard there still reads as zeros, so recapture.
+
 **Readers in DataLoader workers.** zarr runs its own asyncio event loop in a background thread; a
 worker forked from a process that already used zarr can hang. Use ``multiprocessing_context="spawn"``
 (or ``"forkserver"``) and open the store *inside* each worker (for example in ``worker_init_fn`` or
@@ -56,6 +73,7 @@ lazily on the first ``__getitem__``); never pass an open :class:`TraceStore` thr
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import itertools
 import json
@@ -63,6 +81,10 @@ import os
 import re
 import secrets
 import shutil
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -86,11 +108,53 @@ _FP16_MAX = 65504.0  # largest finite float16
 DEFAULT_SHARD_BYTES = 64 * 2**20
 DEFAULT_ZSTD_LEVEL = 3
 
-_RESERVED_ATTRS = ("format", "schema", "storage_dtype", "encoding", "scalar_fields", "reservoir")
+_RESERVED_ATTRS = ("format", "schema", "storage_dtype", "encoding", "scalar_fields", "reservoir", "manifest")
+
+MANIFEST_HASH = "sha256"
+_META_FILE = "zarr.json"
+_HASH_BLOCK = 4 * 2**20
+RECAPTURE = "recapture it (`dvc repro capture`, or `flux2ttr capture`)"
 
 
 class TraceStoreError(RuntimeError):
     """A path is not a readable flux2ttr trace store (message names the path and the fix)."""
+
+
+class TraceStoreWarning(UserWarning):
+    """A trace store that opens but cannot be verified (written before stores carried a manifest)."""
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes (read in blocks; hashlib releases the GIL, so threads overlap)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _store_files(root: Path) -> list[str]:
+    """Relative POSIX paths of every file under ``root`` except the root ``zarr.json``, sorted."""
+    out = []
+    for dirpath, dirs, files in os.walk(root):
+        dirs.sort()
+        rel_dir = Path(dirpath).relative_to(root)
+        for f in files:
+            rel = (rel_dir / f).as_posix()
+            if rel != _META_FILE:
+                out.append(rel)
+    return sorted(out)
+
+
+def _hidden(rel: str) -> bool:
+    return any(part.startswith(".") for part in rel.split("/"))
+
+
+def build_manifest(root: Path, arrays: Mapping[str, Mapping[str, Any]], threads: int = 4) -> dict[str, Any]:
+    """The manifest of the store folder ``root`` (see the module doc): ``arrays`` as given, and every file
+    but the root ``zarr.json`` with ``[bytes, sha256]``, hashed by ``threads`` threads."""
+    rels = _store_files(root)
+    with ThreadPoolExecutor(max_workers=max(1, int(threads))) as pool:
+        digests = list(pool.map(lambda r: file_sha256(root / r), rels))
+    files = {r: [(root / r).stat().st_size, h] for r, h in zip(rels, digests)}
+    return {"hash": MANIFEST_HASH, "arrays": {k: dict(v) for k, v in sorted(arrays.items())}, "files": files}
 
 
 @dataclass
@@ -237,6 +301,7 @@ class TraceWriter:
         self._offered_bytes = 0
         self._shapes: dict[tuple[str, int], tuple] = {}
         self._closed = False
+        self.manifest_seconds = 0.0  # time close() spent hashing the written files
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(self.path)
@@ -397,6 +462,7 @@ class TraceWriter:
         store_dtype = _np_storage_dtype(self.storage_dtype)
         compressor = ZstdCodec(level=self.zstd_level)
         kept_per_layer: dict[str, int] = {}
+        array_info: dict[str, dict[str, Any]] = {}
 
         bar = None
         if progress:
@@ -441,6 +507,13 @@ class TraceWriter:
             g.create_array("q_idx", data=q_idx, chunks=q_idx.shape, compressors=compressor)
             g.create_array("scalars", data=scalars, chunks=scalars.shape, compressors=compressor)
             g.attrs.update({"n_tokens": int(n_tokens), "count": int(m)})
+            prefix = f"{layer}/{group_name(n_tokens)}"
+            for name in arrays:
+                array_info[f"{prefix}/{name}"] = {"shape": [m, *arrays[name].shape[1:]], "dtype": str(store_dtype),
+                                                  "rows_per_file": rows}
+            array_info[f"{prefix}/q_idx"] = {"shape": [m, nq], "dtype": "int32", "rows_per_file": m}
+            array_info[f"{prefix}/scalars"] = {"shape": [m, len(SCALAR_FIELDS)], "dtype": "float64",
+                                               "rows_per_file": m}
             kept_per_layer[layer] = kept_per_layer.get(layer, 0) + m
         if bar is not None:
             bar.close()
@@ -465,6 +538,10 @@ class TraceWriter:
                 "kept_per_layer": {k: kept_per_layer.get(k, 0) for k in sorted(self._offered)},
             },
         })
+        t0 = time.perf_counter()
+        # every file as it is on disk now (read back: what was written, not what was meant to be)
+        attrs["manifest"] = build_manifest(self._tmp, array_info)
+        self.manifest_seconds = time.perf_counter() - t0
         root.attrs.put(attrs)  # written last: a store is marked complete only once its arrays are
 
     def _swap_into_place(self) -> None:
@@ -486,31 +563,48 @@ class TraceWriter:
 class TraceStore:
     """Read access to a finished trace store. Open with :meth:`TraceStore.open`.
 
+    Integrity (module doc, "Manifest and integrity"): :meth:`open` checks every file's presence and size and
+    the metadata files' hashes; every read hashes the shard/chunk files it touches the first time it touches
+    them; :meth:`verify` hashes everything. Reads are thread-safe.
+
     In DataLoader workers, open the store inside each worker (spawn/forkserver), see the module doc.
     """
 
-    def __init__(self, path: Path, root: Any, attrs: dict[str, Any]) -> None:
+    def __init__(self, path: Path, root: Any, attrs: dict[str, Any], manifest: dict[str, Any] | None = None,
+                 verified: Iterable[str] = ()) -> None:
         self.path = path
         self._root = root
         self.attrs = attrs
         self.storage_dtype: str = attrs["storage_dtype"]
+        self.manifest = manifest  # None: a store written before manifests (read unverified)
+        self._verified: set[str] = set(verified)  # files whose sha256 matched the manifest
+        self._lock = threading.Lock()
+        self._file_locks: dict[str, threading.Lock] = {}
         self._groups: dict[str, list[tuple[int, int]]] = {}
-        for layer in root.group_keys():
-            entries = []
-            for name in root[layer].group_keys():
-                g = root[layer][name]
-                entries.append((int(g.attrs["n_tokens"]), int(g.attrs["count"])))
-            self._groups[layer] = sorted(entries)
+        try:
+            for layer in root.group_keys():
+                entries = []
+                for name in root[layer].group_keys():
+                    g = root[layer][name]
+                    entries.append((int(g.attrs["n_tokens"]), int(g.attrs["count"])))
+                self._groups[layer] = sorted(entries)
+        except (KeyError, ValueError, TypeError, OSError) as e:
+            raise TraceStoreError(f"{path}: unreadable group metadata ({type(e).__name__}: {e}); the store is "
+                                  f"damaged: {RECAPTURE}") from e
 
     @classmethod
     def open(cls, path: str | Path) -> "TraceStore":
-        """Open and validate the store at ``path``; :class:`TraceStoreError` says what is wrong."""
+        """Open and validate the store at ``path``; :class:`TraceStoreError` says what is wrong.
+
+        Checks the root attributes, then (stores with a manifest) that every listed file exists with its
+        listed size, that no unlisted file is in the store and that the metadata files hash right. A store
+        without a manifest opens with a :class:`TraceStoreWarning`."""
         path = Path(path)
         if not path.exists():
             raise TraceStoreError(
                 f"{path}: no trace store here; run `flux2ttr capture` (or `dvc repro capture`) to create it"
             )
-        meta = path / "zarr.json"
+        meta = path / _META_FILE
         if not path.is_dir() or not meta.is_file():
             raise TraceStoreError(f"{path}: not a zarr v3 store (no zarr.json); pass a flux2ttr trace store")
         try:
@@ -542,10 +636,24 @@ class TraceStore:
             )
         if attrs.get("storage_dtype") not in STORAGE_DTYPES:
             raise TraceStoreError(f"{path}: unknown storage dtype {attrs.get('storage_dtype')!r}; recapture it")
+        manifest = attrs.get("manifest")
+        verified: list[str] = []
+        if manifest is None:
+            warnings.warn(
+                f"{path}: this trace store has no manifest (written before flux2ttr recorded one), so missing, "
+                f"truncated or corrupt shards cannot be detected (a deleted shard reads as zeros); {RECAPTURE}",
+                TraceStoreWarning, stacklevel=2)
+        else:
+            _check_manifest_shape(path, manifest)
+            verified = _check_files(path, manifest)
         import zarr  # noqa: PLC0415
 
-        root = zarr.open_group(str(path), mode="r")
-        return cls(path, root, attrs)
+        try:
+            root = zarr.open_group(str(path), mode="r")
+        except Exception as e:  # zarr raises assorted errors on broken metadata
+            raise TraceStoreError(f"{path}: zarr cannot open the store ({type(e).__name__}: {e}); "
+                                  f"the store is damaged: {RECAPTURE}") from e
+        return cls(path, root, attrs, manifest, verified)
 
     @property
     def schema(self) -> int:
@@ -580,9 +688,112 @@ class TraceStore:
         g = self._group(layer, n_tokens)
         return {name: tuple(g[name].shape[1:]) for name in (*ARRAY_FIELDS, "q_idx")}
 
+    # -- verified reads --------------------------------------------------------------------------------
+
+    def _array_files(self, arr: Any, prefix: str, rows: np.ndarray | None) -> list[str]:
+        """Store-relative paths of the files (shards, or chunks of unsharded arrays) holding ``rows`` of
+        ``arr`` (all its files when ``None``)."""
+        per_file = int(arr.metadata.chunk_grid.chunk_shape[0])
+        count = int(arr.shape[0])
+        index = range(-(-count // per_file)) if rows is None else np.unique(np.asarray(rows) // per_file).tolist()
+        rest = (0,) * (len(arr.shape) - 1)
+        return [f"{prefix}/{arr.metadata.encode_chunk_key((int(i), *rest))}" for i in index]
+
+    def _verify_files(self, rels: Iterable[str], array: str) -> None:
+        """Hash each of ``rels`` not verified yet against the manifest (files it does not list were never
+        written: zarr left an all-fill chunk out, and reads it as fill)."""
+        if self.manifest is None:
+            return
+        files = self.manifest["files"]
+        for rel in rels:
+            if rel in self._verified or rel not in files:
+                continue
+            with self._lock:
+                lock = self._file_locks.setdefault(rel, threading.Lock())
+            with lock:  # one thread hashes a shard; the others wait for its verdict
+                if rel in self._verified:
+                    continue
+                self._check_hash(rel, array)
+                with self._lock:
+                    self._verified.add(rel)
+
+    def _check_hash(self, rel: str, array: str) -> None:
+        size, want = self.manifest["files"][rel]
+        f = self.path / rel
+        try:
+            got_size = f.stat().st_size
+            got = file_sha256(f) if got_size == size else None
+        except FileNotFoundError:
+            raise TraceStoreError(f"{self.path}: file {rel} of array {array} is missing (deleted after the store "
+                                  f"was opened); the store is damaged: {RECAPTURE}") from None
+        if got_size != size:
+            raise TraceStoreError(f"{self.path}: file {rel} of array {array} is {got_size} bytes, the store's "
+                                  f"manifest says {size} (changed after the store was opened); the store is "
+                                  f"damaged: {RECAPTURE}")
+        if got != want:
+            raise TraceStoreError(f"{self.path}: file {rel} of array {array} is corrupt: its {MANIFEST_HASH} "
+                                  f"{got[:12]}... differs from the manifest's {want[:12]}... (same size, other "
+                                  f"bytes); the store is damaged: {RECAPTURE}")
+
+    def read_array(self, layer: str, n_tokens: int, name: str, rows: np.ndarray | None = None, *,
+                   runs: bool = False) -> np.ndarray:
+        """Stored rows of one array of a group as numpy (storage dtype), verified (see the class doc).
+
+        ``rows``: sorted unique row indices (``None``: the whole array); ``runs``: read them with one slice
+        per contiguous run (touches only the selected chunks) instead of zarr's orthogonal indexing.
+        Decoding errors become a :class:`TraceStoreError` naming the array, its file(s) and the fix."""
+        g = self._group(layer, n_tokens)
+        prefix = f"{layer}/{group_name(n_tokens)}/{name}"
+        arr = g[name]
+        rels = self._array_files(arr, prefix, rows)
+        self._verify_files(rels, prefix)
+        try:
+            if rows is None:
+                return np.asarray(arr[:])
+            if not runs:
+                return np.asarray(arr.oindex[rows])
+            parts = [np.asarray(arr[a:b]) for a, b in _runs(np.asarray(rows))]
+            return np.concatenate(parts) if parts else np.asarray(arr[0:0])
+        except (IndexError, TraceStoreError):
+            raise
+        except Exception as e:  # zarr/numcodecs: checksum mismatch, zstd or shard-index decoding errors
+            named = ", ".join(rels[:3]) + (f" (+{len(rels) - 3} more)" if len(rels) > 3 else "")
+            raise TraceStoreError(f"{self.path}: cannot decode array {prefix} from {named or 'its chunks'} "
+                                  f"({type(e).__name__}: {e}); the store is damaged: {RECAPTURE}") from e
+
+    def verify(self, layers: Sequence[str] | None = None, threads: int = 4) -> dict[str, Any]:
+        """Hash every file of the store (or of ``layers``, plus the metadata) against the manifest, with
+        ``threads`` threads; raises :class:`TraceStoreError` naming every bad file. Returns ``{"manifest",
+        "files", "bytes", "seconds"}`` (``manifest`` False, nothing checked, for a store without one)."""
+        t0 = time.perf_counter()
+        if self.manifest is None:
+            return {"manifest": False, "files": 0, "bytes": 0, "seconds": 0.0}
+        files = self.manifest["files"]
+        want = set(layers) if layers is not None else None
+        rels = [r for r in files if want is None or r.split("/", 1)[0] in want or "/" not in r]
+        todo = [r for r in rels if r not in self._verified]
+        bad: list[tuple[str, str]] = []
+
+        def one(rel: str) -> None:
+            try:
+                self._verify_files([rel], rel.rsplit("/c/", 1)[0])
+            except TraceStoreError as e:
+                bad.append((rel, str(e)))
+
+        with ThreadPoolExecutor(max_workers=max(1, int(threads))) as pool:
+            list(pool.map(one, todo))
+        if bad:
+            bad.sort()
+            others = [rel for rel, _ in bad[1:]]
+            more = (f" (and {len(others)} more damaged file(s): {', '.join(others[:5])}"
+                    + (", ..." if len(others) > 5 else "") + ")") if others else ""
+            raise TraceStoreError(bad[0][1] + more)
+        return {"manifest": True, "files": len(rels), "bytes": int(sum(files[r][0] for r in rels)),
+                "seconds": round(time.perf_counter() - t0, 3)}
+
     def scalars(self, layer: str, n_tokens: int) -> dict[str, np.ndarray]:
         """All scalar fields of a group as numpy arrays ``[count]`` (sigma/cfg float64, others int64)."""
-        table = np.asarray(self._group(layer, n_tokens)["scalars"][:])
+        table = self.read_array(layer, n_tokens, "scalars")
         return {
             name: table[:, i] if name in _FLOAT_SCALARS else table[:, i].astype(np.int64)
             for i, name in enumerate(SCALAR_FIELDS)
@@ -612,10 +823,10 @@ class TraceStore:
         uniq, inverse = np.unique(idx, return_inverse=True)
         out: dict[str, torch.Tensor] = {}
         for name in ARRAY_FIELDS:
-            data = np.asarray(g[name].oindex[uniq])[inverse]
+            data = self.read_array(layer, n_tokens, name, uniq)[inverse]
             out[name] = decode(data, self.storage_dtype)
-        out["q_idx"] = torch.from_numpy(np.asarray(g["q_idx"].oindex[uniq])[inverse].astype(np.int64))
-        table = np.asarray(g["scalars"].oindex[uniq])[inverse]
+        out["q_idx"] = torch.from_numpy(self.read_array(layer, n_tokens, "q_idx", uniq)[inverse].astype(np.int64))
+        table = self.read_array(layer, n_tokens, "scalars", uniq)[inverse]
         for i, name in enumerate(SCALAR_FIELDS):
             col = table[:, i]
             out[name] = torch.from_numpy(col.astype(np.float32) if name in _FLOAT_SCALARS else col.astype(np.int64))
@@ -627,6 +838,57 @@ class TraceStore:
 
     def file_count(self) -> int:
         return sum(1 for _ in _files(self.path))
+
+
+def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted unique rows as contiguous ``[start, stop)`` runs."""
+    if rows.size == 0:
+        return []
+    cuts = np.nonzero(np.diff(rows) != 1)[0] + 1
+    return [(int(r[0]), int(r[-1]) + 1) for r in np.split(rows, cuts)]
+
+
+def _check_manifest_shape(path: Path, manifest: Any) -> None:
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    ok = (isinstance(files, dict) and manifest.get("hash") == MANIFEST_HASH
+          and all(isinstance(v, list) and len(v) == 2 and isinstance(v[0], int) and isinstance(v[1], str)
+                  for v in files.values()))
+    if not ok:
+        raise TraceStoreError(f"{path}: the store's manifest (root attribute 'manifest') is malformed or uses "
+                              f"another hash than {MANIFEST_HASH}; {RECAPTURE}")
+
+
+def _check_files(path: Path, manifest: dict[str, Any]) -> list[str]:
+    """The cheap checks at open: every listed file present with its size, nothing unlisted (dot-files
+    aside), metadata files hashed. Returns the files verified by hash; raises naming every bad file."""
+    files: dict[str, list] = manifest["files"]
+    problems: list[str] = []
+    for rel, (size, _) in files.items():
+        try:
+            got = (path / rel).stat().st_size
+        except FileNotFoundError:
+            problems.append(f"{rel} is missing")
+            continue
+        if got != size:
+            how = "truncated" if got < size else "grown"
+            problems.append(f"{rel} is {got} bytes, the manifest says {size} ({how})")
+    extra = [r for r in _store_files(path) if r not in files and not _hidden(r)]
+    problems += [f"{r} is not in the manifest (not written by the capture that made the store: remove it)"
+                 for r in extra]
+    verified = []
+    if not problems:
+        for rel, (_, digest) in files.items():
+            if rel.rsplit("/", 1)[-1] == _META_FILE:
+                if file_sha256(path / rel) != digest:
+                    problems.append(f"{rel} (metadata) is corrupt: its {MANIFEST_HASH} differs from the manifest's")
+                else:
+                    verified.append(rel)
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        one = "file" if len(problems) == 1 else "files"
+        raise TraceStoreError(f"{path}: damaged trace store, {one} " + "; ".join(problems[:5]) + more
+                              + f"; {RECAPTURE}")
+    return verified
 
 
 def _files(path: Path) -> Iterable[Path]:

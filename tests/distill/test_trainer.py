@@ -1,5 +1,6 @@
 """Distill stage on tiny synthetic stores (teacher_sub = exact softmax attention): outputs, exact resume,
-readiness hysteresis across a resume, the prompt-level validation split, bad stores, NaN batches, the
+readiness hysteresis across a resume, the prompt-level validation split, bad and damaged stores, NaN tuples
+(dropped one by one, reported once), the
 validation metrics against an fp64 reference, the DistillTrainer object driven step by step, and the
 torchrun (gloo, 2 processes) path."""
 
@@ -10,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -237,22 +239,14 @@ def test_student_forward_mixed_geometry_matches_rows(tmp_path):
     assert {(int(h), int(w)) for h, w in zip(batch["h"], batch["w"])} == {(4, 4), (2, 8), (8, 2)}
 
 
-def test_nan_batches_are_skipped_and_counted(tmp_path):
+def test_an_all_nan_batch_skips_its_update_and_counts_tuples(tmp_path):
     path = make_store(tmp_path / "clean.zarr", layers=("single_blocks.0",), prompts=4, steps=4)
     clean = TraceStore.open(path)
     split = split_by_prompt(clean, 0.25, seed=0)
     bad_prompt = split.train_prompts[0]
-    # rewrite the store with NaN keys in every tuple of one training prompt
-    gen = torch.Generator().manual_seed(0)
-    nan_path = tmp_path / "nan.zarr"
-    with TraceWriter(nan_path, attrs={"teacher": TEACHER}, budget_bytes=1 << 30, storage_dtype="float32", seed=0) as w:
-        for p in range(4):
-            for st in range(4):
-                t = make_tuple(gen, heads=2, n_cond=4, hgrid=4, wgrid=4, nq=6, d=16, prompt=p, step=st,
-                               seed=100 + p, qk_scale=0.5)
-                if p == bad_prompt:
-                    t.k[0, 3, 0] = float("nan") if st % 2 else float("inf")
-                w.offer("single_blocks.0", t)
+    # the same store with NaN/inf keys in every tuple of one training prompt
+    nan_path = make_store(tmp_path / "nan.zarr", layers=("single_blocks.0",), prompts=4, steps=4,
+                          nonfinite={("single_blocks.0", bad_prompt, st): "k" for st in range(4)})
     s = TraceStore.open(nan_path)
     prompts = s.scalars("single_blocks.0", 20)["prompt"]
     bad_rows = set(np.nonzero(prompts == bad_prompt)[0].tolist())
@@ -260,14 +254,121 @@ def test_nan_batches_are_skipped_and_counted(tmp_path):
                  val_fraction=0.25)
     split = split_by_prompt(s, 0.25, seed=cfg.seed)
     planner = BatchPlanner(split.train, batch_size=2, min_layers=1, max_layers=1, seed=cfg.seed)
-    expected = sum(1 for _ in range(16) for r in planner.next_step() if set(r.rows) & bad_rows)
-    assert expected > 0
+    plan = [r for _ in range(16) for r in planner.next_step()]
+    all_bad = sum(1 for r in plan if set(r.rows) <= bad_rows)  # nothing finite left: no update
+    assert 0 < all_bad < sum(1 for r in plan if set(r.rows) & bad_rows)  # and some batches were mixed
     res = train(cfg, HKR, expected_teacher=TEACHER)
     m = res.layer_metrics["single_blocks.0"]
-    assert m["skipped_nonfinite"] == expected == res.summary["skipped_nonfinite"]
-    assert m["updates"] == 16 - expected
+    assert m["skipped_nonfinite"] == 4 == res.summary["skipped_nonfinite"]  # tuples, each counted once
+    assert m["skipped_updates"] == all_bad == res.summary["skipped_updates"]
+    assert m["updates"] == 16 - all_bad
+    assert m["tuples_trained"] == sum(len(set(r.rows) - bad_rows) for r in plan)
+    assert res.summary["nonfinite_tuples"] == {"single_blocks.0": [[bad_prompt, st, 100 + bad_prompt]
+                                                                   for st in range(4)]}
     assert all(torch.isfinite(t).all() for t in res.students["single_blocks.0"].state_dict().values())
     assert math.isfinite(m["val_cos_dist"])
+
+
+def _drop_rows(batches: dict[str, dict[str, torch.Tensor]], bad: dict[str, set]) -> dict:
+    """``batches`` without the rows whose ``(prompt, step)`` is in ``bad[layer]`` (what a store without
+    those tuples would have fed, batch by batch)."""
+    out = {}
+    for layer, b in batches.items():
+        keep = torch.tensor([(int(p), int(s)) not in bad.get(layer, set()) for p, s in zip(b["prompt"], b["step"])])
+        out[layer] = b if bool(keep.all()) else {k: v[keep] for k, v in b.items()}
+    return out
+
+
+def test_nan_tuples_are_dropped_not_their_batches_and_reported_once(tmp_path, capsys):
+    """3 NaN/inf tuples among a layer's 40: the layer trains on every finite tuple (the same updates, to the
+    bit, as a run fed the clean store's batches without those rows), and each bad tuple is reported once by
+    (layer, prompt, step, seed), though training meets it in several epochs. A NaN tuple among the held-out
+    prompts is left out of validation alone."""
+    layers = ("single_blocks.0", "single_blocks.1")
+    kw = dict(layers=layers, prompts=5, steps=8, focus=1.0)
+    clean_path = make_store(tmp_path / "clean.zarr", **kw)
+    split = split_by_prompt(TraceStore.open(clean_path), 0.2, seed=0)
+    (val_prompt,) = split.val_prompts
+    tp = split.train_prompts
+    bad = {("single_blocks.1", tp[0], 2): "k", ("single_blocks.1", tp[0], 5): "teacher_sub",
+           ("single_blocks.1", tp[2], 7): "q_sub", ("single_blocks.0", val_prompt, 3): "v"}
+    bad_path = make_store(tmp_path / "bad.zarr", nonfinite=bad, **kw)
+    # both layers every step, 4 tuples a batch: 8 batches an epoch, 20 steps = 2.5 epochs of every layer
+    cfg = config(tmp_path / "bad", bad_path, steps=20, batch_size=4, min_swap_layers=2, max_swap_layers=2,
+                 val_fraction=0.2, val_every=100, checkpoint_every=100)
+    res = train(cfg, HKR, expected_teacher=TEACHER)
+    out, err = capsys.readouterr()
+    lines = [ln for ln in err.splitlines() if "skipping non-finite tuple" in ln]
+    assert len(lines) == 4, err  # once per bad tuple
+    for (layer, p, st), field in bad.items():
+        want = f"distill: {layer}: skipping non-finite tuple prompt {p} step {st} seed {100 + p} ({field} not finite"
+        assert sum(ln.startswith(want) for ln in lines) == 1, (want, lines)
+    assert sum(ln.endswith("validation)") for ln in lines) == 1
+    # and once more, all together, in the stage's summary on stdout
+    p0, p2, pv = tp[0], tp[2], val_prompt
+    assert (f"distill: left out 4 non-finite tuple(s) (prompt/step/seed): single_blocks.0 p{pv}/s3/seed{100 + pv}; "
+            f"single_blocks.1 p{p0}/s2/seed{100 + p0}, p{p0}/s5/seed{100 + p0}, p{p2}/s7/seed{100 + p2}") in out
+
+    m1 = res.layer_metrics["single_blocks.1"]
+    assert m1["skipped_nonfinite"] == 3 and m1["skipped_updates"] == 0
+    assert res.layer_metrics["single_blocks.0"]["skipped_nonfinite"] == 1
+    assert res.summary["skipped_nonfinite"] == 4
+    assert res.summary["nonfinite_tuples"] == {
+        "single_blocks.0": [[val_prompt, 3, 100 + val_prompt]],
+        "single_blocks.1": sorted([[tp[0], 2, 100 + tp[0]], [tp[0], 5, 100 + tp[0]], [tp[2], 7, 100 + tp[2]]])}
+    metrics = json.loads(Path(cfg.metrics).read_text())
+    assert metrics["summary"]["nonfinite_tuples"] == res.summary["nonfinite_tuples"]
+    assert metrics["layers"]["single_blocks.1"]["skipped_nonfinite"] == 3
+
+    # the reference: the clean store's plan and batches, the bad rows dropped by hand
+    drop = {"single_blocks.1": {(p, st) for (layer, p, st) in bad if layer == "single_blocks.1"}}
+    ref_cfg = config(tmp_path / "ref", clean_path, steps=20, batch_size=4, min_swap_layers=2, max_swap_layers=2,
+                     val_fraction=0.2, val_every=100, checkpoint_every=100)
+    with DistillTrainer(ref_cfg, HKR, expected_teacher=TEACHER) as ref:
+        trained = {k: 0 for k in layers}
+        with PrefetchLoader(ref.store, ref.planner, stop_step=20) as loader:
+            for sb in loader:
+                sb.batches = _drop_rows(sb.batches, drop)
+                for k, b in sb.batches.items():
+                    trained[k] += int(b["q_sub"].shape[0])
+                ref.step(sb)
+        want = student_tensors({k: st.student for k, st in ref.states.items()})
+        ref_updates = {k: st.updates for k, st in ref.states.items()}
+    got = student_tensors(res.students)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    # no update lost: as many as the clean store's run, on every finite tuple of each planned batch
+    assert {k: res.layer_metrics[k]["updates"] for k in layers} == ref_updates == {k: 20 for k in layers}
+    assert {k: res.layer_metrics[k]["tuples_trained"] for k in layers} == trained
+    assert trained["single_blocks.1"] < 80 == trained["single_blocks.0"]  # 3 tuples x 2-3 epochs left out
+
+    # validation: the bad held-out tuple alone is left out, the metrics are those of the other 7
+    assert res.layer_metrics["single_blocks.0"]["val_tuples"] == 7
+    assert res.layer_metrics["single_blocks.1"]["val_tuples"] == 8
+    clean = TraceStore.open(clean_path)
+    batches = [_drop_rows({"x": b}, {"x": {(val_prompt, 3)}})["x"]
+               for b in load_val_batches(clean, split, "single_blocks.0", cfg)]
+    assert sum(int(b["q_sub"].shape[0]) for b in batches) == 7
+    ref_m = validation_metrics(res.students["single_blocks.0"], batches)
+    for name in ("val_cos_dist", "val_nmse", "val_p95_err"):
+        assert res.layer_metrics["single_blocks.0"][name] == pytest.approx(ref_m[name], rel=1e-9), name
+
+
+def test_damaged_store_fails_before_training_naming_the_file(tmp_path, capsys):
+    path = make_store(tmp_path / "s.zarr", layers=LAYERS, prompts=5, steps=4)
+    shard = "single_blocks.2/n20/k/c/0/0/0/0"
+    data = bytearray((path / shard).read_bytes())
+    data[100] ^= 0x01  # same size, one bit flipped: only the hash sees it
+    (path / shard).write_bytes(bytes(data))
+    with pytest.raises(DistillError, match=rf"file {re.escape(shard)} of array single_blocks\.2/n20/k is corrupt.*"
+                                           r"dvc repro capture"):
+        train(config(tmp_path, path), HKR, expected_teacher=TEACHER)
+    (path / shard).unlink()
+    with pytest.raises(DistillError, match=rf"damaged trace store, file {re.escape(shard)} is missing"):
+        train(config(tmp_path, path), HKR, expected_teacher=TEACHER)
+    for p in ("a.safetensors", "m.json"):
+        assert not (tmp_path / p).exists()  # nothing was trained or written
 
 
 def test_bad_stores_fail_before_training(tmp_path, store):
@@ -431,9 +532,10 @@ def test_trainer_resume_summary_and_single_use(tmp_path, store):
     a, b = student_tensors(full.students), student_tensors(res.students)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert res.layer_metrics == full.layer_metrics
-    wall = {"stage_seconds", "train_seconds_this_run", "tuples_per_s_trained"}
+    wall = {"stage_seconds", "train_seconds_this_run", "tuples_per_s_trained", "store_verify_seconds"}
     same = {"layers", "ready_layers", "val_cos_sim_mean", "val_cos_dist", "pareto_frontier", "steps",
-            "skipped_nonfinite", "val_prompts", "train_prompts", "world_size", "readiness_threshold"}
+            "skipped_nonfinite", "skipped_updates", "nonfinite_tuples", "val_prompts", "train_prompts",
+            "world_size", "readiness_threshold"}
     assert same | wall | {"resumed_from", "tuples_trained_this_run", "reader_cache_hits", "reader_cache_misses"} == set(s)
     assert {k: s[k] for k in same} == {k: full.summary[k] for k in same}
 

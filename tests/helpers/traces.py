@@ -30,20 +30,33 @@ def make_tuple(gen: torch.Generator, *, heads: int, n_cond: int, hgrid: int, wgr
                       cfg=4.0, n_cond=n_cond, h=hgrid, w=wgrid, prompt=prompt, step=step, seed=seed)
 
 
+def poison(t: TraceTuple, field: str) -> None:
+    """Put a NaN (an inf for ``teacher_sub``) into one element of ``field`` of ``t`` (in place); the other
+    values, and every later draw of the generator, stay as they were."""
+    getattr(t, field).view(-1)[3] = float("inf") if field == "teacher_sub" else float("nan")
+
+
 def make_store(path: Path, *, layers=("single_blocks.0", "single_blocks.1"), prompts=5, steps=4, heads=2,
                n_cond=4, hgrid=4, wgrid=4, nq=6, d=16, qk_scale=0.5, teacher=None, seed=0,
-               extra_groups: dict | None = None, focus: float = 0.0) -> Path:
+               extra_groups: dict | None = None, focus: float = 0.0,
+               nonfinite: dict[tuple[str, int, int], str] | None = None) -> Path:
     """A store with one tuple per (layer, prompt, step); ``extra_groups={layer: (hgrid, wgrid)}`` adds a
-    second token count for that layer (one tuple per prompt)."""
+    second token count for that layer (one tuple per prompt). ``nonfinite={(layer, prompt, step): field}``
+    poisons those tuples (:func:`poison`); all other data equals the store made without it."""
     gen = torch.Generator().manual_seed(seed)
+    bad = dict(nonfinite or {})
     with TraceWriter(path, attrs={"teacher": dict(teacher or TEACHER)}, budget_bytes=1 << 30,
                      storage_dtype="float32", seed=seed) as w:
         for layer in layers:
             for p in range(prompts):
                 for s in range(steps):
-                    w.offer(layer, make_tuple(gen, heads=heads, n_cond=n_cond, hgrid=hgrid, wgrid=wgrid, nq=nq,
-                                              d=d, prompt=p, step=s, seed=100 + p, qk_scale=qk_scale,
-                                              focus=focus))
+                    t = make_tuple(gen, heads=heads, n_cond=n_cond, hgrid=hgrid, wgrid=wgrid, nq=nq, d=d, prompt=p,
+                                   step=s, seed=100 + p, qk_scale=qk_scale, focus=focus)
+                    if (layer, p, s) in bad:
+                        poison(t, bad.pop((layer, p, s)))
+                    w.offer(layer, t)
+        if bad:
+            raise ValueError(f"nonfinite names tuples the store does not have: {sorted(bad)}")
         for layer, (hg, wg) in (extra_groups or {}).items():
             for p in range(prompts):
                 w.offer(layer, make_tuple(gen, heads=heads, n_cond=n_cond, hgrid=hg, wgrid=wg, nq=nq, d=d,

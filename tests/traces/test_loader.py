@@ -1,6 +1,7 @@
 """Trace loader: prompt-level validation split, deterministic and resumable batch plan, layer coverage,
-prefetched reads equal to direct reads. ``make_store`` builds the small synthetic stores that
-test_distill.py uses too (teacher_sub = exact softmax attention of q_sub against k, v)."""
+prefetched reads equal to direct reads, a damaged shard named by the reader. ``make_store`` builds the
+small synthetic stores that test_distill.py uses too (teacher_sub = exact softmax attention of q_sub
+against k, v)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from flux2ttr.traces.loader import BatchPlanner, PrefetchLoader, TupleCache, read_batch, split_by_prompt
-from flux2ttr.traces.store import TraceStore, TraceWriter
+from flux2ttr.traces.store import TraceStore, TraceStoreError, TraceWriter
 from helpers.traces import TEACHER, make_store, make_tuple
 
 
@@ -184,3 +185,28 @@ def test_tuple_cache_serves_identical_batches_within_budget(store_path):
     small = TupleCache(5 * row_bytes + row_bytes // 2)
     run(small)
     assert len(small._rows) == 5 and small.nbytes <= small.max_bytes
+
+
+def test_prefetched_reads_of_a_corrupt_shard_fail_naming_it(tmp_path):
+    """A damaged shard (same size, other bytes) surfaces in the consuming thread as a TraceStoreError naming
+    the file; the reader threads hash each shard once, whichever of them touches it first."""
+    gen = torch.Generator().manual_seed(5)
+    path = tmp_path / "s.zarr"
+    with TraceWriter(path, attrs={"teacher": TEACHER}, budget_bytes=1 << 30, storage_dtype="float32", seed=0,
+                     shard_bytes=3 * 2 * 20 * 16 * 4) as w:
+        for p in range(12):
+            w.offer("single_blocks.0", make_tuple(gen, heads=2, n_cond=4, hgrid=4, wgrid=4, nq=6, d=16, prompt=p,
+                                                  step=0, seed=0, qk_scale=1.0))
+    shard = path / "single_blocks.0" / "n20" / "v" / "c" / "2" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[-40] ^= 0xFF  # inside the shard index: same size
+    shard.write_bytes(bytes(data))
+    store = TraceStore.open(path)
+    planner = BatchPlanner({"single_blocks.0": [(20, np.arange(12))]}, batch_size=3, min_layers=1, max_layers=1,
+                           seed=0)
+    with PrefetchLoader(store, planner, stop_step=8, reader_threads=3) as loader:
+        with pytest.raises(TraceStoreError, match=r"file single_blocks\.0/n20/v/c/2/0/0/0 of array "
+                                                  r"single_blocks\.0/n20/v is corrupt.*dvc repro capture"):
+            list(loader)
+    ok = read_batch(TraceStore.open(path), "single_blocks.0", 20, [0, 1, 2, 3, 4, 5])  # shards 0 and 1: fine
+    assert ok["v"].shape == (6, 2, 20, 16)

@@ -1,10 +1,12 @@
-"""Trace store: round trips per storage dtype, reservoir budget and uniformity, atomicity, file count,
+"""Trace store: round trips per storage dtype, reservoir budget and uniformity, atomicity, file count, the
+manifest (missing, truncated, resized, unlisted or corrupt files named at open or at read),
 and the errors for stores that are missing, foreign, incomplete or of a newer schema."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -342,3 +344,166 @@ def test_writer_validates_inputs(tmp_path):
             w.offer("single_blocks.0", bad)
         with pytest.raises(ValueError, match="not a layer key"):
             w.offer("blocks.0", make_tuple(gen))
+
+
+# ------------------------------------------------------------------------------------------ integrity
+
+
+def _damage_store(path: Path) -> Path:
+    """A two-layer store whose k arrays span several shard files (so one can be damaged alone)."""
+    gen = torch.Generator().manual_seed(11)
+    tuples = [(f"single_blocks.{i}", make_tuple(gen, prompt=p, step=s)) for i in range(2) for p in range(4)
+              for s in range(3)]
+    write_store(path, tuples, shard_bytes=4 * 2 * 24 * 8 * 4)  # 4 tuples of k per shard: 3 shards per array
+    return path
+
+
+K_SHARD = "single_blocks.1/n24/k/c/1/0/0/0"  # rows 4..7 of single_blocks.1's keys
+
+
+def test_manifest_lists_every_file_with_size_and_sha256(tmp_path):
+    import hashlib
+
+    path = _damage_store(tmp_path / "s.zarr")
+    store = TraceStore.open(path)
+    man = store.attrs["manifest"]
+    assert man["hash"] == "sha256" and store.manifest is man
+    on_disk = sorted(f.relative_to(path).as_posix() for f in path.rglob("*") if f.is_file())
+    assert sorted(man["files"]) == [r for r in on_disk if r != "zarr.json"]  # all but the file holding it
+    for rel, (size, digest) in man["files"].items():
+        data = (path / rel).read_bytes()
+        assert size == len(data) and digest == hashlib.sha256(data).hexdigest(), rel
+    assert man["arrays"]["single_blocks.1/n24/k"] == {"shape": [12, 2, 24, 8], "dtype": "float32",
+                                                      "rows_per_file": 4}
+    assert man["arrays"]["single_blocks.0/n24/scalars"]["shape"] == [12, 8]
+    assert {f"single_blocks.1/n24/k/c/{i}/0/0/0" for i in range(3)} <= set(man["files"])
+    # reserved: a caller cannot smuggle its own manifest in
+    with pytest.raises(ValueError, match="reserved"):
+        TraceWriter(tmp_path / "x.zarr", attrs={"manifest": {}}, budget_bytes=10, storage_dtype="float16", seed=0)
+
+
+@pytest.mark.filterwarnings("ignore:Object at .DS_Store is not recognized")  # zarr's own note on the stray file
+def test_good_store_opens_verifies_and_reads_identically(tmp_path):
+    gen = torch.Generator().manual_seed(12)
+    tuples = [(f"single_blocks.{i}", make_tuple(gen, prompt=p, step=s)) for i in range(2) for p in range(4)
+              for s in range(3)]
+    write_store(tmp_path / "s.zarr", tuples, shard_bytes=4 * 2 * 24 * 8 * 4)
+    store = TraceStore.open(tmp_path / "s.zarr")
+    before = read_all(store)
+    for key, t in originals(tuples).items():
+        for name in ("q_sub", "k", "v", "teacher_sub"):
+            assert torch.equal(before[key][name], getattr(t, name).float())
+    report = store.verify()
+    assert report["manifest"] is True and report["files"] == len(store.manifest["files"])
+    assert report["bytes"] == store.nbytes_on_disk() - (tmp_path / "s.zarr" / "zarr.json").stat().st_size
+    after = read_all(TraceStore.open(tmp_path / "s.zarr"))
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k][n], before[k][n]) for k in before for n in before[k])
+    # stray hidden files (editor or NFS droppings) are not part of the store and are ignored
+    (tmp_path / "s.zarr" / "single_blocks.0" / ".DS_Store").write_bytes(b"x")
+    assert TraceStore.open(tmp_path / "s.zarr").count() == 24
+
+
+def test_deleted_shard_is_refused_at_open_naming_it(tmp_path):
+    path = _damage_store(tmp_path / "s.zarr")
+    (path / K_SHARD).unlink()  # zarr alone would read those four tuples' keys as zeros
+    with pytest.raises(TraceStoreError) as e:
+        TraceStore.open(path)
+    msg = str(e.value)
+    assert f"{path}: damaged trace store, file {K_SHARD} is missing" in msg
+    assert "recapture it (`dvc repro capture`" in msg
+
+
+def test_truncated_shard_is_refused_at_open_naming_it(tmp_path):
+    path = _damage_store(tmp_path / "s.zarr")
+    data = (path / K_SHARD).read_bytes()
+    (path / K_SHARD).write_bytes(data[:-100])
+    with pytest.raises(TraceStoreError, match=re.escape(
+            f"file {K_SHARD} is {len(data) - 100} bytes, the manifest says {len(data)} (truncated)")) as e:
+        TraceStore.open(path)
+    assert "dvc repro capture" in str(e.value)
+    (path / K_SHARD).write_bytes(data + b"\0")
+    with pytest.raises(TraceStoreError, match=re.escape(f"{K_SHARD} is {len(data) + 1} bytes")):
+        TraceStore.open(path)
+
+
+def test_unlisted_file_and_corrupt_metadata_are_refused_at_open(tmp_path):
+    path = _damage_store(tmp_path / "s.zarr")
+    stray = path / "single_blocks.1" / "n24" / "k" / "c" / "9" / "0" / "0" / "0"
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"chunk from another store")
+    with pytest.raises(TraceStoreError, match=r"file single_blocks\.1/n24/k/c/9/0/0/0 is not in the manifest"):
+        TraceStore.open(path)
+    stray.unlink()
+    meta = path / "single_blocks.0" / "n24" / "zarr.json"
+    text = meta.read_text()
+    meta.write_text(text.replace('"count": 12', '"count": 13'))  # same size, other bytes
+    with pytest.raises(TraceStoreError, match=r"single_blocks\.0/n24/zarr\.json \(metadata\) is corrupt"):
+        TraceStore.open(path)
+
+
+def test_corrupt_shard_of_the_same_size_fails_at_read_and_verify_naming_it(tmp_path):
+    from flux2ttr.traces.loader import read_batch
+
+    path = _damage_store(tmp_path / "s.zarr")
+    data = bytearray((path / K_SHARD).read_bytes())
+    data[200:210] = b"\xff" * 10  # zstd would decode this to garbage without complaint
+    (path / K_SHARD).write_bytes(bytes(data))
+    store = TraceStore.open(path)  # sizes agree: the cheap check at open passes
+    assert store.read("single_blocks.1", 24, [0, 3, 8])["k"].shape[0] == 3  # other shards read fine
+    assert torch.isfinite(store.read("single_blocks.0", 24, [5])["k"]).all()
+    want = (rf"{re.escape(str(path))}: file {re.escape(K_SHARD)} of array single_blocks\.1/n24/k is corrupt: its "
+            r"sha256 .* differs from the manifest's .*dvc repro capture")
+    with pytest.raises(TraceStoreError, match=want):
+        store.read("single_blocks.1", 24, [5])
+    with pytest.raises(TraceStoreError, match=want):
+        read_batch(store, "single_blocks.1", 24, [4, 7])
+    with pytest.raises(TraceStoreError, match=want):
+        TraceStore.open(path).verify()
+    assert TraceStore.open(path).verify(layers=["single_blocks.0"])["manifest"] is True  # not its layer
+
+
+def test_each_file_is_hashed_once_per_open_store(tmp_path, monkeypatch):
+    import flux2ttr.traces.store as store_mod
+
+    path = _damage_store(tmp_path / "s.zarr")
+    store = TraceStore.open(path)
+    hashed = []
+    real = store_mod.file_sha256
+    monkeypatch.setattr(store_mod, "file_sha256", lambda p: hashed.append(Path(p).relative_to(path).as_posix())
+                        or real(p))
+    store.read("single_blocks.1", 24, [5])
+    # the shard of row 5 in each big array (q_sub/teacher_sub shard like k) and the one chunk of the small ones
+    assert sorted(hashed) == sorted([K_SHARD, "single_blocks.1/n24/q_sub/c/1/0/0/0",
+                                     "single_blocks.1/n24/teacher_sub/c/1/0/0/0", "single_blocks.1/n24/v/c/1/0/0/0",
+                                     "single_blocks.1/n24/q_idx/c/0/0", "single_blocks.1/n24/scalars/c/0/0"])
+    hashed.clear()
+    store.read("single_blocks.1", 24, [4, 6, 7])
+    store.verify(layers=["single_blocks.1"])
+    assert K_SHARD not in hashed and len(hashed) == len(set(hashed))  # read files are not hashed again
+
+
+def _strip_manifest(path: Path) -> None:
+    meta = path / "zarr.json"
+    head = json.loads(meta.read_text())
+    del head["attributes"]["manifest"]
+    meta.write_text(json.dumps(head))
+
+
+def test_store_without_manifest_opens_with_a_warning_and_wraps_decode_errors(tmp_path):
+    from flux2ttr.traces.store import TraceStoreWarning
+
+    path = _damage_store(tmp_path / "s.zarr")
+    _strip_manifest(path)  # what a store written before manifests looks like
+    with pytest.warns(TraceStoreWarning, match="no manifest.*cannot be detected.*dvc repro capture"):
+        store = TraceStore.open(path)
+    assert store.manifest is None and store.verify() == {"manifest": False, "files": 0, "bytes": 0, "seconds": 0.0}
+    assert store.count() == 24 and store.read("single_blocks.1", 24, [5])["k"].shape == (1, 2, 24, 8)
+    data = (path / K_SHARD).read_bytes()
+    (path / K_SHARD).write_bytes(data[:-100])  # the shard index at the end is now read from the wrong bytes
+    with pytest.warns(TraceStoreWarning):
+        store = TraceStore.open(path)
+    with pytest.raises(TraceStoreError, match=(
+            rf"cannot decode array single_blocks\.1/n24/k from {re.escape(K_SHARD)} \(ValueError: Stored and "
+            r"computed checksum do not match.*the store is damaged: recapture it \(`dvc repro capture`")):
+        store.read("single_blocks.1", 24, [5])
