@@ -65,7 +65,7 @@ from flux2ttr.checkpoint import (
     save_checkpoint,
 )
 from flux2ttr.comet_log import GuardedComet
-from flux2ttr.config import load_section, to_dict
+from flux2ttr.config import Flux2TTRError, load_section, to_dict
 from flux2ttr.contract import layer_sort_key
 from flux2ttr.distill.readiness import Readiness
 from flux2ttr.provenance import source_digest
@@ -91,7 +91,7 @@ JITTER_STREAM = 0x3AD1  # separates the window-radius draws from other seeded st
 _BATCH_TENSORS = ("q_sub", "k", "v", "teacher_sub", "sigma", "cfg")
 
 
-class DistillError(RuntimeError):
+class DistillError(RuntimeError, Flux2TTRError):
     """The distill stage cannot run on its inputs (message names the file and the fix)."""
 
 

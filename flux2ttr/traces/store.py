@@ -92,6 +92,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from flux2ttr.config import Flux2TTRError
+
 FORMAT = "flux2ttr.traces"
 PARTIAL_FORMAT = "flux2ttr.traces.partial"
 SCHEMA_VERSION = 1
@@ -116,7 +118,7 @@ _HASH_BLOCK = 4 * 2**20
 RECAPTURE = "recapture it (`dvc repro capture`, or `flux2ttr capture`)"
 
 
-class TraceStoreError(RuntimeError):
+class TraceStoreError(RuntimeError, Flux2TTRError):
     """A path is not a readable flux2ttr trace store (message names the path and the fix)."""
 
 
