@@ -19,8 +19,10 @@ Shapes: latents are image tokens ``[B, h*w, 128]`` (row-major over the ``h x w``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import math
 import re
 import shutil
@@ -436,6 +438,25 @@ def load_transformer(path: str | Path, config_dir: str | Path | None = None, *, 
     return match_comfyui_qk_norm(_load_transformer(path, config_dir, param=param, dtype=dtype))
 
 
+class _EmptyFp32Filter(logging.Filter):
+    """Drops diffusers' "modules ... should be kept in float32: []" warning: from_single_file casts with
+    ``to(dtype)`` itself and warns even when the list of such modules is empty (nothing to keep)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _no_empty_fp32_warning():
+    log = logging.getLogger("diffusers.models.modeling_utils")
+    flt = _EmptyFp32Filter()
+    log.addFilter(flt)
+    try:
+        yield
+    finally:
+        log.removeFilter(flt)
+
+
 def _load_transformer(path: str | Path, config_dir: str | Path | None, *, param: str, dtype: torch.dtype):
     from diffusers import Flux2Transformer2DModel  # noqa: PLC0415
 
@@ -449,8 +470,9 @@ def _load_transformer(path: str | Path, config_dir: str | Path | None, *, param:
         cdir = Path(config_dir)
         if not (cdir / "transformer" / "config.json").is_file():
             raise TeacherError(f"teacher.transformer_config: {cdir / 'transformer' / 'config.json'} not found")
-        return Flux2Transformer2DModel.from_single_file(
-            str(path), config=str(cdir), subfolder="transformer", local_files_only=True, torch_dtype=dtype)
+        with _no_empty_fp32_warning():
+            return Flux2Transformer2DModel.from_single_file(
+                str(path), config=str(cdir), subfolder="transformer", local_files_only=True, torch_dtype=dtype)
     if (path / "config.json").is_file():
         return Flux2Transformer2DModel.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype)
     if (path / "transformer" / "config.json").is_file():
