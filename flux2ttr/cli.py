@@ -12,6 +12,7 @@ then ``flux2ttr`` exits with one line naming the extra instead of a traceback.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib
 import sys
@@ -49,7 +50,7 @@ STAGES = {
     "capture": "capture",
     "distill": "distill",
     "rollout": "rollout",
-    "train-controller": "train_controller",
+    "train_controller": "train_controller",
     "evaluate": "evaluate",
 }
 
@@ -97,8 +98,20 @@ def _debug(ctx: click.Context, debug: bool) -> bool:
     return debug or bool((ctx.find_root().obj or {}).get("debug"))
 
 
+def _stage_help(name: str) -> str:
+    """The stage module's docstring (its params sections, inputs and outputs), read without importing it
+    from ``stages/`` in the working directory; a generic line elsewhere."""
+    base = f"Run the '{name}' pipeline stage (what `dvc repro {name}` runs)."
+    path = Path("stages") / f"{STAGES[name]}.py"
+    try:
+        doc = ast.get_docstring(ast.parse(path.read_text()))
+    except (OSError, SyntaxError):
+        doc = None
+    return f"{base}\n\n{doc}" if doc else base
+
+
 def _stage_command(name: str) -> click.Command:
-    @click.command(name=name, help=f"Run the '{name}' pipeline stage (what `dvc repro` runs).")
+    @click.command(name=name, help=_stage_help(name))
     @_PARAMS
     @_DEBUG
     @click.pass_context

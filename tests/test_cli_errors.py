@@ -99,8 +99,8 @@ def test_cli_stage_bad_params_is_one_line_and_debug_shows_traceback(project):
 def test_cli_train_controller_names_its_command(project):
     params = project / "params.yaml"
     params.write_text(params.read_text().replace("  iterations: 24 ", '  iterations: "24" ', 1))
-    res = _run(project, "-m", "flux2ttr.cli", "train-controller", "--params", str(params))
-    assert _one_line(res, "train-controller: ").endswith("controller.iterations = '24' (a string): expected an "
+    res = _run(project, "-m", "flux2ttr.cli", "train_controller", "--params", str(params))
+    assert _one_line(res, "train_controller: ").endswith("controller.iterations = '24' (a string): expected an "
                                                          "integer; write 24 without quotes")
     res = _run(project, "-m", "stages.train_controller")
     _one_line(res, "train_controller: params.yaml: controller.iterations = '24'")

@@ -106,3 +106,11 @@ def test_paths_come_from_params(stage):
                                             spec.get("outs", []) + spec.get("metrics", []) + spec.get("plots", [])]
     literal = sorted(e for e in entries if "${" not in e and e in named)
     assert not literal, f"stage {stage!r}: write these params.yaml paths as ${{...}}: {literal}"
+
+
+def test_cli_commands_are_the_dvc_stage_names():
+    """One spelling everywhere: `flux2ttr <stage>` and `dvc repro <stage>` take the same names."""
+    from flux2ttr import cli
+
+    assert sorted(cli.STAGES) == STAGES
+    assert all(cli.STAGES[name] == name for name in STAGES)
