@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flux2ttr.config import ConfigError
+from flux2ttr.config import ConfigError, Flux2TTRError
 from flux2ttr.versioned_file import VersionedFile
 
 FORMAT = "flux2ttr.controller"
@@ -39,8 +39,12 @@ SCHEMA_VERSION = 1
 METADATA_KEY = "flux2ttr.controller"
 
 
-class ControllerArtifactError(ValueError):
+class ControllerArtifactError(ValueError, Flux2TTRError):
     """A controller artifact is missing, corrupt, or does not match what the caller expects."""
+
+
+class NonFiniteControllerError(ControllerArtifactError):
+    """A controller artifact holds a NaN or inf weight."""
 
 
 @dataclass
@@ -235,15 +239,33 @@ def _open(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, header
 
 
+def _check_finite_weights(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A NaN/inf weight makes every logit NaN, and a NaN logit routes every layer to its student: refuse it."""
+    for name in sorted(tensors):
+        t = tensors[name]
+        if not t.is_floating_point():
+            continue
+        bad = ~torch.isfinite(t)
+        n_bad = int(bad.sum())
+        if n_bad:
+            n_nan = int(torch.isnan(t).sum())
+            raise NonFiniteControllerError(
+                f"{path}: controller weight {name!r} has {n_bad} of {t.numel()} values non-finite (NaN {n_nan}, "
+                f"inf {n_bad - n_nan}); the controller artifact is corrupt (a diverged or damaged training run): "
+                "retrain it (dvc repro train_controller)")
+
+
 def load_controller(path: str | Path, *, expect_layers: list[str] | None = None,
                     expect_student_sha256: str | None = None, student_sha256: str | None = None,
                     device: str | torch.device = "cpu") -> tuple[TTRController, list[str]]:
     """Load a controller artifact -> ``(model, layer_keys)``; the full header is ``model.header``.
 
     ``expect_layers``: the routed layer order the caller will use; ``expect_student_sha256`` (alias
-    ``student_sha256``): sha256 of the student artifact in use. Each mismatch is its own clear error."""
+    ``student_sha256``): sha256 of the student artifact in use. Each mismatch is its own clear error; a
+    non-finite (NaN/inf) weight is refused, naming the tensor."""
     path = Path(path)
     tensors, header = _open(path)
+    _check_finite_weights(path, tensors)
     order = list(header.get("layer_order") or [])
     if expect_layers is not None and list(expect_layers) != order:
         raise ControllerArtifactError(f"{path}: controller was trained for layers {order} but the routed layers "

@@ -20,6 +20,10 @@ alpha tensor (``{layer}.alpha`` or ``{layer}.alpha_logit``) holds the raw alpha 
 :func:`load_students` converts it in memory; :func:`migrate_legacy_file` rewrites the file once
 (atomically) and writes ``alpha_format = "logit"``, so running it again changes nothing.
 
+**Finite values only.** Every tensor must be finite: :func:`save_students` refuses a layer with a NaN or
+inf value (nothing is written), and :func:`load_students` / :func:`migrate_legacy_file` refuse a file holding
+one, naming the layer and the tensor. A NaN student would otherwise sample a NaN image with no error.
+
 Every problem raises :class:`ArtifactError` naming the file and what does not match.
 """
 
@@ -52,6 +56,10 @@ class ArtifactError(ValueError):
     """A student (or controller) artifact is missing, corrupt or does not match what is expected."""
 
 
+class NonFiniteArtifactError(ArtifactError):
+    """A student artifact (or layers about to be saved as one) holds a NaN or inf value."""
+
+
 STUDENT_FILE = VersionedFile(
     what="student artifact", metadata_key=METADATA_KEY, format=FORMAT, schema=SCHEMA_VERSION, error=ArtifactError,
     not_found_fix="run the distill stage or pass the right path",
@@ -76,6 +84,34 @@ class StudentArtifact:
         return int(self.header["num_heads"])
 
 
+DISTILL_FIX = "re-run distill (`dvc repro distill`) to write the student artifact again"
+
+
+def nonfinite_summary(t: torch.Tensor) -> str | None:
+    """``None`` when every value of ``t`` is finite, else how many are not (``"3 of 64 values non-finite
+    (NaN 2, inf 1)"``). Non-float tensors are always finite."""
+    if not (t.is_floating_point() or t.is_complex()):
+        return None
+    bad = ~torch.isfinite(t)
+    n_bad = int(bad.sum())
+    if n_bad == 0:
+        return None
+    n_nan = int(torch.isnan(t).sum())
+    return f"{n_bad} of {t.numel()} values non-finite (NaN {n_nan}, inf {n_bad - n_nan})"
+
+
+def _check_finite(path: Path, tensors: dict[str, torch.Tensor], layer_keys: Any) -> None:
+    """Refuse a file holding a NaN/inf value in a tensor of one of its layers (the error names the layer
+    and the tensor; the first bad one in header layer order, tensor names sorted)."""
+    for layer in layer_keys:
+        for name in sorted(n for n in tensors if n.startswith(f"{layer}.")):
+            what = nonfinite_summary(tensors[name])
+            if what is not None:
+                raise NonFiniteArtifactError(f"{path}: layer {layer}: tensor {name!r} has {what}; the student "
+                                             f"artifact is corrupt (a diverged or damaged distill run): "
+                                             f"{DISTILL_FIX}")
+
+
 def _atomic_save(tensors: dict[str, torch.Tensor], header: dict[str, Any], path: Path) -> None:
     STUDENT_FILE.write(path, tensors, header)
 
@@ -98,7 +134,8 @@ def save_students(
     train_config: dict[str, Any],
     teacher: dict[str, Any],
 ) -> None:
-    """Write ``layers`` to ``path`` (atomic: temporary file in the same folder, then rename)."""
+    """Write ``layers`` to ``path`` (atomic: temporary file in the same folder, then rename); a layer
+    with a NaN or inf value is refused and nothing is written."""
     path = Path(path)
     if not layers:
         raise ArtifactError(f"{path}: no layers to save")
@@ -114,7 +151,13 @@ def save_students(
         if layer.num_heads != num_heads:
             raise ArtifactError(f"{path}: layer {key} has num_heads={layer.num_heads}, header says {num_heads}")
         for name, t in layer.export_tensors().items():
-            tensors[f"{key}.{name}"] = t
+            full = f"{key}.{name}"
+            what = nonfinite_summary(t)
+            if what is not None:  # never write a NaN artifact
+                raise NonFiniteArtifactError(f"{path}: refusing to save layer {key}: tensor {full!r} has {what} "
+                                             "(the student diverged in training); nothing was written: re-run "
+                                             "distill (with a lower distill.lr if it diverges again)")
+            tensors[full] = t
     modes = sorted({layer.mode for layer in layers.values()})
     if len(modes) != 1:
         raise ArtifactError(f"{path}: layers of several student modes {modes}; one artifact holds one mode")
@@ -202,6 +245,7 @@ def migrate_legacy_file(path: str | Path) -> bool:
     _check_header(path, header)
     if header.get("alpha_format") == ALPHA_FORMAT:
         return False
+    _check_finite(path, tensors, header["layers"])  # never write a NaN artifact, migrated or not
     tensors = _migrate_tensors(header, tensors, path)
     header = dict(header, alpha_format=ALPHA_FORMAT)
     _atomic_save(tensors, header, path)
@@ -229,8 +273,9 @@ def load_students(
     """Load and validate a student artifact; layers come back in eval mode on ``device``.
 
     Checks: format, schema, the header's dims against ``expect_*``, that every ``expect_layers`` key
-    is present, that every tensor has the shape the config requires, and (when given) that the
-    header's teacher identity agrees with ``teacher`` on every key of ``teacher``.
+    is present, that every tensor has the shape the config requires and only finite values (a NaN or inf
+    names the layer and the tensor), and (when given) that the header's teacher identity agrees with
+    ``teacher`` on every key of ``teacher``.
     """
     path = Path(path)
     header, tensors = _read_raw(path)
@@ -253,6 +298,7 @@ def load_students(
                 + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in sorted(diff.items()))
             )
     cfg = _cfg_from_header(path, header)
+    _check_finite(path, tensors, layer_meta)
     migrated = False
     if header.get("alpha_format") is None and cfg.mode == "hkr":
         tensors = _migrate_tensors(header, tensors, path)

@@ -598,3 +598,213 @@ def test_student_copies_once_per_patched_model_and_freed_with_it(comfy, setup):
     del first, second, config, Executor, Guider, patched
     gc.collect()
     assert ref() is None
+
+
+# ------------------------------------------------------------------ non-finite students: never sample silently
+
+
+class _Poisoned:
+    """Stands in for a device copy whose output turns non-finite at run time: from ``sigma <= below`` on,
+    one value of its output is ``value`` (the rest is the real student's)."""
+
+    def __init__(self, inner, value: float, below: float):
+        self.inner, self.value, self.below = inner, value, below
+
+    def __call__(self, q, k, v, n_cond, sigma, cfg, **kwargs):
+        out = self.inner(q, k, v, n_cond, sigma, cfg, **kwargs)
+        if sigma <= self.below:
+            out = out.clone()
+            out[0, 0, -1, 0] = self.value
+        return out
+
+
+def _poison(monkeypatch, keys, value: float = float("nan"), below: float = 1.0) -> None:
+    """Every run's student of each of ``keys`` goes non-finite from ``sigma <= below`` on."""
+    original = comfy_patch.RoutingHolder.student
+
+    def student(self, key, device, dtype):
+        module = original(self, key, device, dtype)
+        return _Poisoned(module, value, below) if key in keys else module
+
+    monkeypatch.setattr(comfy_patch.RoutingHolder, "student", student)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_all_finite_catches_every_nan_and_inf(dtype):
+    x = torch.full((2, 3, 64, 8), 6.0e4 if dtype == torch.float16 else 1.0e4, dtype=dtype)  # big but finite
+    assert comfy_patch.all_finite(x).item() is True
+    for values in ([float("nan")], [float("inf")], [float("-inf")], [float("inf"), float("-inf")]):
+        y = x.clone()
+        y.view(-1)[: len(values)] = torch.tensor(values, dtype=dtype)
+        assert comfy_patch.all_finite(y).item() is False, values
+
+
+def _two_layer_forward(holder, seed: int = 3):
+    """A denoiser stand-in for ``diffusion_model_wrapper``: one double and one single block attention call
+    (4 text tokens, a 3 x 3 grid), returning both outputs; ``calls`` counts the forwards."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = {key: [torch.randn(1, 2, 4 + 9, 128, generator=g) for _ in range(3)]
+           for key in ("double_blocks.0", "single_blocks.0")}
+    calls = []
+
+    def native(q, k, v, heads, **kwargs):
+        return softmax64(q, k, v).to(q.dtype)
+
+    def executor(x, timestep, context, y, guidance, ref, control, topts):
+        calls.append(float(timestep[0]))
+        outs = {}
+        for key, (q, k, v) in qkv.items():
+            btype, index = key.split("_blocks.")
+            extra = {"img_slice": [4, 9]} if btype == "single" else {}
+            outs[key] = comfy_patch.attention_override(native, q, k, v, 2, skip_reshape=True, mask=None,
+                                                       transformer_options={**topts, "block_type": btype,
+                                                                            "block_index": int(index), **extra})
+        return outs
+
+    def denoise(sigma: float):
+        topts = {comfy_patch.HOLDER_KEY: holder, "sigmas": torch.tensor([sigma]),
+                 "sample_sigmas": torch.tensor([1.0, 0.5, 0.0])}
+        return comfy_patch.diffusion_model_wrapper(executor, torch.zeros(1, 128, 3, 3), torch.tensor([sigma]),
+                                                   torch.zeros(1, 4, 64), None, torch.tensor([2.0]), None, None, topts)
+
+    return denoise, qkv, calls
+
+
+def _want(layer, qkv, sigma):
+    q, k, v = qkv
+    with torch.inference_mode():
+        return layer(q, k, v, 4, sigma, 2.0, height=3, width=3).transpose(1, 2).reshape(1, 13, 256)
+
+
+def test_student_turning_non_finite_mid_run_reruns_the_call_with_that_layer_native(monkeypatch):
+    """single_blocks.0 goes NaN at step 1: that denoiser call is computed again with it native (the result is
+    exactly the native attention there), it stays native for the rest of the run, and each of its calls sent
+    native is a counted fallback; the other student is untouched. The flags are read once per forward."""
+    keys = ("double_blocks.0", "single_blocks.0")
+    torch.manual_seed(0)
+    layers = {k: HKRLayer(HKRConfig(feature_dim=8, landmark_min=2), num_heads=2) for k in keys}
+    holder = comfy_patch.build_holder(layers, set(keys), comfy_patch.no_controller_policy(frozenset(keys), 1.0))
+    _poison(monkeypatch, {"single_blocks.0"}, float("nan"), below=0.5)
+    reads = []
+    first_nonfinite = comfy_patch._first_nonfinite
+    monkeypatch.setattr(comfy_patch, "_first_nonfinite", lambda flags: reads.append(len(flags)) or first_nonfinite(flags))
+    denoise, qkv, calls = _two_layer_forward(holder)
+
+    out0 = denoise(1.0)  # step 0: both students, finite
+    for key in keys:
+        torch.testing.assert_close(out0[key], _want(layers[key], qkv[key], 1.0), rtol=0, atol=0)
+    assert calls == [1.0] and reads == [2] and holder.reruns == 0 and not holder.fallbacks
+
+    out1 = denoise(0.5)  # step 1: single_blocks.0 non-finite -> computed again with it native
+    assert calls == [1.0, 0.5, 0.5] and reads == [2, 2, 1]
+    assert torch.equal(out1["single_blocks.0"], softmax64(*qkv["single_blocks.0"]).float())
+    torch.testing.assert_close(out1["double_blocks.0"], _want(layers["double_blocks.0"], qkv["double_blocks.0"], 0.5),
+                               rtol=0, atol=0)
+    assert holder.disabled == {"single_blocks.0": 1} and holder.reruns == 1
+    assert holder.fallbacks == {comfy_patch.NONFINITE: 1}
+    assert holder.routed_calls == {(0, "double_blocks.0", "student"): 1, (0, "single_blocks.0", "student"): 1,
+                                   (1, "double_blocks.0", "student"): 1, (1, "single_blocks.0", "native"): 1}
+    assert any("step 1: single_blocks.0 student output is not finite" in line for line in holder.log_lines)
+
+    out2 = denoise(0.5)  # later calls of the run: native from the start, no second forward
+    assert calls[3:] == [0.5] and holder.reruns == 1 and holder.fallbacks == {comfy_patch.NONFINITE: 2}
+    assert torch.equal(out2["single_blocks.0"], out1["single_blocks.0"])
+    assert not holder.fresh().disabled  # the next run starts with every ready layer again
+
+
+def test_first_non_finite_layer_is_disabled_first(monkeypatch):
+    """Both students give inf: the first in call order is disabled, then (computed again) the second."""
+    keys = ("double_blocks.0", "single_blocks.0")
+    torch.manual_seed(0)
+    layers = {k: HKRLayer(HKRConfig(feature_dim=8, landmark_min=2), num_heads=2) for k in keys}
+    holder = comfy_patch.build_holder(layers, set(keys), comfy_patch.no_controller_policy(frozenset(keys), 1.0))
+    _poison(monkeypatch, set(keys), float("inf"))
+    denoise, qkv, calls = _two_layer_forward(holder)
+    out = denoise(1.0)
+    assert len(calls) == 3 and holder.reruns == 2
+    assert list(holder.disabled) == ["double_blocks.0", "single_blocks.0"]
+    for key in keys:
+        assert torch.equal(out[key], softmax64(*qkv[key]).float())
+    assert holder.fallbacks == {comfy_patch.NONFINITE: 2}
+    assert all(route == "native" for (_, _, route) in holder.routed_calls)
+
+
+def test_non_finite_output_outside_the_denoiser_wrapper_is_checked_at_the_call(monkeypatch):
+    torch.manual_seed(0)
+    holder = _holder_for(HKRLayer(HKRConfig(feature_dim=8, landmark_min=2), num_heads=2))
+    holder.call = comfy_patch.CallInfo(n_txt=4, height=3, width=3, guidance=2.0, sigma=0.75)
+    _poison(monkeypatch, {"single_blocks.0"})
+    q, k, v = (torch.randn(1, 2, 4 + 9, 128, generator=torch.Generator().manual_seed(4)) for _ in range(3))
+    out, native_calls = _call(holder, q, k, v, {"img_slice": [4, 9]})
+    assert len(native_calls) == 1 and torch.equal(out, softmax64(q, k, v).float())
+    assert holder.disabled == {"single_blocks.0": 0} and holder.fallbacks == {comfy_patch.NONFINITE: 1}
+
+
+def test_non_finite_students_in_comfyui_sample_the_native_latent(comfy, setup, monkeypatch):
+    """Every ready student outputs NaN: through ComfyUI's executor the run succeeds with exactly the
+    unpatched latent, and every call sent native is counted and logged."""
+    ready = setup["ready"]
+    _poison(monkeypatch, ready, float("nan"))
+    res = comfy.run(workflow(setup["unet"], "students_some.safetensors", quality_speed=1.0))
+    got = latent(res)
+    assert torch.isfinite(got).all() and torch.equal(got, setup["base"])
+    holder = comfy_patch.last_runs()[-1]
+    assert holder.disabled == {k: 0 for k in ready} and holder.reruns == len(ready)
+    assert holder.fallbacks == {comfy_patch.NONFINITE: STEPS * len(ready)}
+    assert all(route == "native" for (_, _, route) in holder.routed_calls)
+    assert sum("student output is not finite" in line for line in holder.log_lines) == len(ready)
+
+
+def test_one_non_finite_student_in_comfyui_equals_that_layer_not_ready(comfy, setup, monkeypatch):
+    """Only the last ready single block gives inf: the latent is exactly that of an artifact where that
+    layer is not ready (the other students still run)."""
+    folder = setup["folder"]
+    art = load_students(folder / "students_some.safetensors")
+    bad = max((k for k in setup["ready"] if k.startswith("single_blocks.")), key=layer_sort_key)
+    _save(folder / "students_some_without_bad.safetensors", art.layers,
+          {k: k in setup["ready"] and k != bad for k in art.layers}, art.cfg, art.num_heads)
+    want = latent(comfy.run(workflow(setup["unet"], "students_some_without_bad.safetensors", quality_speed=1.0)))
+    _poison(monkeypatch, {bad}, float("inf"))
+    got = latent(comfy.run(workflow(setup["unet"], "students_some.safetensors", quality_speed=1.0)))
+    assert torch.equal(got, want) and not torch.equal(got, setup["base"])
+    holder = comfy_patch.last_runs()[-1]
+    assert holder.disabled == {bad: 0} and holder.reruns == 1
+    assert holder.fallbacks == {comfy_patch.NONFINITE: STEPS}
+    assert sum(n for (_, _, r), n in holder.routed_calls.items() if r == "student") == STEPS * (len(setup["ready"]) - 1)
+
+
+def _rewrite_tensor(src, dst, name: str, value: float) -> None:
+    """Copy artifact ``src`` to ``dst`` with one value of tensor ``name`` set to ``value`` (header unchanged)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    t = tensors[name].clone()
+    t.view(-1)[0] = value
+    tensors[name] = t
+    save_file(tensors, str(dst), metadata=meta)
+
+
+def test_nan_student_artifact_fails_the_node_naming_layer_and_tensor(comfy, setup):
+    folder = setup["folder"]
+    _rewrite_tensor(folder / "students_some.safetensors", folder / "students_nan.safetensors",
+                    "single_blocks.0.phi_q.net.0.weight", float("nan"))
+    res = comfy.run(workflow(setup["unet"], "students_nan.safetensors", quality_speed=1.0))
+    assert not res.success and "latent" not in res.captured
+    msg = res.error()
+    assert "Flux2TTRController: student artifact is unusable" in msg and "students_nan.safetensors" in msg
+    assert "layer single_blocks.0: tensor 'single_blocks.0.phi_q.net.0.weight' has 1 of" in msg
+    assert "non-finite (NaN 1, inf 0)" in msg and "re-run distill" in msg
+
+
+def test_nan_controller_artifact_fails_the_node(comfy, setup):
+    folder = setup["folder"]
+    _rewrite_tensor(folder / "controller.safetensors", folder / "controller_nan.safetensors", "head.4.weight",
+                    float("nan"))
+    res = comfy.run(workflow(setup["unet"], "students_some.safetensors", controller="controller_nan.safetensors"))
+    assert not res.success and "latent" not in res.captured
+    msg = res.error()
+    assert "Flux2TTRController: controller artifact is unusable" in msg
+    assert "controller weight 'head.4.weight' has 1 of" in msg and "retrain it" in msg

@@ -185,6 +185,28 @@ def test_artifact_mismatch_errors(tmp_path):
         save_controller(tmp_path / "x.safetensors", m, layer_order=KEYS[::-1], student_sha256="s", config={})
 
 
+
+@pytest.mark.parametrize("value, counts", [(float("nan"), "NaN 1, inf 0"), (float("inf"), "NaN 0, inf 1")])
+def test_non_finite_weights_are_refused(tmp_path, value, counts):
+    """A NaN weight makes every logit NaN, and a NaN logit is 'not full': every layer would run its student."""
+    m = _model()
+    path = tmp_path / "ctrl.safetensors"
+    save_controller(path, m, layer_order=KEYS, student_sha256="s1", config={}, teacher={})
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["head.2.weight"] = tensors["head.2.weight"].clone()
+    tensors["head.2.weight"][0, 0] = value
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ControllerArtifactError) as e:
+        load_controller(path, expect_layers=KEYS, expect_student_sha256="s1")
+    msg = str(e.value)
+    assert str(path) in msg and "controller weight 'head.2.weight'" in msg
+    assert f"non-finite ({counts})" in msg and "retrain it (dvc repro train_controller)" in msg
+
+
 # ------------------------------------------------------------------------------------------ checkpoint
 def _train(model, opt, steps, g):
     s, c, h, w = _inputs()

@@ -16,6 +16,7 @@ from flux2ttr.students.artifacts import (
     METADATA_KEY,
     SCHEMA_VERSION,
     ArtifactError,
+    NonFiniteArtifactError,
     file_sha256,
     load_students,
     migrate_legacy_file,
@@ -270,3 +271,63 @@ def test_legacy_alpha_out_of_range(tmp_path):
     p = tmp_path / "old.safetensors"
     make_legacy(p, raw=(0.05, 0.7))
     err(p, "outside")
+
+
+# ------------------------------------------------------------------ non-finite values
+
+
+def _poison(value: float, name: str = "phi_q.net.0.weight", key: str = KEYS[0]):
+    def edit(t):
+        bad = t[f"{key}.{name}"].clone()
+        bad.view(-1)[:3] = value
+        t[f"{key}.{name}"] = bad
+    return edit
+
+
+@pytest.mark.parametrize("value, counts", [(float("nan"), r"NaN 3, inf 0"), (float("inf"), r"NaN 0, inf 3"),
+                                           (float("-inf"), r"NaN 0, inf 3")])
+def test_non_finite_tensor_is_refused_naming_layer_and_tensor(tmp_path, value, counts):
+    p = tmp_path / "a.safetensors"
+    save(p)
+    rewrite(p, edit_tensors=_poison(value))
+    err(p, rf"layer single_blocks\.0: tensor 'single_blocks\.0\.phi_q\.net\.0\.weight' has 3 of \d+ values "
+           rf"non-finite \({counts}\); the student artifact is corrupt .*re-run distill \(`dvc repro distill`\)")
+    with pytest.raises(NonFiniteArtifactError, match="single_blocks.0.phi_q.net.0.weight"):  # its own type
+        load_students(p, expect_head_dim=16, expect_num_heads=2, expect_layers=KEYS)
+
+
+def test_non_finite_scalar_of_second_layer(tmp_path):
+    p = tmp_path / "a.safetensors"
+    save(p)
+    rewrite(p, edit_tensors=lambda t: t.update({f"{KEYS[1]}.alpha_logit": torch.tensor(float("nan"))}))
+    err(p, r"layer single_blocks\.2: tensor 'single_blocks\.2\.alpha_logit' has 1 of 1 values non-finite")
+
+
+def test_legacy_file_with_nan_is_refused_not_migrated(tmp_path):
+    p = tmp_path / "old.safetensors"
+    make_legacy(p)
+    rewrite(p, edit_tensors=lambda t: t.update({f"{KEYS[0]}.alpha": torch.tensor(float("nan"))}))
+    before = p.read_bytes()
+    err(p, r"layer single_blocks\.0: tensor 'single_blocks\.0\.alpha' has 1 of 1 values non-finite")
+    with pytest.raises(ArtifactError, match=r"single_blocks\.0\.alpha.*non-finite"):
+        migrate_legacy_file(p)
+    assert p.read_bytes() == before  # never written
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_save_refuses_non_finite_layers(tmp_path, value):
+    p = tmp_path / "a.safetensors"
+    save(p)
+    before = p.read_bytes()
+    layers = make_layers(cfg_())
+    with torch.no_grad():
+        layers[KEYS[1]].phi_k.net[2].bias[1] = value
+    with pytest.raises(ArtifactError, match=r"refusing to save layer single_blocks\.2: tensor "
+                                            r"'single_blocks\.2\.phi_k\.net\.2\.bias' has 1 of \d+ values non-finite"
+                                            r".*nothing was written: re-run distill") as e:
+        save(p, layers=layers)
+    assert str(p) in str(e.value)
+    assert p.read_bytes() == before and [x.name for x in tmp_path.iterdir()] == ["a.safetensors"]
+    with pytest.raises(ArtifactError, match="refusing to save"):
+        save(tmp_path / "new.safetensors", layers=layers)
+    assert not (tmp_path / "new.safetensors").exists()
