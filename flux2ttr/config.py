@@ -48,29 +48,9 @@ class ConfigError(ValueError, Flux2TTRError):
     """A ``params.yaml`` section does not match its dataclass."""
 
 
-# Input errors of modules whose class statements do not (yet) name Flux2TTRError: matched by class, looked
-# up only in modules already imported (an error of a module never imported cannot have been raised).
-_INPUT_ERRORS_BY_NAME = (
-    ("flux2ttr.traces.store", "TraceStoreError"),
-    ("flux2ttr.students.artifacts", "ArtifactError"),
-    ("flux2ttr.distill.trainer", "DistillError"),
-)
-
-
-def input_error_types() -> tuple[type[BaseException], ...]:
-    """The exception classes a stage reports in one line: :class:`Flux2TTRError` and the classes of
-    :data:`_INPUT_ERRORS_BY_NAME` whose modules are loaded."""
-    found: list[type[BaseException]] = [Flux2TTRError]
-    for module, name in _INPUT_ERRORS_BY_NAME:
-        cls = getattr(sys.modules.get(module), name, None)
-        if isinstance(cls, type) and issubclass(cls, BaseException):
-            found.append(cls)
-    return tuple(found)
-
-
 def is_input_error(exc: BaseException) -> bool:
     """Whether ``exc`` is one of the project's config/input errors (not a bug)."""
-    return isinstance(exc, input_error_types())
+    return isinstance(exc, Flux2TTRError)
 
 
 def debug_requested() -> bool:

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from flux2ttr.atomic import file_sha256  # noqa: F401 - file_sha256 is public here
-from flux2ttr.config import ConfigError, from_dict, to_dict
+from flux2ttr.config import ConfigError, Flux2TTRError, from_dict, to_dict
 from flux2ttr.contract import layer_sort_key
 from flux2ttr.students.build import build_student
 from flux2ttr.students.hkr import HKRConfig
@@ -52,7 +52,7 @@ ALPHA_PARAM = "alpha_logit"
 LEGACY_ALPHA_PARAMS = ("alpha", "alpha_logit")
 
 
-class ArtifactError(ValueError):
+class ArtifactError(ValueError, Flux2TTRError):
     """A student (or controller) artifact is missing, corrupt or does not match what is expected."""
 
 
