@@ -192,6 +192,13 @@ def _check_header(path: Path, header: dict[str, Any]) -> None:
     for k in ("feature_dim", "head_dim", "num_heads", "hkr", "layers"):
         if k not in header:
             raise ArtifactError(f"{path}: header lacks '{k}'")
+    for k in ("feature_dim", "head_dim", "num_heads"):
+        v = header[k]
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ArtifactError(f"{path}: header {k} = {v!r} must be a positive integer; the file is damaged or was "
+                                "not written by flux2ttr: rerun the distill stage")
+    if not isinstance(header["hkr"], dict) or not isinstance(header["layers"], dict):
+        raise ArtifactError(f"{path}: header 'hkr' and 'layers' must be JSON objects; rerun the distill stage")
     af = header.get("alpha_format")
     if af is not None and af != ALPHA_FORMAT:
         raise ArtifactError(f"{path}: unknown alpha_format {af!r}, expected {ALPHA_FORMAT!r}")

@@ -331,3 +331,13 @@ def test_save_refuses_non_finite_layers(tmp_path, value):
     with pytest.raises(ArtifactError, match="refusing to save"):
         save(tmp_path / "new.safetensors", layers=layers)
     assert not (tmp_path / "new.safetensors").exists()
+
+
+@pytest.mark.parametrize("key, value", [("head_dim", "16"), ("num_heads", 0), ("feature_dim", True),
+                                        ("num_heads", 2.5)])
+def test_header_integers_are_checked(tmp_path, key, value):
+    """A damaged header names the key and value (a string head_dim used to be a raw ValueError)."""
+    p = tmp_path / "a.safetensors"
+    save(p)
+    rewrite(p, edit_header=lambda h: h.update({key: value}))
+    err(p, rf"header {key} = {value!r} must be a positive integer".replace("(", r"\(").replace(")", r"\)"))
