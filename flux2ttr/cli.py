@@ -131,7 +131,10 @@ for _name in STAGES:
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON for scripts")
 @click.option("--heatmap", "heatmap_layer", default=None, help="layer key whose teacher attention to draw")
 @click.option("--out", "out_path", type=click.Path(path_type=Path), default=None, help="PNG path for --heatmap")
-@click.option("--queries", default=4, show_default=True, help="stored queries drawn by --heatmap")
+@click.option("--queries", default=4, show_default=True, help="stored queries drawn by --heatmap (spread over the image)")
+@click.option("--prompt", type=int, default=None, help="--heatmap: only tuples of this prompt index")
+@click.option("--step", type=int, default=None, help="--heatmap: only tuples of this denoising step")
+@click.option("--query-token", "token", type=int, default=None, help="--heatmap: only this query token position")
 @click.option("--tile", nargs=2, type=int, default=(4, 4), show_default=True,
               help="window-student tile TH TW (latent tokens) for the attention-mass report")
 @click.option("--radius", default=4, show_default=True, help="window-student radius R (latent tokens)")
@@ -142,8 +145,8 @@ for _name in STAGES:
 @_DEBUG
 @click.pass_context
 def inspect_cmd(ctx: click.Context, store: Path, as_json: bool, heatmap_layer: str | None, out_path: Path | None,
-                queries: int, tile: tuple[int, int], radius: int, mass_tuples: int, mass_plot: Path | None,
-                debug: bool) -> None:
+                queries: int, prompt: int | None, step: int | None, token: int | None, tile: tuple[int, int], radius: int,
+                mass_tuples: int, mass_plot: Path | None, debug: bool) -> None:
     """Summarise a captured trace STORE: contents, where the teacher's attention mass lies (text, 2-D
     windows, window-student tiles), and optionally attention heatmaps."""
     with pipeline_needed(), report_input_errors("inspect", debug=_debug(ctx, debug)):
@@ -151,7 +154,7 @@ def inspect_cmd(ctx: click.Context, store: Path, as_json: bool, heatmap_layer: s
 
         inspect_mod.run_inspect(store, as_json=as_json, heatmap_layer=heatmap_layer, out_path=out_path,
                                 queries=queries, tile=tile, radius=radius, mass_tuples=mass_tuples,
-                                mass_plot=mass_plot)
+                                mass_plot=mass_plot, prompt=prompt, step=step, token=token)
 
 
 @main.command("comfy-install")
@@ -164,15 +167,20 @@ def inspect_cmd(ctx: click.Context, store: Path, as_json: bool, heatmap_layer: s
 @click.option("--no-pip", "no_pip", is_flag=True, help="do not install the library into ComfyUI's Python")
 @click.option("--pip-arg", "pip_args", multiple=True,
               help="extra argument for that pip install, repeatable (e.g. --pip-arg=--no-deps)")
+@click.option("--teacher", "teacher", type=click.Path(path_type=Path), default=Path("teachers/tiny"),
+              show_default=True, help="tiny teacher folder: flux2_tiny.safetensors goes to models/diffusion_models, "
+              "tiny_codec.safetensors to models/flux2ttr_tiny (what the tiny example workflow loads)")
+@click.option("--no-tiny-teacher", "no_tiny_teacher", is_flag=True, help="do not copy the tiny teacher")
 def comfy_install_cmd(comfyui_dir: Path, artifacts: Path, copy_pack: bool, python: Path | None, no_pip: bool,
-                      pip_args: tuple[str, ...]) -> None:
-    """Install the node pack, the pipeline's artifacts and the library's core (into ComfyUI's own
-    Python) into a ComfyUI checkout."""
+                      pip_args: tuple[str, ...], teacher: Path, no_tiny_teacher: bool) -> None:
+    """Install the node pack, the pipeline's artifacts, the tiny teacher and the library's core (into
+    ComfyUI's own Python) into a ComfyUI checkout."""
     from flux2ttr.comfy import install as comfy_install  # noqa: PLC0415
 
     try:
         comfy_install.install(comfyui_dir, artifacts_dir=artifacts, copy_pack=copy_pack, python=python,
-                              pip=not no_pip, pip_args=pip_args)
+                              pip=not no_pip, pip_args=pip_args, teacher_dir=teacher,
+                              tiny_teacher=not no_tiny_teacher)
     except comfy_install.InstallError as e:
         raise click.ClickException(str(e)) from e
 

@@ -132,45 +132,77 @@ def query_attention(q_sub: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, dim=-1)
 
 
-def heatmap_data(store: TraceStore, layer: str, queries: int, max_rows: int = 64) -> list[dict[str, Any]]:
+def heatmap_data(store: TraceStore, layer: str, queries: int, max_rows: int = 64, *, prompt: int | None = None,
+                 step: int | None = None, token: int | None = None) -> list[dict[str, Any]]:
     """Head-averaged teacher attention of up to ``queries`` stored queries of ``layer`` (smallest token
     count), each as ``{"grid": [h, w] float64 array over the image keys, "pos": (row, col) of the query or
     None for a text query, "text_mass": attention on the text keys, "token", "row", "sigma", "step",
-    "prompt"}``. Image queries come first, taken from the group's tuples in row order (up to ``max_rows``
-    tuples are looked at); text queries fill up when there are too few image queries."""
+    "prompt"}``.
+
+    Candidates are the stored queries of up to ``max_rows`` tuples (only those of ``prompt`` / ``step``
+    / ``token`` when given). Image queries are picked spread over the image: the one nearest the grid's
+    centre first, then each time the one farthest from those already picked (ties: the earlier tuple and
+    query); text queries fill up when there are too few image queries."""
     n, count = store.groups(layer)[0]
     image, text = [], []
     for row in range(min(count, max_rows)):
         t = store.read(layer, n, [row])
+        if (prompt is not None and int(t["prompt"][0]) != prompt) or (step is not None and int(t["step"][0]) != step):
+            continue
         n_cond, h, w = int(t["n_cond"][0]), int(t["h"][0]), int(t["w"][0])
         if n_cond + h * w != n:
             raise TraceStoreError(f"{store.path}: {layer} tuple has {n} tokens but n_cond {n_cond} + {h}x{w} "
                                   "grid; the store is inconsistent, recapture it")
         probs = query_attention(t["q_sub"][0], t["k"][0]).mean(dim=0)  # [Nq, N], heads averaged
-        for j, token in enumerate(t["q_idx"][0].tolist()):
+        for j, tok in enumerate(t["q_idx"][0].tolist()):
+            if token is not None and tok != token:
+                continue
             p = probs[j]
             entry = {
-                "query": j, "token": token, "row": row,
-                "pos": divmod(token - n_cond, w) if token >= n_cond else None,
+                "query": j, "token": tok, "row": row,
+                "pos": divmod(tok - n_cond, w) if tok >= n_cond else None,
                 "text_mass": float(p[:n_cond].sum()), "grid": p[n_cond:].reshape(h, w).numpy(),
                 "sigma": float(t["sigma"][0]), "step": int(t["step"][0]), "prompt": int(t["prompt"][0]),
+                "_hw": (h, w),
             }
-            (image if token >= n_cond else text).append(entry)
-        if len(image) >= queries:
-            break
-    return (image + text)[:queries]
+            (image if tok >= n_cond else text).append(entry)
+    picked = _spread(image, queries)
+    out = (picked + text)[:queries]
+    for m in out:
+        m.pop("_hw", None)
+    return out
 
 
-def render_heatmap(store: TraceStore, layer: str, out_path: Path, queries: int) -> list[dict[str, Any]]:
-    """Draw :func:`heatmap_data` into a PNG at ``out_path`` (written atomically). Returns the data."""
+def _spread(entries: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+    """Up to ``k`` of ``entries`` spread over the latent grid (greedy farthest point, from the centre)."""
+    if not entries or k <= 0:
+        return []
+    pos = np.array([e["pos"] for e in entries], dtype=np.float64)
+    h, w = entries[0]["_hw"]
+    dist = np.hypot(pos[:, 0] - (h - 1) / 2, pos[:, 1] - (w - 1) / 2)
+    order = [int(np.argmin(dist))]
+    nearest = np.hypot(*(pos - pos[order[0]]).T)
+    while len(order) < min(k, len(entries)):
+        nearest[order] = -1.0  # never pick one twice
+        nxt = int(np.argmax(nearest))
+        order.append(nxt)
+        nearest = np.minimum(nearest, np.hypot(*(pos - pos[nxt]).T))
+    return [entries[i] for i in order]
+
+
+def render_heatmap(store: TraceStore, layer: str, out_path: Path, queries: int, **select: int | None
+                   ) -> list[dict[str, Any]]:
+    """Draw :func:`heatmap_data` (``select``: its ``prompt``/``step``/``token`` filters) into a PNG at
+    ``out_path`` (written atomically), latent-grid rows and columns on the axes. Returns the data."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    maps = heatmap_data(store, layer, queries)
+    maps = heatmap_data(store, layer, queries, **select)
     if not maps:
-        raise TraceStoreError(f"{store.path}: {layer} has no stored queries to draw")
+        raise TraceStoreError(f"{store.path}: {layer} has no stored queries to draw (for {select}); pick another "
+                              "prompt, step or query token")
     cols = len(maps)
     fig, axes = plt.subplots(1, cols, figsize=(3.2 * cols, 3.4), squeeze=False)
     for ax, m in zip(axes[0], maps):
@@ -182,8 +214,9 @@ def render_heatmap(store: TraceStore, layer: str, out_path: Path, queries: int) 
             where = f"text query {m['token']}"
         ax.set_title(f"{where}  prompt {m['prompt']} step {m['step']}\n"
                      f"sigma {m['sigma']:.3f}  text mass {m['text_mass']:.3f}", fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set_xlabel("latent column", fontsize=7)
+        ax.set_ylabel("latent row", fontsize=7)
+        ax.tick_params(labelsize=6)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle(f"{layer}: teacher attention over the image grid (x = query position)", fontsize=10)
     fig.tight_layout()
@@ -513,7 +546,8 @@ def render_mass_plot(mass: dict[str, Any], out_path: Path, title: str = "") -> N
 
 def run_inspect(store: Path, *, as_json: bool, heatmap_layer: str | None, out_path: Path | None,
                 queries: int, tile: Sequence[int] = MASS_TILE, radius: int = MASS_TILE_RADIUS,
-                mass_tuples: int = MASS_TUPLES, mass_plot: Path | None = None) -> None:
+                mass_tuples: int = MASS_TUPLES, mass_plot: Path | None = None, prompt: int | None = None,
+                step: int | None = None, token: int | None = None) -> None:
     """The ``flux2ttr inspect`` command: print the summary and the attention-mass table (``mass_tuples``
     tuples per layer, 0 skips it; windows of :data:`MASS_RADII` and ``tile``/``radius`` in latent tokens);
     optionally draw a heatmap PNG and the mass plot PNG ``mass_plot``."""
@@ -535,7 +569,7 @@ def run_inspect(store: Path, *, as_json: bool, heatmap_layer: str | None, out_pa
         if heatmap_layer is not None:
             if heatmap_layer not in ts.layers:
                 raise click.ClickException(f"{store}: no layer {heatmap_layer!r}; stored layers: {ts.layers}")
-            maps = render_heatmap(ts, heatmap_layer, out_path, queries)
+            maps = render_heatmap(ts, heatmap_layer, out_path, queries, prompt=prompt, step=step, token=token)
             summary["heatmap"] = {"layer": heatmap_layer, "out": str(out_path),
                                   "queries": [{"token": m["token"], "pos": m["pos"], "text_mass": m["text_mass"]}
                                               for m in maps]}

@@ -94,13 +94,14 @@ def test_heatmap_png_and_attention_equals_fp64_reference(store_path, tmp_path):
     with Image.open(out) as im:
         assert im.format == "PNG" and im.size[0] > 300
     drawn = json.loads(res.output)["heatmap"]["queries"]
-    assert [q["token"] for q in drawn] == [7, 10, 15]  # image queries first
-    assert [tuple(q["pos"]) for q in drawn] == [divmod(t - N_COND, W_GRID) for t in (7, 10, 15)]
+    # image queries spread over the 3x4 grid: (0,1) nearest the centre, then (2,3) farthest from it, then (2,1)
+    assert [q["token"] for q in drawn] == [7, 17, 15]
+    assert [tuple(q["pos"]) for q in drawn] == [divmod(t - N_COND, W_GRID) for t in (7, 17, 15)]
 
     store = TraceStore.open(store_path)
     maps = heatmap_data(store, "single_blocks.0", queries=6)
-    # 4 image queries per tuple: rows 0 and 1 are used, image queries only
-    assert [(m["row"], m["token"]) for m in maps] == [(0, 7), (0, 10), (0, 15), (0, 17), (1, 7), (1, 10)]
+    # the 4 distinct image positions first (spread), then repeats from other tuples; image queries only
+    assert [m["token"] for m in maps[:4]] == [7, 17, 15, 10] and all(m["pos"] is not None for m in maps)
     for m in maps:
         t = store.read("single_blocks.0", N, [m["row"]])
         q = t["q_sub"][0].numpy().astype(np.float64)
@@ -114,7 +115,13 @@ def test_heatmap_png_and_attention_equals_fp64_reference(store_path, tmp_path):
         assert m["grid"].sum() + m["text_mass"] == pytest.approx(1.0, abs=1e-12)
     # text queries fill up only when the looked-at tuples have too few image queries
     few = heatmap_data(store, "single_blocks.0", queries=6, max_rows=1)
-    assert [m["token"] for m in few] == [7, 10, 15, 17, 2] and few[-1]["pos"] is None
+    assert [m["token"] for m in few] == [7, 17, 15, 10, 2] and few[-1]["pos"] is None
+    # a user can pick the prompt, step and query token
+    one = store.read("single_blocks.0", N, [3])
+    p3, s3 = int(one["prompt"][0]), int(one["step"][0])
+    picked = heatmap_data(store, "single_blocks.0", queries=8, prompt=p3, step=s3, token=15)
+    assert picked and all((m["prompt"], m["step"], m["token"]) == (p3, s3, 15) for m in picked)
+    assert heatmap_data(store, "single_blocks.0", queries=3, prompt=999) == []
     t = store.read("single_blocks.0", N, [0])
     # the stored teacher output agrees with attention recomputed from the stored q_sub, k, v
     p = query_attention(t["q_sub"][0], t["k"][0])
