@@ -20,8 +20,16 @@ from dataclasses import dataclass
 
 import torch
 
-ENV_SWITCH = "FLUX2TTR_FAST_PATH"  # "0" switches every fused student kernel off for the whole process
-FAST_DTYPES = (torch.bfloat16, torch.float16)
+# shared with the HKR fast path: the same switch, dtypes, Triton probes and kernel layout of a FeatureMLP
+from flux2ttr.students.fast_path import (  # noqa: F401 - ENV_SWITCH and FAST_DTYPES are public here too
+    ENV_SWITCH,
+    FAST_DTYPES,
+    _mlp_tensors,
+    _pow2,
+    interpreting,
+    triton_available,
+)
+
 # Tests set this to run the kernels on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1).
 ALLOW_CPU_INTERPRETER = False
 MAX_HEAD_DIM = 128  # q [BLOCK_M, D] and the [BLOCK_M, D] fp32 accumulator live in registers
@@ -53,23 +61,10 @@ class KernelConfig:
 KERNEL = KernelConfig()
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
-@functools.lru_cache(maxsize=1)
-def triton_available() -> bool:
-    """True when Triton imports (optional: the eager path never needs it). Cached."""
-    try:
-        import triton  # noqa: F401, PLC0415
-    except Exception:
-        return False
-    return True
 
 
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _widths(cfg) -> tuple[int, int]:
@@ -143,19 +138,6 @@ class _Prepared:
     fp: int
 
 
-def _mlp_tensors(mlp, dtype: torch.dtype, device: torch.device, hid: int, fp: int) -> tuple[torch.Tensor, ...]:
-    """A :class:`FeatureMLP` as kernel operands: weights transposed to ``[in, out]`` and zero-padded (padded
-    hidden units stay 0 through SiLU; padded features are masked in the kernel), in ``dtype``; biases fp32."""
-    lins = [m for m in mlp.net if isinstance(m, torch.nn.Linear)]
-    out: list[torch.Tensor] = []
-    for lin, (rows, cols) in zip(lins, [(None, hid), (hid, hid), (hid, fp)]):
-        w = lin.weight.detach().float().t()
-        wp = torch.zeros(w.shape[0] if rows is None else rows, cols, dtype=torch.float32, device=w.device)
-        wp[: w.shape[0], : w.shape[1]] = w
-        bp = torch.zeros(cols, dtype=torch.float32, device=w.device)
-        bp[: lin.bias.shape[0]] = lin.bias.detach().float()
-        out += [wp.to(device, dtype).contiguous(), bp.to(device).contiguous()]
-    return tuple(out)
 
 
 def _param_key(p: torch.Tensor) -> tuple:
