@@ -1,7 +1,10 @@
 """DVC stage ``capture``: params sections ``teacher``, ``sampler``, ``capture``. Samples the capture
-prompts with the teacher and writes the trace store ``capture.store`` and ``capture.metrics``."""
+prompts with the teacher and writes the trace store ``capture.store``, ``capture.metrics`` (tuples kept, MiB
+on disk, seconds: what ``dvc metrics show`` compares) and every statistic next to it
+(``<metrics stem>_details.json``: offered/kept counts and MiB, files, the timings breakdown)."""
 
 from pathlib import Path
+from typing import Any
 
 from flux2ttr.atomic import atomic_write_json
 from flux2ttr.config import load_section
@@ -12,9 +15,16 @@ from flux2ttr.traces.capture import CaptureConfig, capture
 from stages import main
 
 
+def capture_metrics(stats: dict[str, Any]) -> dict[str, Any]:
+    """The DVC metrics of a capture (numbers only, a few) from :func:`~flux2ttr.traces.capture.capture`'s
+    statistics: tuples ``kept``, ``disk_mib`` of the store and the wall ``seconds``."""
+    return {"kept": int(stats["kept"]), "disk_mib": round(float(stats["disk_mib"]), 1),
+            "seconds": round(float(stats["seconds_total"]), 1)}
+
+
 def run_stage(params_path: Path) -> None:
     """DVC stage ``capture``: params sections ``teacher``, ``sampler``, ``capture``; writes ``capture.store``
-    (and ``capture.metrics``)."""
+    (and ``capture.metrics`` with its details file)."""
 
     cfg = load_section(CaptureConfig, "capture", params_path)
     sampler_cfg = load_section(SamplerConfig, "sampler", params_path)
@@ -23,7 +33,9 @@ def run_stage(params_path: Path) -> None:
     teacher = load_teacher(teacher_cfg)
     stats = capture(teacher, prompts, cfg, sampler_cfg, prompts_file=cfg.prompts)
     if cfg.metrics:
-        atomic_write_json(Path(cfg.metrics), stats)
+        metrics = Path(cfg.metrics)
+        atomic_write_json(metrics.with_name(f"{metrics.stem}_details.json"), stats)
+        atomic_write_json(metrics, capture_metrics(stats))
     print(f"captured {stats['kept']} of {stats['offered']} tuples ({stats['disk_mib']:.1f} MiB on disk, "
           f"{stats['files']} files) to {cfg.store} in {stats['seconds_total']:.1f} s")
 

@@ -1,6 +1,7 @@
 """DVC stage ``train_controller``: params sections ``teacher``, ``controller`` and ``quality``. Trains the
 controller on live student rollouts against the stored teacher rollouts; writes the controller artifact,
-the per-rollout records and ``controller.metrics``."""
+the per-rollout records, ``controller.metrics`` (a few numbers for ``dvc metrics show``) and the whole run
+summary next to it (``<metrics stem>_details.json``)."""
 
 import time
 from pathlib import Path
@@ -10,7 +11,13 @@ from flux2ttr.comet_log import GuardedComet
 from flux2ttr.config import load_section, to_dict
 from flux2ttr.routing.quality import QualityConfig, QualityLoss
 from flux2ttr.routing.rollouts import RolloutStore
-from flux2ttr.routing.training import ControllerTrainConfig, ControllerTrainer, write_records
+from flux2ttr.routing.training import (
+    ControllerTrainConfig,
+    ControllerTrainer,
+    controller_metrics,
+    details_path,
+    write_records,
+)
 from flux2ttr.students.artifacts import load_students
 from flux2ttr.teachers.teacher import TeacherConfig, load_teacher
 from stages import main
@@ -37,8 +44,9 @@ def run_stage(params_path: Path) -> None:
     write_records(Path(cfg.records), records)
     trainer.save_artifact(cfg.artifact)
     summary = trainer.summary()
-    summary["train_seconds"] = time.perf_counter() - t0
-    atomic_write_json(Path(cfg.metrics), summary)
+    summary["train_seconds"] = round(time.perf_counter() - t0, 3)
+    atomic_write_json(Path(cfg.metrics), controller_metrics(summary))
+    atomic_write_json(details_path(cfg.metrics), summary)
     comet.call("log_asset", cfg.artifact)
     comet.call("end")
     print(f"train_controller: {trainer.iteration} iterations x {cfg.group_size} rollouts, "

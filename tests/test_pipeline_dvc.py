@@ -1,5 +1,6 @@
 """The DVC pipeline as a user runs it: `dvc repro capture` in a temporary copy of the repository,
-then a second `dvc repro` that does nothing."""
+then a second `dvc repro` that does nothing; and what `dvc plots show --json` makes of the plot tables
+the stages write (one series per layer, one per policy, the PNGs as images)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from helpers.outputs import check_metrics_file, check_png
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,8 +31,10 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture()
 def repo_copy(tmp_path: Path) -> Path:
-    """A fresh git+DVC checkout of the tracked files, with a smaller capture so the test stays fast."""
-    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True)
+    """A fresh git+DVC checkout of the working tree (tracked files and those git would add), with a
+    smaller capture so the test stays fast."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True)
     dst = tmp_path / "repo"
     for rel in files.stdout.splitlines():
         src = REPO / rel
@@ -57,7 +62,7 @@ def test_dvc_repro_capture_then_noop(repo_copy: Path):
     assert store.layers == ["single_blocks.0", "single_blocks.1", "single_blocks.2", "single_blocks.3"]
     assert store.count() > 0
     assert store.attrs["teacher"]["kind"] == "tiny"
-    metrics = json.loads((repo_copy / "metrics/capture.json").read_text())
+    metrics = check_metrics_file(repo_copy / "metrics/capture.json")
     assert metrics["kept"] == store.count()
     assert (repo_copy / "dvc.lock").is_file()
 
@@ -66,3 +71,69 @@ def test_dvc_repro_capture_then_noop(repo_copy: Path):
     assert "didn't change" in text and "Running stage" not in text, text
     status = _run([sys.executable, "-m", "dvc", "status", "capture"], repo_copy)
     assert "up to date" in (status.stdout + status.stderr).lower()
+
+
+def _vega(shown: dict, name: str) -> dict:
+    (plot,) = shown["data"][name]
+    assert plot["type"] == "vega", plot
+    return plot["content"]
+
+
+def test_dvc_plots_show_one_series_per_layer_and_policy(tmp_path: Path):
+    """dvc.yaml's plot definitions on the tables the stages write: every distill table is drawn against its
+    ``step`` column with one line per layer (whatever layers the teacher has: no column list anywhere), the
+    quality-vs-speed table one series per policy, and the PNGs come back as images."""
+    from flux2ttr.distill.trainer import PLOT_METRICS, write_plots
+    from flux2ttr.routing.evaluate import plot_quality_vs_speed
+
+    for rel in ("dvc.yaml", "params.yaml", ".dvc/config", *[str(p.relative_to(REPO)) for p in
+                                                           (REPO / ".dvc" / "plots").glob("*.json")]):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, tmp_path / rel)
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True, capture_output=True)
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    layers = ["double_blocks.0", "single_blocks.0", "single_blocks.1", "single_blocks.2", "single_blocks.10"]
+    steps = [50, 100, 150]
+    history = [{"step": s, "layer": k, **{m: 0.1 / (1 + s + i) for m in PLOT_METRICS}}
+               for s in steps for i, k in enumerate(layers)]
+    history.append({"step": 200, "layer": layers[0], **{m: 1e-3 for m in PLOT_METRICS}})  # one layer only
+    write_plots(tmp_path / params["distill"]["plots_dir"], history, layers)
+    point = {"quality_terms": {}, "seconds_per_image": 1.0, "per_rollout_quality_loss": []}
+    details = {
+        "teacher": {"seconds_per_image": 2.0},
+        "points": [{**point, "mode": mode, "quality_speed": qs, "full_ratio": 1 - qs / (2 if mode == "stochastic" else 1),
+                    "quality_loss": 0.1 * qs} for mode in ("stochastic", "threshold") for qs in (0.25, 0.5, 0.75)],
+        "baselines": {name: {**point, "full_ratio": 0.5, "quality_loss": q}
+                      for name, q in (("all_student", 0.3), ("fixed_schedule", 0.2), ("random", 0.25))},
+    }
+    ev = params["evaluate"]
+    plot_quality_vs_speed(details, tmp_path / ev["plot"], tmp_path / ev["plot_table"])
+    shutil.copy2(tmp_path / ev["plot"], tmp_path / ev["grid"])  # any PNG stands in for the image grid
+
+    proc = _run([sys.executable, "-m", "dvc", "plots", "show", "--json"], tmp_path)
+    shown = json.loads(proc.stdout)
+    assert not shown.get("errors"), shown["errors"]
+    plots_dir = params["distill"]["plots_dir"]
+    for metric in PLOT_METRICS:
+        spec = _vega(shown, f"{plots_dir}/{metric}.csv")
+        enc = spec["encoding"]
+        assert (enc["x"]["field"], enc["y"]["field"], enc["color"]["field"]) == ("step", metric, "layer")
+        values = spec["data"]["values"]
+        series = {}
+        for v in values:
+            series.setdefault(v["layer"], []).append(int(v["step"]))  # the step column, not a row index
+        assert list(series) == layers  # one line per layer, coloured in layer order
+        assert series == {k: steps + ([200] if k == layers[0] else []) for k in layers}
+    spec = _vega(shown, ev["plot_table"])
+    enc = spec["encoding"]
+    assert (enc["x"]["field"], enc["y"]["field"], enc["color"]["field"]) == ("full_ratio", "quality_loss", "policy")
+    policies = {}
+    for v in spec["data"]["values"]:
+        policies.setdefault(v["policy"], []).append(float(v["full_ratio"]))
+    assert {k: len(v) for k, v in policies.items()} == {
+        "controller_stochastic": 3, "controller_threshold": 3, "all_student": 1, "fixed_schedule": 1, "random": 1,
+        "teacher": 1}
+    for image in (f"{plots_dir}/validation.png", ev["plot"], ev["grid"]):
+        (plot,) = shown["data"][image]
+        assert plot["type"] == "image", plot
+        check_png(plot["url"])

@@ -20,7 +20,7 @@ with their batch: an update trains on the finite rows of its batch (and is skipp
 validation leaves them out the same way, and each bad tuple is reported once, when first seen, as one line
 on stderr (``distill: <layer>: skipping non-finite tuple prompt P step S seed X (...)``). Per layer
 ``skipped_nonfinite`` counts those tuples (``skipped_updates`` the updates skipped because no row was
-finite or the loss/gradients were not); the summary of ``metrics/distill.json`` lists them as
+finite or the loss/gradients were not); the summary in ``metrics/distill_details.json`` lists them as
 ``nonfinite_tuples: {layer: [[prompt, step, seed], ...]}``. A store without bad tuples trains exactly as
 before (same batches, same RNG draws, same weights).
 
@@ -28,9 +28,12 @@ Before training, every file of this rank's layers is checked against the store's
 (:meth:`~flux2ttr.traces.store.TraceStore.verify`), so a damaged store fails before the first step, naming
 the file.
 
-Outputs: the student artifact (readiness and metrics in its header), ``metrics/distill.json``, per-layer
-plot tables (CSV, one column per layer) and checkpoints every ``checkpoint_every`` steps from which a
-rerun resumes exactly (weights, AdamW moments, loss optimiser, data-plan position, readiness).
+Outputs: the student artifact (readiness and metrics in its header); ``metrics/distill.json``, the few
+numbers ``dvc metrics show`` compares across runs (:func:`distill_metrics`), and next to it
+``metrics/distill_details.json`` (not a DVC metric: every layer's report and the run summary); per-metric
+plot tables (CSV ``step, layer, <metric>``, one row per validated layer and step) and ``validation.png``
+(the same curves, one panel per metric) in ``plots_dir``; and checkpoints every ``checkpoint_every`` steps
+from which a rerun resumes exactly (weights, AdamW moments, loss optimiser, data-plan position, readiness).
 
 :class:`DistillTrainer` holds one run (resume, step, validate, gather, write); :func:`train` builds one
 and runs it.
@@ -56,7 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flux2ttr.atomic import atomic_write_text
+from flux2ttr.atomic import atomic_write_bytes, atomic_write_text
 from flux2ttr.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -101,8 +104,8 @@ class DistillConfig:
 
     store: str = "traces/capture.zarr"  # trace store written by the capture stage
     artifact: str = "artifacts/flux2_ttr.safetensors"  # student artifact (output)
-    metrics: str = "metrics/distill.json"  # dvc metrics (output)
-    plots_dir: str = "plots/distill"  # per-layer plot tables, one CSV per metric (output)
+    metrics: str = "metrics/distill.json"  # dvc metrics (output); details next to it: distill_details.json
+    plots_dir: str = "plots/distill"  # plot tables (one CSV per metric) and validation.png (output)
     checkpoint_dir: str = "checkpoints/distill"  # resumable checkpoints (one file per rank)
     steps: int = 300  # optimisation steps (each trains min..max_swap_layers layers)
     batch_size: int = 4  # tuples per layer per step
@@ -579,31 +582,93 @@ def _load_ckpt(path: Path, states: dict[str, LayerState], readiness: Readiness) 
 
 
 PLOT_METRICS = ("val_cos_dist", "val_cos_dist_ema", "val_nmse", "val_p95_err")
+CURVES_PNG = "validation.png"  # in plots_dir: one panel per PLOT_METRICS entry, one line per layer
 
 
-def plot_column(layer: str) -> str:
-    """CSV column of a layer in the plot tables (dots would read as nested fields in Vega/DVC)."""
-    return layer.replace(".", "_")
+def details_path(metrics_path: str | Path) -> Path:
+    """Where the details of a metrics file go: ``metrics/distill.json`` -> ``metrics/distill_details.json``
+    (next to it, not a DVC metric)."""
+    p = Path(metrics_path)
+    return p.with_name(f"{p.stem}_details.json")
+
+
+def plot_rows(history: list[dict[str, Any]], layers: list[str], metric: str) -> list[tuple[int, str, float]]:
+    """``(step, layer, value)`` of ``metric`` for every validated layer and step: steps ascending, layers in
+    ``layers`` order (a layer not validated at a step has no row)."""
+    order = {k: i for i, k in enumerate(layers)}
+    rows = {(int(r["step"]), r["layer"]): float(r[metric]) for r in history
+            if metric in r and r.get(metric) is not None and r["layer"] in order}
+    return [(s, k, v) for (s, k), v in sorted(rows.items(), key=lambda kv: (kv[0][0], order[kv[0][1]]))]
 
 
 def write_plots(plots_dir: Path, history: list[dict[str, Any]], layers: list[str]) -> list[Path]:
-    """One wide CSV per metric: ``step, <layer columns>`` (empty cell = layer not validated then)."""
+    """One long-format CSV per metric, ``step, layer, <metric>`` (the metric column last: DVC plots take
+    it as y), so the tables and their DVC plot definition do not depend on the teacher's layers; then the
+    same curves as a PNG (:func:`write_curves_png`)."""
     written = []
-    steps = sorted({int(r["step"]) for r in history})
     for metric in PLOT_METRICS:
-        table = {s: {} for s in steps}
-        for r in history:
-            if metric in r:
-                table[int(r["step"])][r["layer"]] = r[metric]
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["step", *[plot_column(k) for k in layers]])
-        for s in steps:
-            w.writerow([s, *[("" if k not in table[s] else f"{table[s][k]:.6g}") for k in layers]])
+        w.writerow(["step", "layer", metric])
+        for s, k, v in plot_rows(history, layers, metric):
+            w.writerow([s, k, f"{v:.6g}"])
         path = plots_dir / f"{metric}.csv"
         atomic_write_text(path, buf.getvalue())
         written.append(path)
+    written.append(write_curves_png(plots_dir / CURVES_PNG, history, layers))
     return written
+
+
+def write_curves_png(path: Path, history: list[dict[str, Any]], layers: list[str]) -> Path:
+    """The validation curves as one PNG (matplotlib Agg, written atomically): a panel per metric of
+    :data:`PLOT_METRICS`, x = step, one line per layer (log y where every value is positive). Up to 12
+    layers get a legend; more are coloured in layer order with a colour bar."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    many = len(layers) > 12
+    cmap = plt.get_cmap("viridis" if many else "tab10" if len(layers) <= 10 else "tab20")
+    colour = {k: cmap(i / max(1, len(layers) - 1) if many else i) for i, k in enumerate(layers)}
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6.4), dpi=100, sharex=True, layout="constrained")
+    for ax, metric in zip(axes.flat, PLOT_METRICS):
+        rows = plot_rows(history, layers, metric)
+        for key in layers:
+            pts = [(s, v) for s, k, v in rows if k == key]
+            if pts:
+                ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o", markersize=3, linewidth=1.2,
+                        color=colour[key], label=key)
+        if rows and all(v > 0 for _, _, v in rows):
+            ax.set_yscale("log")
+        ax.set_title(metric, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    if many:
+        sm = plt.cm.ScalarMappable(cmap=cmap, norm=matplotlib.colors.Normalize(0, len(layers) - 1))
+        bar = fig.colorbar(sm, ax=axes, fraction=0.03)
+        bar.ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        bar.set_label(f"layer, in order ({layers[0]} .. {layers[-1]})")
+    elif layers:
+        axes.flat[0].legend(fontsize=7)
+    fig.suptitle("distill: validation per layer (held-out prompts)", fontsize=11)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def distill_metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    """The DVC metrics of a run (numbers only, a few): ``ready`` layers, the worst layer's validation
+    cosine distance ``cos_dist.max`` and the stage's wall ``seconds``. Everything else (every layer's
+    figures, counters, the non-finite tuples) is in the details file (:func:`details_path`)."""
+    out: dict[str, Any] = {"ready": int(summary["ready_layers"])}
+    if "max" in summary.get("val_cos_dist", {}):
+        out["cos_dist"] = {"max": float(summary["val_cos_dist"]["max"])}
+    out["seconds"] = round(float(summary["stage_seconds"]), 1)
+    return out
 
 
 def summary_lines(layer_metrics: dict[str, dict[str, Any]], threshold: float,
@@ -936,8 +1001,9 @@ class DistillTrainer:
         return GatheredRun(students=students, history=history, counts=counts)
 
     def summary(self, gathered: GatheredRun) -> dict[str, Any]:
-        """The ``summary`` block of ``metrics/distill.json``: readiness, cosine-distance quantiles, the
-        Pareto frontier, step counts, tuples and seconds of this run (slowest rank), reader cache counts,
+        """The ``summary`` block of ``metrics/distill_details.json`` (:func:`distill_metrics` takes the DVC
+        metrics from it): readiness, cosine-distance quantiles, the Pareto frontier, step counts, tuples
+        and seconds of this run (slowest rank), reader cache counts,
         ``stage_seconds`` since the trainer was created, the split sizes, the non-finite tuples left out
         (``skipped_nonfinite`` their count, ``nonfinite_tuples`` ``{layer: [[prompt, step, seed], ...]}``)
         and ``store_verify_seconds`` (slowest rank)."""
@@ -976,16 +1042,18 @@ class DistillTrainer:
         }
 
     def write(self, gathered: GatheredRun, summary: dict[str, Any]) -> None:
-        """Rank 0: the student artifact, the metrics JSON, the plot tables, the Comet artifact and the
-        summary lines on stdout. Other ranks write nothing."""
+        """Rank 0: the student artifact, the metrics JSON (:func:`distill_metrics`) and its details file
+        (``{"summary": summary, "layers": {layer: report}}``), the plot tables and PNG, the Comet artifact
+        and the summary lines on stdout. Other ranks write nothing."""
         if self.rank != 0:
             return
         cfg, merged = self.cfg, self.final_metrics()
         metrics_ser = {k: merged[k] for k in self.all_layers}
         save_students(cfg.artifact, gathered.students, self.hkr, num_heads=self.num_heads, ready=self.ready(),
                       metrics=metrics_ser, train_config=self.train_config, teacher=self.store.attrs["teacher"])
-        atomic_write_text(Path(cfg.metrics), json.dumps({"summary": summary, "layers": metrics_ser}, indent=2,
-                                                   sort_keys=True) + "\n")
+        atomic_write_text(Path(cfg.metrics), json.dumps(distill_metrics(summary), indent=2, sort_keys=True) + "\n")
+        atomic_write_text(details_path(cfg.metrics), json.dumps({"summary": summary, "layers": metrics_ser},
+                                                                indent=2, sort_keys=True) + "\n")
         write_plots(Path(cfg.plots_dir), gathered.history, self.all_layers)
         self.comet.artifact(Path(cfg.artifact))
         self.comet.end()

@@ -16,8 +16,11 @@ the controller's number of full-attention slots, ``random_repeats`` draws) and `
 number of full slots given to the earliest steps, layers in order). ``comparison`` in the metrics says by
 how much the controller's quality loss is below each.
 
-Outputs: ``metrics/eval.json``, a quality-vs-speed plot (PNG, plus its CSV table) and a teacher/student
-image grid (PNG).
+Outputs: ``metrics/eval.json``, the few numbers ``dvc metrics show`` compares across runs
+(:func:`eval_metrics`: the controller at the reference point, its speed-up over the teacher and its relative
+margin over each fixed policy), and next to it ``metrics/eval_details.json`` (not a DVC metric: every point,
+baseline, per-rollout loss and quality term); a quality-vs-speed plot (PNG, plus its CSV table: one row per
+point, ``policy`` naming its series) and a teacher/student image grid (PNG).
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ class EvaluateConfig:
     students: str = "artifacts/flux2_ttr.safetensors"
     controller: str = "artifacts/flux2_ttr_controller.safetensors"
     rollouts: str = "rollouts/teacher"
-    metrics: str = "metrics/eval.json"
+    metrics: str = "metrics/eval.json"  # dvc metrics (output); details next to it: eval_details.json
     plot: str = "plots/evaluate/quality_vs_speed.png"
     plot_table: str = "plots/evaluate/quality_vs_speed.csv"
     grid: str = "plots/evaluate/grid.png"
@@ -215,9 +218,10 @@ def evaluate(cfg: EvaluateConfig, teacher, art: StudentArtifact, store: RolloutS
                                 "controller_beats": margin > 0}
     finally:
         ev.close()
+    reference.update(quality_speed=cfg.reference_quality_speed, mode="threshold",
+                     speedup_vs_teacher=teacher_t["seconds_per_image"] / reference["seconds_per_image"])
     metrics = {
-        "teacher": teacher_t, "points": points, "reference": {**reference, "quality_speed": cfg.reference_quality_speed,
-                                                              "mode": "threshold"},
+        "teacher": teacher_t, "points": points, "reference": reference,
         "baselines": baselines, "comparison": comparison,
         "eligible_layers": ev.eligible, "forced_full_layers": ev.forced, "layer_keys": layer_keys,
         "rollouts": len(ev.rollouts), "setting": store.setting,
@@ -226,29 +230,66 @@ def evaluate(cfg: EvaluateConfig, teacher, art: StudentArtifact, store: RolloutS
 
 
 # ------------------------------------------------------------------------------------------ outputs
+def eval_metrics(details: dict[str, Any], seconds: float | None = None) -> dict[str, Any]:
+    """The DVC metrics (numbers only, a few) from the :func:`evaluate` dict: the controller's
+    ``quality_loss`` and ``full_ratio`` at the reference point (threshold mode), its ``speedup`` over the
+    teacher there (seconds per image), ``margin.<baseline>``: how much lower its quality loss is than each
+    fixed policy's, relative to that policy's (> 0: the controller is better), and the stage's wall
+    ``seconds`` when given."""
+    ref = details["reference"]
+    out: dict[str, Any] = {"quality_loss": float(ref["quality_loss"]), "full_ratio": float(ref["full_ratio"]),
+                           "speedup": float(details["teacher"]["seconds_per_image"] / ref["seconds_per_image"])}
+    margin = {name: float(c["relative_margin"]) for name, c in details["comparison"].items()
+              if c.get("relative_margin") is not None}
+    if margin:
+        out["margin"] = margin
+    if seconds is not None:
+        out["seconds"] = round(float(seconds), 1)
+    return out
+
+
+def quality_speed_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """The quality-vs-speed table: one row per point, ``policy`` naming its series (``controller_<mode>``
+    with one point per ``quality_speed``, each fixed policy and the teacher one point each)."""
+    rows = []
+    for mode in sorted({p["mode"] for p in metrics["points"]}):
+        for p in sorted((p for p in metrics["points"] if p["mode"] == mode), key=lambda p: p["full_ratio"]):
+            rows.append({"policy": f"controller_{mode}", "quality_speed": p["quality_speed"],
+                         "full_ratio": p["full_ratio"], "quality_loss": p["quality_loss"],
+                         "seconds_per_image": p["seconds_per_image"]})
+    for name, b in metrics["baselines"].items():
+        rows.append({"policy": name, "quality_speed": "", "full_ratio": b["full_ratio"],
+                     "quality_loss": b["quality_loss"], "seconds_per_image": b["seconds_per_image"]})
+    rows.append({"policy": "teacher", "quality_speed": "", "full_ratio": 1.0, "quality_loss": 0.0,
+                 "seconds_per_image": metrics["teacher"]["seconds_per_image"]})
+    return rows
+
+
 def plot_quality_vs_speed(metrics: dict[str, Any], path: Path, table: Path | None = None) -> None:
-    """Quality loss against full-attention ratio (lower-left is better) per mode, baselines as markers."""
+    """Quality loss against full-attention ratio (lower-left is better): one line per controller mode
+    (its ``quality_speed`` points), each fixed policy and the teacher a marker, every policy its own
+    colour; ``table``: the same points as CSV (:func:`quality_speed_rows`)."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    rows = []
+    rows = quality_speed_rows(metrics)
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    colours = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(p for p in policies if p != "teacher")}
+    colours["teacher"] = "k"
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=100)
-    for mode in sorted({p["mode"] for p in metrics["points"]}):
-        pts = sorted((p for p in metrics["points"] if p["mode"] == mode), key=lambda p: p["full_ratio"])
-        ax.plot([p["full_ratio"] for p in pts], [p["quality_loss"] for p in pts], marker="o", label=f"controller ({mode})")
-        for p in pts:
-            ax.annotate(f"qs={p['quality_speed']:g}", (p["full_ratio"], p["quality_loss"]), fontsize=7,
-                        textcoords="offset points", xytext=(3, 3))
-            rows.append({"policy": f"controller_{mode}", "quality_speed": p["quality_speed"],
-                         "full_ratio": p["full_ratio"], "quality_loss": p["quality_loss"],
-                         "seconds_per_image": p["seconds_per_image"]})
-    for name, b in metrics["baselines"].items():
-        ax.scatter([b["full_ratio"]], [b["quality_loss"]], marker="x", s=60, label=name)
-        rows.append({"policy": name, "quality_speed": "", "full_ratio": b["full_ratio"],
-                     "quality_loss": b["quality_loss"], "seconds_per_image": b["seconds_per_image"]})
-    ax.scatter([1.0], [0.0], marker="*", s=90, color="k", label="teacher")
+    for name in policies:
+        pts = [r for r in rows if r["policy"] == name]
+        xs, ys = [r["full_ratio"] for r in pts], [r["quality_loss"] for r in pts]
+        if name.startswith("controller_"):
+            ax.plot(xs, ys, marker="o", color=colours[name], label=f"controller ({name.split('_', 1)[1]})")
+            for r in pts:
+                ax.annotate(f"qs={r['quality_speed']:g}", (r["full_ratio"], r["quality_loss"]), fontsize=7,
+                            textcoords="offset points", xytext=(3, 3))
+        else:
+            ax.scatter(xs, ys, marker="*" if name == "teacher" else "x", s=90 if name == "teacher" else 60,
+                       color=colours[name], label=name, zorder=3)
     ax.set_xlabel("full-attention ratio (eligible layers)")
     ax.set_ylabel("quality loss vs teacher")
     ax.set_title("flux2ttr: quality vs speed")

@@ -22,6 +22,11 @@ Each iteration appends a record (mask, reward, every loss term, ratios) to the r
 every ``checkpoint_every`` iterations hold the controller weights, AdamW state, baseline and iteration
 count, and a rerun resumes from the last one exactly (the mask of iteration ``i`` comes from a generator
 seeded by ``(seed, i)``). The final artifact records the layer order and the student artifact's sha256.
+
+Outputs besides the artifact and the records: ``metrics/controller.json``, the few numbers ``dvc metrics
+show`` compares across runs (:func:`controller_metrics`), and next to it ``metrics/controller_details.json``
+(:func:`details_path`; not a DVC metric) with the whole :meth:`ControllerTrainer.summary`, which the
+artifact header carries too.
 """
 
 from __future__ import annotations
@@ -78,7 +83,7 @@ class ControllerTrainConfig(ControllerConfig):
     students: str = "artifacts/flux2_ttr.safetensors"  # student artifact (input)
     rollouts: str = "rollouts/teacher"  # teacher rollout store (input)
     artifact: str = "artifacts/flux2_ttr_controller.safetensors"  # trained controller (output)
-    metrics: str = "metrics/controller.json"  # dvc metrics (output)
+    metrics: str = "metrics/controller.json"  # dvc metrics (output); details next to it: controller_details.json
     records: str = "rollouts/controller_records.jsonl"  # per-iteration student rollout records (output)
     checkpoint_dir: str = "checkpoints/controller"  # resumable checkpoint + records so far
     iterations: int = 24  # policy updates (group_size student rollouts each)
@@ -100,6 +105,25 @@ class ControllerTrainConfig(ControllerConfig):
             raise ConfigError(f"controller.iterations must be >= 1, got {self.iterations}")
         if self.checkpoint_every < 0 or self.metrics_window < 1:
             raise ConfigError("controller.checkpoint_every must be >= 0 and controller.metrics_window >= 1")
+
+
+# ------------------------------------------------------------------------------------------ metrics files
+def details_path(metrics_path: str | Path) -> Path:
+    """Where the details of a metrics file go: ``metrics/controller.json`` -> ``metrics/controller_details.json``
+    (next to it, not a DVC metric)."""
+    p = Path(metrics_path)
+    return p.with_name(f"{p.stem}_details.json")
+
+
+def controller_metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    """The DVC metrics of a run (numbers only, a few) from :meth:`ControllerTrainer.summary`: ``reward``,
+    ``quality_loss`` and ``full_ratio`` averaged over the last ``metrics_window`` iterations, and the
+    training wall ``seconds`` when the summary has them (``train_seconds``)."""
+    out: dict[str, Any] = {"reward": float(summary["reward_last"]), "quality_loss": float(summary["quality_loss_last"]),
+                           "full_ratio": float(summary["full_ratio_last"])}
+    if summary.get("train_seconds") is not None:
+        out["seconds"] = round(float(summary["train_seconds"]), 1)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ eligibility
@@ -339,6 +363,10 @@ class ControllerTrainer:
 
     # --- outputs --------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
+        """The run in numbers (the details file and the artifact header; :func:`controller_metrics` takes
+        the DVC metrics from it): counts, first/last-window means of reward, quality loss, full ratio and
+        entropy (the window is ``metrics_window`` iterations), the reward baseline, seconds per iteration,
+        the forced-full layers and the student artifact's sha256."""
         recs = self.records
         n = self.cfg.metrics_window * self.cfg.group_size  # the window counts iterations, records are rollouts
         win = recs[-n:]

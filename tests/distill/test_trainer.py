@@ -40,6 +40,7 @@ from flux2ttr.students.hkr import HKRConfig, HKRLayer
 from flux2ttr.students.window import WindowLayer
 from flux2ttr.traces.loader import BatchPlanner, PrefetchLoader, split_by_prompt
 from flux2ttr.traces.store import TraceStore, TraceWriter
+from helpers.outputs import check_metrics_file, check_png, details_of
 from helpers.traces import TEACHER, make_store, make_tuple
 from stages.distill import run_stage
 
@@ -71,7 +72,13 @@ def test_outputs_metrics_plots_and_artifact(tmp_path, store, capsys):
     cfg = config(tmp_path, store, steps=30, val_every=10, min_updates=5, readiness_threshold=0.08)
     res = train(cfg, HKR, expected_teacher=TEACHER)
     out = capsys.readouterr().out
-    metrics = json.loads(Path(cfg.metrics).read_text())
+    # the DVC metrics: a few numbers; every layer's figures and the run summary are in the details file
+    small = check_metrics_file(cfg.metrics)
+    metrics = details_of(cfg.metrics)
+    assert set(small) == {"ready", "cos_dist", "seconds"}
+    assert small["ready"] == metrics["summary"]["ready_layers"] == res.summary["ready_layers"]
+    assert small["cos_dist"] == {"max": max(m["val_cos_dist"] for m in metrics["layers"].values())}
+    assert metrics["summary"] == res.summary
     assert set(metrics["layers"]) == set(LAYERS)
     for key, m in metrics["layers"].items():
         assert m["val_cos_sim"] == pytest.approx(1 - m["val_cos_dist"])
@@ -85,12 +92,15 @@ def test_outputs_metrics_plots_and_artifact(tmp_path, store, capsys):
     dists = [m["val_cos_dist"] for m in metrics["layers"].values()]
     assert s["val_cos_dist"]["min"] == pytest.approx(min(dists)) and s["val_cos_dist"]["max"] == pytest.approx(max(dists))
     assert f"{s['ready_layers']}/3 layers ready" in out
-    # training reduced the cosine distance (first validation at step 10 vs the end)
-    lines = Path(cfg.plots_dir, "val_cos_dist.csv").read_text().splitlines()
-    assert lines[0] == "step,single_blocks_0,single_blocks_1,single_blocks_2"
-    assert [int(row.split(",")[0]) for row in lines[1:]] == [10, 20, 30]
-    last = [float(x) for x in lines[-1].split(",")[1:]]
-    assert last == pytest.approx([metrics["layers"][k]["val_cos_dist"] for k in LAYERS], rel=1e-5)
+    # the plot tables: long format, one row per (validation step, layer), the metric last
+    for name in ("val_cos_dist", "val_cos_dist_ema", "val_nmse", "val_p95_err"):
+        lines = Path(cfg.plots_dir, f"{name}.csv").read_text().splitlines()
+        assert lines[0] == f"step,layer,{name}"
+        rows = [row.split(",") for row in lines[1:]]
+        assert [(int(s), k) for s, k, _ in rows] == [(s, k) for s in (10, 20, 30) for k in LAYERS]
+        last = {k: float(v) for s, k, v in rows if s == "30"}
+        assert last == pytest.approx({k: metrics["layers"][k][name] for k in LAYERS}, rel=1e-5)
+    check_png(Path(cfg.plots_dir, "validation.png"))
     # the artifact: readiness and metrics in its header, weights equal to the trained students
     art = load_students(cfg.artifact, expect_layers=list(LAYERS), teacher=TEACHER)
     assert art.ready == {k: metrics["layers"][k]["ready"] for k in LAYERS}
@@ -316,9 +326,10 @@ def test_nan_tuples_are_dropped_not_their_batches_and_reported_once(tmp_path, ca
     assert res.summary["nonfinite_tuples"] == {
         "single_blocks.0": [[val_prompt, 3, 100 + val_prompt]],
         "single_blocks.1": sorted([[tp[0], 2, 100 + tp[0]], [tp[0], 5, 100 + tp[0]], [tp[2], 7, 100 + tp[2]]])}
-    metrics = json.loads(Path(cfg.metrics).read_text())
+    metrics = details_of(cfg.metrics)
     assert metrics["summary"]["nonfinite_tuples"] == res.summary["nonfinite_tuples"]
     assert metrics["layers"]["single_blocks.1"]["skipped_nonfinite"] == 3
+    check_metrics_file(cfg.metrics)  # the lists stay in the details
 
     # the reference: the clean store's plan and batches, the bad rows dropped by hand
     drop = {"single_blocks.1": {(p, st) for (layer, p, st) in bad if layer == "single_blocks.1"}}
@@ -421,8 +432,10 @@ def test_run_stage_checks_the_params_teacher(tmp_path, monkeypatch):
     Path("params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.delenv("COMET_API_KEY", raising=False)
     run_stage(Path("params.yaml"))
-    m = json.loads(Path("metrics/distill.json").read_text())
+    assert set(check_metrics_file("metrics/distill.json")) == {"ready", "cos_dist", "seconds"}
+    m = details_of("metrics/distill.json")
     assert m["summary"]["steps"] == 4 and set(m["layers"]) == set(LAYERS[:2])
+    check_png("plots/distill/validation.png")
     # comet offline archive: per-layer metrics, cross-layer quantiles, pareto frontier, the artifact
     (archive,) = Path("comet_offline").glob("*.zip")
     with zipfile.ZipFile(archive) as z:
@@ -571,7 +584,7 @@ def test_torchrun_two_ranks_matches_single_process(tmp_path, store):
     assert a.keys() == b.keys() and {".".join(k.split(".")[:2]) for k in a} == set(LAYERS)
     for k in b:
         assert torch.equal(a[k], b[k]), k
-    m = json.loads((tmp_path / "ddp" / "m.json").read_text())
+    m = details_of(tmp_path / "ddp" / "m.json")
     assert m["summary"]["world_size"] == 2 and set(m["layers"]) == set(LAYERS)
     for key in LAYERS:
         assert m["layers"][key]["val_cos_dist"] == pytest.approx(single.layer_metrics[key]["val_cos_dist"], rel=1e-12)

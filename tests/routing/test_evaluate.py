@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
@@ -17,6 +16,7 @@ from flux2ttr.routing.rollouts import RolloutConfig, RolloutStore, record_rollou
 from flux2ttr.routing.student_rollout import make_router, run_student_rollout
 from flux2ttr.routing.training import ControllerTrainConfig, controller_inputs
 from flux2ttr.students.artifacts import file_sha256, load_students
+from helpers.outputs import check_metrics_file, check_png, details_of
 from helpers.rollouts import PROMPTS, TEACHER, make_students, make_teacher, write_params
 from stages.evaluate import run_stage
 
@@ -122,8 +122,16 @@ def test_run_stage_writes_metrics_plot_and_grid(setup, tmp_path, monkeypatch):
         "quality": {},
     })
     run_stage(params)
-    metrics = json.loads((tmp_path / "metrics" / "eval.json").read_text())
+    small = check_metrics_file(tmp_path / "metrics" / "eval.json")
+    metrics = details_of(tmp_path / "metrics" / "eval.json")
     assert set(metrics["comparison"]) == {"all_student", "random", "fixed_schedule"}
+    assert "config" not in metrics  # the config is params.yaml's (and dvc.lock's)
+    ref, c = metrics["reference"], metrics["comparison"]
+    assert small["quality_loss"] == ref["quality_loss"] and small["full_ratio"] == ref["full_ratio"]
+    assert small["speedup"] == pytest.approx(metrics["teacher"]["seconds_per_image"] / ref["seconds_per_image"])
+    assert small["speedup"] == pytest.approx(ref["speedup_vs_teacher"])
+    assert small["margin"] == {k: c[k]["relative_margin"] for k in c} and small["seconds"] > 0
+    check_png(tmp_path / "plots" / "evaluate" / "quality_vs_speed.png")
     plot = Image.open(tmp_path / "plots" / "evaluate" / "quality_vs_speed.png")
     assert plot.size[0] > 100 and plot.size[1] > 100
     grid = Image.open(tmp_path / "plots" / "evaluate" / "grid.png")
@@ -131,4 +139,8 @@ def test_run_stage_writes_metrics_plot_and_grid(setup, tmp_path, monkeypatch):
     arr = torch.tensor(np.array(grid.convert("RGB"))).float() / 255
     ro = RolloutStore(store_path).entries("eval")[0]
     torch.testing.assert_close(arr[14:46, :48].permute(2, 0, 1), ro.image, atol=1 / 255 + 1e-6, rtol=0)
-    assert (tmp_path / "plots" / "evaluate" / "quality_vs_speed.csv").read_text().startswith("policy,")
+    table = (tmp_path / "plots" / "evaluate" / "quality_vs_speed.csv").read_text().splitlines()
+    assert table[0].startswith("policy,")
+    policies = [row.split(",")[0] for row in table[1:]]
+    # one series per policy: the controller's points (one per quality_speed), each fixed policy, the teacher
+    assert policies == ["controller_threshold", "all_student", "fixed_schedule", "random", "teacher"]

@@ -19,6 +19,7 @@ from flux2ttr.routing.training import (
     read_records,
 )
 from flux2ttr.students.artifacts import load_students
+from helpers.outputs import check_metrics_file, details_of
 from helpers.rollouts import PROMPTS, TEACHER, make_students, make_teacher, write_params
 from stages.train_controller import run_stage
 
@@ -161,9 +162,14 @@ def test_run_stage_outputs(setup, tmp_path, monkeypatch):
     recs = read_records(tmp_path / "rollouts" / "controller_records.jsonl")
     assert [r["iteration"] for r in recs] == [0, 1, 2]
     assert {"mask", "reward", "quality_terms", "full_ratio", "quality_loss", "entropy"} <= set(recs[0])
-    metrics = json.loads((tmp_path / "metrics" / "controller.json").read_text())
+    small = check_metrics_file(tmp_path / "metrics" / "controller.json")
+    metrics = details_of(tmp_path / "metrics" / "controller.json")
     assert metrics["iterations"] == 3 and metrics["eligible_layers"] == 2 and metrics["forced_full"] == [keys[1]]
     assert math.isfinite(metrics["reward_last"])
+    assert set(small) == {"reward", "quality_loss", "full_ratio", "seconds"}
+    assert (small["reward"], small["quality_loss"], small["full_ratio"]) == (
+        metrics["reward_last"], metrics["quality_loss_last"], metrics["full_ratio_last"])
+    assert small["seconds"] == round(metrics["train_seconds"], 1)
     from flux2ttr.routing.controller import load_controller
     from flux2ttr.students.artifacts import file_sha256
 

@@ -18,6 +18,7 @@ from flux2ttr.teachers.prompts import PromptFileError
 from flux2ttr.teachers.sampler import SamplerConfig, flux2_sigmas
 from flux2ttr.traces.capture import CaptureConfig, capture, query_positions
 from flux2ttr.traces.store import TraceStore
+from helpers.outputs import check_metrics_file, details_of
 from stages.capture import run_stage
 
 PROMPTS = ["a red fox in snow", "a neon night market", "a bowl of ramen"]
@@ -203,8 +204,10 @@ def test_run_stage_from_params(teacher_dir, tmp_path, monkeypatch):
     run_stage(Path("params.yaml"))
     store = TraceStore.open("traces/c.zarr")
     assert store.count() == 2 * 2
-    metrics = json.loads(Path("metrics/capture.json").read_text())
-    assert metrics["kept"] == metrics["offered"] == 4 and metrics["files"] == store.file_count()
+    metrics = check_metrics_file("metrics/capture.json")
+    details = details_of("metrics/capture.json")
+    assert metrics["kept"] == details["kept"] == details["offered"] == 4 and details["files"] == store.file_count()
+    assert metrics["disk_mib"] == round(details["disk_mib"], 1) and metrics["seconds"] > 0
     assert store.attrs["prompts"]["count"] == 2 and store.attrs["prompts"]["file"] == "data/p.json"
 
     Path("data/p.json").write_text(json.dumps(["fine", 7]))
