@@ -1,5 +1,5 @@
-"""The pack's nodes: schemas only; the work is done by ``flux2ttr.comfy.patch`` and
-``flux2ttr.comfy.utility_nodes``."""
+"""The pack's nodes: schemas only; the work is done by ``flux2ttr.comfy.patch``,
+``flux2ttr.comfy.utility_nodes`` and ``flux2ttr.comfy.tiny_nodes``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from comfy_api.latest import io
 
 try:
     from flux2ttr.comfy import patch as comfy_patch
-    from flux2ttr.comfy import utility_nodes
+    from flux2ttr.comfy import tiny_nodes, utility_nodes
 except ImportError as e:  # the pack is installed but the library is not in ComfyUI's Python
     raise ImportError(f"flux2ttr node pack: cannot import the flux2ttr library ({e}); run "
                       "`pip install -e /path/to/flux2ttr` with ComfyUI's Python") from e
@@ -162,4 +162,80 @@ class Combinations(io.ComfyNode):
         return io.NodeOutput(*utility_nodes.combinations(A, B, C, D))
 
 
-NODES = [Flux2TTRController, RandomSeedBatch, LoadPromptListFromJSON, ClockedSweepValues, Combinations]
+def register_tiny_folder() -> str:
+    """Register ``models/flux2ttr_tiny`` (the tiny teacher's codec; created on demand), keeping paths that
+    ``extra_model_paths.yaml`` already added for it."""
+    name = tiny_nodes.CODEC_FOLDER
+    path = os.path.join(folder_paths.models_dir, name)
+    os.makedirs(path, exist_ok=True)
+    if name in folder_paths.folder_names_and_paths:
+        if path not in folder_paths.get_folder_paths(name):
+            folder_paths.add_model_folder_path(name, path)
+    else:
+        folder_paths.folder_names_and_paths[name] = ([path], {".safetensors"})
+    return path
+
+
+def _codec_input() -> io.Combo.Input:
+    register_tiny_folder()
+    files = folder_paths.get_filename_list(tiny_nodes.CODEC_FOLDER)
+    return io.Combo.Input("codec", options=files,
+                          default=tiny_nodes.CODEC_FILE if tiny_nodes.CODEC_FILE in files else None,
+                          tooltip=f"the tiny teacher's prompt encoder + decoder ({tiny_nodes.CODEC_FILE}) from "
+                                  f"models/{tiny_nodes.CODEC_FOLDER}; `flux2ttr comfy-install` puts it there")
+
+
+def _codec(name: str, node: str) -> tiny_nodes.TinyCodec:
+    register_tiny_folder()
+    path = folder_paths.get_full_path(tiny_nodes.CODEC_FOLDER, name)
+    if path is None:
+        raise FileNotFoundError(f"{node}: codec '{name}' not found in models/{tiny_nodes.CODEC_FOLDER} "
+                                f"({folder_paths.get_folder_paths(tiny_nodes.CODEC_FOLDER)}); run `flux2ttr "
+                                f"comfy-install` or copy teachers/tiny/{tiny_nodes.CODEC_FILE} there")
+    return tiny_nodes.load_codec(path)
+
+
+class Flux2TTRTinyTextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Flux2TTRTinyTextEncode",
+            display_name="Flux2 TTR Tiny Text Encode",
+            category="advanced/conditioning/flux2ttr",
+            description="The tiny FLUX.2 teacher's prompt encoder (flux2_tiny.safetensors has no real text encoder): "
+                        "a prompt to CONDITIONING with FLUX.2 guidance, for the tiny teacher only.",
+            inputs=[
+                _codec_input(),
+                io.String.Input("text", multiline=True, dynamic_prompts=True,
+                                default="a red cube on a blue floor, soft light"),
+                io.Float.Input("guidance", default=tiny_nodes.DEFAULT_GUIDANCE, min=0.0, max=tiny_nodes.MAX_GUIDANCE,
+                               step=0.1, tooltip="FLUX.2 guidance embedding value (what FluxGuidance sets)"),
+            ],
+            outputs=[io.Conditioning.Output()],
+        )
+
+    @classmethod
+    def execute(cls, codec: str, text: str, guidance: float) -> io.NodeOutput:
+        return io.NodeOutput(tiny_nodes.encode(_codec(codec, "Flux2TTRTinyTextEncode"), text, guidance))
+
+
+class Flux2TTRTinyDecode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Flux2TTRTinyDecode",
+            display_name="Flux2 TTR Tiny Decode",
+            category="advanced/latent/flux2ttr",
+            description="The tiny FLUX.2 teacher's latent-to-RGB decoder (it has no VAE): a FLUX.2 LATENT to an IMAGE "
+                        "16x the latent grid.",
+            inputs=[io.Latent.Input("samples"), _codec_input()],
+            outputs=[io.Image.Output()],
+        )
+
+    @classmethod
+    def execute(cls, samples: dict, codec: str) -> io.NodeOutput:
+        return io.NodeOutput(tiny_nodes.decode(_codec(codec, "Flux2TTRTinyDecode"), samples["samples"]))
+
+
+NODES = [Flux2TTRController, RandomSeedBatch, LoadPromptListFromJSON, ClockedSweepValues, Combinations,
+         Flux2TTRTinyTextEncode, Flux2TTRTinyDecode]

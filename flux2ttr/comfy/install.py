@@ -6,6 +6,10 @@
   ``COMFYUI_DIR/custom_nodes/flux2ttr``;
 - creates ``COMFYUI_DIR/models/approximate_attention``;
 - copies the artifacts (``*.safetensors`` of ``artifacts_dir``) there, each atomically;
+- copies the tiny teacher (``teacher_dir``, the project's ``teachers/tiny``) where ComfyUI and the pack look
+  for it: ``flux2_tiny.safetensors`` into ``models/diffusion_models`` (UNETLoader) and its codec
+  ``tiny_codec.safetensors`` into ``models/flux2ttr_tiny`` (the pack's tiny text-encode and decode nodes),
+  unless ``tiny_teacher=False`` (``--no-tiny-teacher``), so the shipped tiny workflow runs as installed;
 - installs the project's core (no extras: torch, safetensors, numpy) into that Python with
   ``PY -m pip install -e <project>`` (editable for a git checkout, a plain install otherwise), unless
   ``pip=False`` (``--no-pip``);
@@ -29,6 +33,12 @@ import flux2ttr
 
 PACK_NAME = "flux2ttr"
 MODEL_FOLDER = "approximate_attention"
+# The tiny teacher's files and where they go (names as flux2ttr.teachers.teacher and flux2ttr.comfy.tiny_nodes
+# spell them; not imported, to keep this module free of torch).
+TINY_TEACHER_FILE = "flux2_tiny.safetensors"   # -> models/diffusion_models (ComfyUI's UNETLoader folder)
+TINY_CODEC_FILE = "tiny_codec.safetensors"     # -> models/flux2ttr_tiny
+DIFFUSION_FOLDER = "diffusion_models"
+TINY_FOLDER = "flux2ttr_tiny"
 COMFYUI_MARKERS = ("main.py", "nodes.py", "folder_paths.py", "comfy")
 PACK_MARKER = "flux2ttr ComfyUI node pack"  # first line of the pack's __init__.py docstring
 # Where ComfyUI's Python lives, relative to the ComfyUI folder, in the order they are tried: a venv in
@@ -165,6 +175,27 @@ def _install_pack(src: Path, target: Path, copy_pack: bool, say: Echo) -> None:
         say(f"linked pack {target} -> {src}")
 
 
+def _copy_file(src: Path, target: Path, what: str, say: Echo) -> Path:
+    """Copy ``src`` to ``target`` atomically unless it already holds the same bytes."""
+    if target.is_file() and filecmp.cmp(src, target, shallow=False):
+        say(f"{what} up to date: {target}")
+    else:
+        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, target)
+        say(f"copied {what} {src} -> {target}")
+    return target
+
+
+def _ensure_folder(path: Path, say: Echo) -> Path:
+    if path.is_dir():
+        say(f"model folder exists: {path}")
+    else:
+        path.mkdir(parents=True)
+        say(f"created model folder {path}")
+    return path
+
+
 def _copy_artifacts(artifacts_dir: Path, dest: Path, say: Echo) -> list[Path]:
     artifacts_dir = Path(artifacts_dir).expanduser().resolve()
     if not artifacts_dir.is_dir():
@@ -175,25 +206,37 @@ def _copy_artifacts(artifacts_dir: Path, dest: Path, say: Echo) -> list[Path]:
     if not files:
         say(f"no *.safetensors in {artifacts_dir}: run `dvc repro` first, then rerun to copy them")
         return []
+    return [_copy_file(f, dest / f.name, "artifact", say) for f in files]
+
+
+def _copy_tiny_teacher(teacher_dir: Path, models_root: Path, say: Echo) -> list[Path]:
+    """The tiny teacher's transformer into ``models/diffusion_models`` and its codec into
+    ``models/flux2ttr_tiny``; a missing teacher folder or file is reported, not fatal."""
+    teacher_dir = Path(teacher_dir).expanduser().resolve()
+    hint = ("run `dvc repro teacher` (or `flux2ttr teacher`) first (or pass --teacher DIR), then rerun; "
+            "--no-tiny-teacher skips this")
+    if not teacher_dir.is_dir():
+        say(f"no tiny teacher folder at {teacher_dir}: {hint}")
+        return []
     copied = []
-    for f in files:
-        target = dest / f.name
-        if target.is_file() and filecmp.cmp(f, target, shallow=False):
-            say(f"artifact up to date: {target}")
-        else:
-            tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-            shutil.copyfile(f, tmp)
-            os.replace(tmp, target)
-            say(f"copied artifact {f} -> {target}")
-        copied.append(target)
+    for name, folder, role in ((TINY_TEACHER_FILE, DIFFUSION_FOLDER, "tiny teacher"),
+                               (TINY_CODEC_FILE, TINY_FOLDER, "tiny codec")):
+        src = teacher_dir / name
+        if not src.is_file():
+            say(f"no {name} in {teacher_dir}: {hint}")
+            continue
+        dest = _ensure_folder(models_root / folder, say)
+        copied.append(_copy_file(src, dest / name, role, say))
     return copied
 
 
 def install(comfyui_dir: Path, artifacts_dir: Path = Path("artifacts"), copy_pack: bool = False,
             echo: Echo = print, *, python: Path | None = None, pip: bool = True,
-            pip_args: Sequence[str] = ()) -> dict[str, object]:
-    """Install the pack, the artifacts and (``pip``) the library into ``comfyui_dir``; returns
-    ``{"pack", "models", "artifacts", "python", "pip_command"}`` (the last two ``None`` without ``pip``)."""
+            pip_args: Sequence[str] = (), teacher_dir: Path = Path("teachers/tiny"),
+            tiny_teacher: bool = True) -> dict[str, object]:
+    """Install the pack, the artifacts, the tiny teacher (``tiny_teacher``, from ``teacher_dir``) and
+    (``pip``) the library into ``comfyui_dir``; returns ``{"pack", "models", "artifacts", "tiny_teacher",
+    "python", "pip_command"}`` (``tiny_teacher``: the copied files; the last two ``None`` without ``pip``)."""
     root = check_comfyui(comfyui_dir)
     src = pack_source()
     py = project = None
@@ -205,13 +248,11 @@ def install(comfyui_dir: Path, artifacts_dir: Path = Path("artifacts"), copy_pac
     custom.mkdir(exist_ok=True)
     target = custom / PACK_NAME
     _install_pack(src, target, copy_pack, echo)
-    models = root / "models" / MODEL_FOLDER
-    if models.is_dir():
-        echo(f"model folder exists: {models}")
-    else:
-        models.mkdir(parents=True)
-        echo(f"created model folder {models}")
+    models = _ensure_folder(root / "models" / MODEL_FOLDER, echo)
     copied = _copy_artifacts(artifacts_dir, models, echo)
+    tiny = _copy_tiny_teacher(teacher_dir, root / "models", echo) if tiny_teacher else []
+    if not tiny_teacher:
+        echo("tiny teacher not copied (--no-tiny-teacher)")
     cmd = None
     if pip:
         cmd = install_library(py, project, pip_args, echo)
@@ -219,4 +260,5 @@ def install(comfyui_dir: Path, artifacts_dir: Path = Path("artifacts"), copy_pac
     else:
         echo("done (--no-pip): install the library into ComfyUI's Python yourself "
              f"(PYTHON -m pip install -e {_project_hint()}), then restart ComfyUI")
-    return {"pack": target, "models": models, "artifacts": copied, "python": py, "pip_command": cmd}
+    return {"pack": target, "models": models, "artifacts": copied, "tiny_teacher": tiny, "python": py,
+            "pip_command": cmd}

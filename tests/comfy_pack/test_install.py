@@ -212,3 +212,69 @@ def test_installs_into_a_real_venv(comfy_copy, artifacts):
     where, version = probe.stdout.split()
     assert Path(where).resolve() == (REPO / "flux2ttr" / "__init__.py").resolve()
     assert version
+
+
+# --------------------------------------------------------------------------------------------------
+# the tiny teacher: what the shipped tiny workflow loads
+
+
+@pytest.fixture()
+def tiny_folder(tmp_path) -> Path:
+    d = tmp_path / "teachers" / "tiny"
+    d.mkdir(parents=True)
+    (d / "flux2_tiny.safetensors").write_bytes(b"teacher-bytes")
+    (d / "tiny_codec.safetensors").write_bytes(b"codec-bytes")
+    (d / "identity.json").write_text("{}")
+    return d
+
+
+def test_cli_copies_the_tiny_teacher_where_comfyui_and_the_pack_look(comfy_copy, artifacts, tiny_folder):
+    args = ["comfy-install", str(comfy_copy), "--artifacts", str(artifacts), "--teacher", str(tiny_folder), "--no-pip"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    models = comfy_copy / "models"
+    assert (models / "diffusion_models" / "flux2_tiny.safetensors").read_bytes() == b"teacher-bytes"
+    assert (models / "flux2ttr_tiny" / "tiny_codec.safetensors").read_bytes() == b"codec-bytes"
+    assert sorted(p.name for p in (models / "flux2ttr_tiny").iterdir()) == ["tiny_codec.safetensors"]
+    assert "copied tiny teacher" in res.output and "copied tiny codec" in res.output
+    # idempotent; a regenerated teacher is copied again
+    res = CliRunner().invoke(main, args)
+    assert "tiny teacher up to date" in res.output and "tiny codec up to date" in res.output
+    (tiny_folder / "flux2_tiny.safetensors").write_bytes(b"teacher-v2")
+    res = CliRunner().invoke(main, args)
+    assert (models / "diffusion_models" / "flux2_tiny.safetensors").read_bytes() == b"teacher-v2"
+    assert res.output.count("copied tiny teacher") == 1 and "tiny codec up to date" in res.output
+
+
+def test_no_tiny_teacher_flag_and_missing_teacher(comfy_copy, artifacts, tiny_folder, tmp_path):
+    res = CliRunner().invoke(main, ["comfy-install", str(comfy_copy), "--artifacts", str(artifacts), "--teacher",
+                                    str(tiny_folder), "--no-tiny-teacher", "--no-pip"])
+    assert res.exit_code == 0, res.output
+    assert "--no-tiny-teacher" in res.output
+    assert not (comfy_copy / "models" / "flux2ttr_tiny").exists()
+    assert not (comfy_copy / "models" / "diffusion_models" / "flux2_tiny.safetensors").exists()
+    lines: list[str] = []
+    out = install(comfy_copy, artifacts_dir=artifacts, teacher_dir=tmp_path / "nowhere", echo=lines.append, pip=False)
+    assert out["tiny_teacher"] == [] and len(out["artifacts"]) == 2  # reported, not fatal
+    assert any("no tiny teacher folder" in line and "dvc repro teacher" in line for line in lines)
+    (tiny_folder / "tiny_codec.safetensors").unlink()
+    lines.clear()
+    out = install(comfy_copy, artifacts_dir=artifacts, teacher_dir=tiny_folder, echo=lines.append, pip=False)
+    assert [p.name for p in out["tiny_teacher"]] == ["flux2_tiny.safetensors"]
+    assert any("no tiny_codec.safetensors in" in line for line in lines)
+
+
+def test_tiny_names_and_folders_agree_with_comfyui_and_the_pack(comfy):
+    """install.py spells the file and folder names without importing torch; they must be the teacher's and
+    the nodes' own, and models/diffusion_models must be a folder ComfyUI's UNETLoader reads."""
+    from flux2ttr.comfy import install as install_mod
+    from flux2ttr.comfy import tiny_nodes
+    from flux2ttr.teachers.teacher import EXTRAS_FILE_NAME, SINGLE_FILE_NAME
+
+    assert install_mod.TINY_TEACHER_FILE == SINGLE_FILE_NAME == tiny_nodes.TEACHER_FILE
+    assert install_mod.TINY_CODEC_FILE == EXTRAS_FILE_NAME == tiny_nodes.CODEC_FILE
+    assert install_mod.TINY_FOLDER == tiny_nodes.CODEC_FOLDER
+    fp = comfy.folder_paths
+    assert os.path.join(fp.models_dir, install_mod.DIFFUSION_FOLDER) in fp.get_folder_paths("diffusion_models")
+    assert os.path.join(fp.models_dir, install_mod.TINY_FOLDER) in fp.get_folder_paths(tiny_nodes.CODEC_FOLDER)
+    assert os.path.join(fp.models_dir, install_mod.MODEL_FOLDER) in fp.get_folder_paths("approximate_attention")
