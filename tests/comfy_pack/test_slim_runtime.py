@@ -40,7 +40,8 @@ CORE_MODULES = (
     "flux2ttr.comfy.patch", "flux2ttr.comfy.utility_nodes", "flux2ttr.comfy.install",
     "flux2ttr.students.artifacts", "flux2ttr.students.hkr", "flux2ttr.students.fast_path",
     "flux2ttr.students.landmarks", "flux2ttr.routing.controller", "flux2ttr.checkpoint", "flux2ttr.config",
-    "flux2ttr.contract", "flux2ttr.seeds", "flux2ttr.atomic",
+    "flux2ttr.contract", "flux2ttr.seeds", "flux2ttr.atomic", "flux2ttr.comfy.tiny_nodes", "flux2ttr.teachers.teacher",
+    "flux2ttr.students.window", "flux2ttr.students.window_fast", "flux2ttr.students.build", "flux2ttr.versioned_file",
 )
 CHILD_TIMEOUT_S = 240
 CLI_MESSAGE = ('flux2ttr: the command line needs the pipeline extra (click is not installed): '
