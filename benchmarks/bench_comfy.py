@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from timing import NOISY, noisy, spread  # benchmarks/timing.py (the scripts' folder is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the shared ComfyUI harness (helpers.comfy)
 
@@ -55,17 +57,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if any(px < 16 or px % 16 for px in args.px):
         ap.error("--px values must be positive multiples of 16")
     return args
-
-
-def spread(xs: list[float]) -> str:
-    return f"{statistics.median(xs):.3f} ({min(xs):.3f}-{max(xs):.3f})"
-
-
-NOISY = 1.5  # max/min of one variant's repeats above this: the machine was busy, the ratio is not a measurement
-
-
-def noisy(*series: list[float]) -> bool:
-    return any(max(xs) > NOISY * min(xs) for xs in series)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -37,6 +37,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from timing import NOISY, noisy, spread  # benchmarks/timing.py (the scripts' folder is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the shared ComfyUI harness (helpers.comfy)
 WORKFLOW = "flux2ttr_tiny_cpu.json"
@@ -90,17 +92,6 @@ def _skip_user_folders(src: Path):  # noqa: ANN202 - a shutil.copytree ignore ca
         return skip | (top & set(names) if Path(folder) == src else set())
 
     return ignore
-
-
-def spread(xs: list[float]) -> str:
-    return f"{statistics.median(xs):.3f} ({min(xs):.3f}-{max(xs):.3f})"
-
-
-NOISY = 1.5  # max/min of one variant's repeats above this: the machine was busy, the ratio is not a measurement
-
-
-def noisy(*series: list[float]) -> bool:
-    return any(max(xs) > NOISY * min(xs) for xs in series)
 
 
 def main(argv: list[str] | None = None) -> None:
