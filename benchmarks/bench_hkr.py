@@ -11,15 +11,19 @@ from the flags. Not a test: timings depend on the machine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import noisy, spread  # benchmarks/timing.py (the scripts' folder is on sys.path)
 
 from flux2ttr.config import load_section
-from flux2ttr.students.hkr import HKRConfig, HKRLayer
+from flux2ttr.students.build import build_student
+from flux2ttr.students.hkr import HKRConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -29,8 +33,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn, device: torch.device, warmup: int, repeat: int) -> float:
-    """Best (minimum) wall time of ``fn()`` in milliseconds: robust to other load on a shared machine."""
+def time_ms(fn, device: torch.device, warmup: int, repeat: int) -> list[float]:
+    """Wall times of ``repeat`` calls of ``fn()`` in milliseconds, after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -40,7 +44,7 @@ def time_ms(fn, device: torch.device, warmup: int, repeat: int) -> float:
         fn()
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
-    return min(times)
+    return times
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,19 +57,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-cond", type=int, default=512)
     ap.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096],
                     help="image token counts (square grids, rounded to a square)")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed calls first (allocator, kernel compile)")
+    ap.add_argument("--repeat", type=int, default=5, help="timed calls; the table shows median (min-max)")
+    ap.add_argument("--mode", choices=("window", "hkr"), default=None, help="student mode (default: params.yaml)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     cfg = load_section(HKRConfig, "hkr", args.params) if args.params.is_file() else HKRConfig()
-    layer = HKRLayer(cfg, num_heads=args.heads).to(device).eval()
+    if args.mode:
+        cfg = dataclasses.replace(cfg, mode=args.mode)
+    layer = build_student(cfg, num_heads=args.heads).to(device).eval()
     d = cfg.head_dim
     print(f"device={device} dtype={args.dtype} B={args.batch} H={args.heads} D={d} F={cfg.feature_dim} "
           f"n_cond={args.n_cond} landmarks: frac={cfg.landmark_fraction} min={cfg.landmark_min} "
           f"max={cfg.landmark_max}")
-    print(f"{'tokens':>8} {'image':>7} {'SDPA ms':>10} {'student ms':>11} {'ratio':>7}")
+    print(f"mode={cfg.mode}; ms = median (min-max) of {args.repeat} calls after {args.warmup} warm-up calls; "
+          "ratio = student/SDPA median time (< 1: the student is faster)")
+    print(f"{'tokens':>8} {'image':>7} {'SDPA ms':>24} {'student ms':>24} {'ratio':>7}")
     for n_img in args.tokens:
         side = max(1, int(round(math.sqrt(n_img))))
         h = w = side
@@ -76,7 +85,9 @@ def main(argv: list[str] | None = None) -> None:
             t_sdpa = time_ms(lambda: F.scaled_dot_product_attention(q, k, v), device, args.warmup, args.repeat)
             t_hkr = time_ms(lambda: layer(q, k, v, args.n_cond, 0.5, 3.5, height=h, width=w), device,
                             args.warmup, args.repeat)
-        print(f"{n:>8} {h * w:>7} {t_sdpa:>10.2f} {t_hkr:>11.2f} {t_hkr / t_sdpa:>7.2f}")
+        ratio = statistics.median(t_hkr) / statistics.median(t_sdpa)
+        print(f"{n:>8} {h * w:>7} {spread(t_sdpa):>24} {spread(t_hkr):>24} {ratio:>7.2f}"
+              + ("  (noisy: the machine was busy)" if noisy(t_sdpa, t_hkr) else ""))
 
 
 if __name__ == "__main__":
