@@ -24,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from timing import spread  # benchmarks/timing.py (the scripts' folder is on sys.path)
 
 from flux2ttr.config import load_section
 from flux2ttr.teachers.prompts import load_prompts
@@ -111,12 +112,15 @@ def main() -> None:
           f"{teacher.cond_tokens} text tokens), {len(prompts)} prompts x {len(steps)} steps x {len(layers)} layers "
           f"= {tuples} tuples offered ({tuple_mib:.2f} MiB each), batch {ccfg.batch_size}, {ccfg.queries} queries, "
           f"{ccfg.storage_dtype}, torch threads {torch.get_num_threads()}, median of {args.repeats}")
-    print(f"{'mode':<12} {'wall s':>8} {'cpu s':>8} {'cpu over':>9} {'cpu ms/tuple':>13} {'wall ms/tuple':>14} "
+    print("wall s = median (min-max) of the rounds; 'cpu over' = extra CPU time against plain sampling "
+          "(lower is better)")
+    print(f"{'mode':<12} {'wall s':>22} {'cpu s':>8} {'cpu over':>9} {'cpu ms/tuple':>13} {'wall ms/tuple':>14} "
           f"{'observer cpu ms/tuple':>22} {'kept':>5} {'write cpu ms/kept':>18}")
     for name in modes:
         wall, cpu, kept = med(name, "wall"), med(name, "cpu"), int(med(name, "kept"))
         wcpu, ocpu = med(name, "write_cpu"), med(name, "observer_cpu")
-        print(f"{name:<12} {wall:>8.2f} {cpu:>8.2f} {100 * (cpu - base_cpu) / base_cpu:>8.1f}% "
+        walls = [r["wall"] for r in runs[name]]
+        print(f"{name:<12} {spread(walls):>22} {cpu:>8.2f} {100 * (cpu - base_cpu) / base_cpu:>8.1f}% "
               f"{1000 * (cpu - base_cpu) / tuples:>13.2f} {1000 * (wall - base_wall) / tuples:>14.2f} "
               f"{1000 * ocpu / tuples:>22.2f} "
               f"{kept if kept else '':>5} {f'{1000 * wcpu / kept:.2f}' if kept else '':>18}")

@@ -15,10 +15,12 @@ The reader keeps up when read >> train and pipeline ~= train. Uses the ``distill
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
 import torch
+from timing import spread  # benchmarks/timing.py (the scripts' folder is on sys.path)
 
 from flux2ttr.config import load_section
 from flux2ttr.distill.trainer import DistillConfig, _build_layer, train_step
@@ -88,26 +90,34 @@ def main() -> None:
     ap.add_argument("--store", type=Path, default=None, help="trace store (default: distill.store)")
     ap.add_argument("--steps", type=int, default=30, help="planned steps per measurement")
     ap.add_argument("--reader-threads", type=int, nargs="+", default=None)
+    ap.add_argument("--repeats", type=int, default=3, help="measurements of each kind, after one untimed warm-up")
     args = ap.parse_args()
+
+    def rates(fn) -> tuple[str, float]:
+        fn()  # warm-up: page cache, allocator, first-touch of the model
+        xs = [fn() for _ in range(args.repeats)]
+        return f"{spread(xs):>26}", statistics.median(xs)
+
     cfg = load_section(DistillConfig, "distill", args.params)
     hkr = load_section(HKRConfig, "hkr", args.params)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     store = TraceStore.open(args.store or cfg.store)
     print(f"store {store.path}: layers {len(store.layers)}, tuples {store.count()}, batch {cfg.batch_size}, "
-          f"layers/step {cfg.min_swap_layers}..{cfg.max_swap_layers}, torch threads {torch.get_num_threads()}")
+          f"layers/step {cfg.min_swap_layers}..{cfg.max_swap_layers}, torch threads {torch.get_num_threads()}; "
+          f"tuples/s = median (min-max) of {args.repeats} runs after a warm-up (higher is faster)")
     for threads in args.reader_threads or [cfg.reader_threads]:
-        r = bench_read(store, cfg, args.steps, threads, cfg.prefetch_steps)
-        print(f"read      {r:8.1f} tuples/s  (zarr, reader_threads={threads}, prefetch_steps={cfg.prefetch_steps})")
+        rs, r = rates(lambda: bench_read(store, cfg, args.steps, threads, cfg.prefetch_steps))
+        print(f"read      {rs} tuples/s  (zarr, reader_threads={threads}, prefetch_steps={cfg.prefetch_steps})")
     if cfg.cache_mib > 0:
         cache = TupleCache(cfg.cache_mib * 2**20)
         bench_read(store, cfg, args.steps, cfg.reader_threads, cfg.prefetch_steps, cache)  # fills the cache
-        rc = bench_read(store, cfg, args.steps, cfg.reader_threads, cfg.prefetch_steps, cache)
-        print(f"read      {rc:8.1f} tuples/s  (warm TupleCache, {cache.nbytes / 2**20:.0f} MiB held)")
-    t = bench_train(store, cfg, hkr, args.steps)
-    print(f"train     {t:8.1f} tuples/s  (model step only, data in memory)")
-    p = bench_pipeline(store, cfg, hkr, args.steps, cfg.reader_threads, cfg.prefetch_steps)
-    print(f"pipeline  {p:8.1f} tuples/s  (reader_threads={cfg.reader_threads}; read/train ratio {r / t:.1f}x)")
+        rcs, _ = rates(lambda: bench_read(store, cfg, args.steps, cfg.reader_threads, cfg.prefetch_steps, cache))
+        print(f"read      {rcs} tuples/s  (warm TupleCache, {cache.nbytes / 2**20:.0f} MiB held)")
+    ts, t = rates(lambda: bench_train(store, cfg, hkr, args.steps))
+    print(f"train     {ts} tuples/s  (model step only, data in memory)")
+    ps, _ = rates(lambda: bench_pipeline(store, cfg, hkr, args.steps, cfg.reader_threads, cfg.prefetch_steps))
+    print(f"pipeline  {ps} tuples/s  (reader_threads={cfg.reader_threads}; read/train ratio {r / t:.1f}x)")
 
 
 if __name__ == "__main__":
