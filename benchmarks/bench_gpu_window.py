@@ -32,13 +32,15 @@ from flux2ttr.students.hkr import HKRConfig
 from flux2ttr.students.window import WindowLayer
 
 SIDES = (64, 128, 256)  # 1024², 2048², 4096² images
-CONFIGS = {  # name -> HKRConfig overrides (mode window, head_dim 128)
-    "t8x16 r8 f64": dict(window_tile=[8, 16], window_radius=8, feature_dim=64),
-    "t8x16 r8 f128": dict(window_tile=[8, 16], window_radius=8, feature_dim=128),
-    "t4x4 r4 f64": dict(window_tile=[4, 4], window_radius=4, feature_dim=64),  # params.yaml's tile
-    "t16x16 r16 f64": dict(window_tile=[16, 16], window_radius=16, feature_dim=64),
-    "t8x16 r8 f64 lm+tl": dict(window_tile=[8, 16], window_radius=8, feature_dim=64, window_landmarks=True,
-                               text_query_keys="text_and_landmarks"),
+CONFIGS = {  # name -> HKRConfig overrides (mode window, head_dim 128); k1: single-token key tiles
+    "t8x16 k1 r2 f64": dict(window_tile=[8, 16], window_key_tile=[1, 1], window_radius=2, feature_dim=64),
+    "t8x16 k1 r4 f64": dict(window_tile=[8, 16], window_key_tile=[1, 1], window_radius=4, feature_dim=64),
+    "t8x16 k1 r8 f64": dict(window_tile=[8, 16], window_key_tile=[1, 1], window_radius=8, feature_dim=64),
+    "t8x16 k1 r4 f128": dict(window_tile=[8, 16], window_key_tile=[1, 1], window_radius=4, feature_dim=128),
+    "t4x4 k1 r4 f64": dict(window_tile=[4, 4], window_key_tile=[1, 1], window_radius=4, feature_dim=64),
+    "t8x16 whole r8 f64": dict(window_tile=[8, 16], window_key_tile=[8, 16], window_radius=8, feature_dim=64),
+    "t8x16 k1 r4 f64 lm+tl": dict(window_tile=[8, 16], window_key_tile=[1, 1], window_radius=4, feature_dim=64,
+                                  window_landmarks=True, text_query_keys="text_and_landmarks"),
 }
 SWEEP = {  # KernelConfig overrides timed with --sweep (on the first config)
     "default": {},
@@ -280,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device {dev}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
     if args.precompile:
         # the bf16 variants, and the fp16 ones tests/students/test_window_gpu.py runs
-        jobs = [(c, "bf16", {}) for c in args.configs] + [(c, "fp16", {}) for c in ("t8x16 r8 f64", "t4x4 r4 f64")]
+        jobs = [(c, "bf16", {}) for c in args.configs] + [(c, "fp16", {}) for c in ("t8x16 k1 r8 f64", "t4x4 k1 r4 f64")]
         if args.sweep:
             jobs += [(args.configs[0], "bf16", kw) for kw in SWEEP.values() if kw]
         precompile(jobs, args.procs)

@@ -207,7 +207,11 @@ def _check_header(path: Path, header: dict[str, Any]) -> None:
 def _cfg_from_header(path: Path, header: dict[str, Any]) -> HKRConfig:
     try:
         # files from before student modes hold HKR students (the default mode may be another)
-        cfg = from_dict(HKRConfig, {"mode": header.get("mode", "hkr"), **header["hkr"]}, f"{path}:hkr")
+        saved = dict(header["hkr"])
+        if "window_key_tile" not in saved and "window_tile" in saved:
+            # files from before window_key_tile: windows were whole query tiles
+            saved["window_key_tile"] = list(saved["window_tile"])
+        cfg = from_dict(HKRConfig, {"mode": header.get("mode", "hkr"), **saved}, f"{path}:hkr")
     except (ConfigError, TypeError, ValueError) as e:
         raise ArtifactError(f"{path}: header 'hkr' config is invalid: {e}") from None
     if header.get("mode", cfg.mode) != cfg.mode:

@@ -65,7 +65,11 @@ class HKRConfig:
     fast_path: bool = True  # CUDA bf16/fp16 inference runs the fused Triton kernels (flux2ttr.students.fast_path)
     # window mode (flux2ttr.students.window); sizes in latent tokens
     window_tile: list[int] = field(default_factory=lambda: [4, 4])  # [rows, cols] of a tile: queries of a tile share keys
-    window_radius: int = 4  # every image query sees at least its (2R+1)^2 neighbourhood (as whole tiles)
+    window_radius: int = 4  # every image query sees at least its (2R+1)^2 neighbourhood (as whole key tiles)
+    # [rows, cols] granularity of the window's keys: a query tile sees the whole key tiles covering the tile
+    # grown by the radius ([1, 1]: exactly that rectangle; = window_tile: whole query tiles, the layout of
+    # artifacts written before this field existed)
+    window_key_tile: list[int] = field(default_factory=lambda: [1, 1])
     window_landmarks: bool = False  # also the landmark grid above as exact keys for every query
     text_query_keys: str = "all"  # text queries: all (exact softmax over every key) | text_and_landmarks (+ kernel)
     gamma_init: float = 0.0  # initial log of the kernel-term balance gamma
@@ -76,6 +80,8 @@ class HKRConfig:
             raise ValueError(f"hkr.mode must be one of {STUDENT_MODES}, got {self.mode!r}")
         if len(self.window_tile) != 2 or min(int(x) for x in self.window_tile) <= 0:
             raise ValueError(f"hkr.window_tile must be [rows, cols] of positive ints, got {self.window_tile!r}")
+        if len(self.window_key_tile) != 2 or min(int(x) for x in self.window_key_tile) <= 0:
+            raise ValueError(f"hkr.window_key_tile must be [rows, cols] of positive ints, got {self.window_key_tile!r}")
         if int(self.window_radius) < 0:
             raise ValueError(f"hkr.window_radius must be >= 0, got {self.window_radius}")
         if self.text_query_keys not in TEXT_QUERY_KEYS:

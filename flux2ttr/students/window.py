@@ -9,9 +9,10 @@ with ``m_i = max_{j in S_i} s_ij``, ``K = sum_j phi(k_j)`` ``[F]`` and ``KV = su
 ``[F, D]`` over all keys and ``K_{S_i}``, ``KV_{S_i}`` the same sums over ``S_i``: both terms share one
 normaliser, so the student is exact softmax on ``S_i`` and linear-time on the rest.
 
-``S_i`` (:func:`exact_key_mask`): every conditioning token; for an image query, the whole tiles
-(``window_tile`` latent tokens) around its tile that cover at least its ``window_radius`` neighbourhood on
-the latent grid (all queries of a tile share them, so a GPU reads contiguous blocks); optionally the
+``S_i`` (:func:`exact_key_mask`): every conditioning token; for an image query, the whole key tiles
+(``window_key_tile`` latent tokens; ``[1, 1]``: single tokens) covering its tile (``window_tile``) grown by
+``window_radius`` on the latent grid, so it sees at least its ``window_radius`` neighbourhood (all queries of a
+tile share them, so a GPU reads contiguous rows of keys); optionally the
 landmark grid (``window_landmarks``). A text query sees every key (``text_query_keys: all``: its row is
 plain softmax) or the text tokens and landmarks plus the kernel term (``text_and_landmarks``).
 
@@ -32,13 +33,16 @@ from flux2ttr.students.landmarks import grid_points, landmark_count
 from flux2ttr.students.layer import StudentLayer
 
 
-def window_tile_ranges(pos: torch.Tensor, tile: int, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
+def window_tile_ranges(pos: torch.Tensor, tile: int, radius: int, key_tile: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """First and last key tile (inclusive) ``[..]`` along one grid axis for queries at ``pos`` ``[..]``
-    (row or column in latent tokens): the tiles that cover ``[t*tile - radius, (t+1)*tile - 1 + radius]``
-    for the query's tile ``t`` (not clipped: callers compare against real tile indices)."""
+    (row or column in latent tokens): the key tiles (``key_tile`` tokens, default ``tile``) that cover
+    ``[t*tile - radius, (t+1)*tile - 1 + radius]`` for the query's tile ``t`` (not clipped: callers
+    compare against real tile indices)."""
+    kt = tile if key_tile is None else key_tile
     t = torch.div(pos, tile, rounding_mode="floor")
-    lo = torch.div(t * tile - radius, tile, rounding_mode="floor")
-    hi = torch.div((t + 1) * tile - 1 + radius, tile, rounding_mode="floor")
+    lo = torch.div(t * tile - radius, kt, rounding_mode="floor")
+    hi = torch.div((t + 1) * tile - 1 + radius, kt, rounding_mode="floor")
     return lo, hi
 
 
@@ -51,16 +55,17 @@ def exact_key_mask(q_pos: torch.Tensor, n_cond: int, height: int, width: int, cf
     device = q_pos.device
     n = n_cond + height * width
     th, tw = (int(x) for x in cfg.window_tile)
+    kh, kw = (int(x) for x in cfg.window_key_tile)
     radius = int(cfg.window_radius if radius is None else radius)
     key = torch.arange(n, device=device)
     key_img = (key - n_cond).clamp(min=0)
-    key_tr = torch.div(torch.div(key_img, width, rounding_mode="floor"), th, rounding_mode="floor")
-    key_tc = torch.div(key_img % width, tw, rounding_mode="floor")
+    key_tr = torch.div(torch.div(key_img, width, rounding_mode="floor"), kh, rounding_mode="floor")
+    key_tc = torch.div(key_img % width, kw, rounding_mode="floor")
     is_text_key = key < n_cond
 
     q_img = (q_pos - n_cond).clamp(min=0)
-    lo_r, hi_r = window_tile_ranges(torch.div(q_img, width, rounding_mode="floor"), th, radius)
-    lo_c, hi_c = window_tile_ranges(q_img % width, tw, radius)
+    lo_r, hi_r = window_tile_ranges(torch.div(q_img, width, rounding_mode="floor"), th, radius, kh)
+    lo_c, hi_c = window_tile_ranges(q_img % width, tw, radius, kw)
     win = ((key_tr >= lo_r[..., None]) & (key_tr <= hi_r[..., None])
            & (key_tc >= lo_c[..., None]) & (key_tc <= hi_c[..., None]))
     mask = win | is_text_key

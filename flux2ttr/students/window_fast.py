@@ -249,29 +249,30 @@ class BlockPlan:
         return self.n_blk_r * self.n_blk_c
 
 
-def tile_offsets(tile: int, radius: int) -> tuple[int, int]:
-    """Window of query tile ``t`` along one axis: key tiles ``[t + lo, t + hi]``, with
-    ``lo = floor((t*tile - R) / tile) - t`` and ``hi = floor(((t+1)*tile - 1 + R) / tile) - t``."""
-    return (-radius) // tile, (tile - 1 + radius) // tile
+def window_extent(n_tiles: int, tile: int, radius: int, key_tile: int) -> int:
+    """Grid lines along one axis of the window of ``n_tiles`` adjacent query tiles starting at line 0
+    (unclipped): the whole key tiles covering ``[-radius, n_tiles*tile - 1 + radius]``, as
+    ``window_tile_ranges`` gives them. The block plan's cost estimate (the kernel clips to the grid)."""
+    return ((n_tiles * tile - 1 + radius) // key_tile + 1 - (-radius) // key_tile) * key_tile
 
 
 @functools.lru_cache(maxsize=256)
-def block_plan(height: int, width: int, th: int, tw: int, radius: int, n_cond: int, n_lm: int, bm: int) -> BlockPlan:
+def block_plan(height: int, width: int, th: int, tw: int, radius: int, n_cond: int, n_lm: int, bm: int,
+               kh: int | None = None, kw: int | None = None) -> BlockPlan:
     """Blocks of whole tiles (tiles of at most ``bm`` queries) or parts of one tile (larger tiles).
 
     Whole tiles: the ``gr x gc`` tile group minimising the estimated work per query: every block pays for
-    all ``bm`` slots over the conditioning keys, the union of its tiles' windows and the landmarks, plus
-    the kernel term (an ``[F, D]`` sum over that set, and with several tiles also per-query weights,
-    ~4x more)."""
+    all ``bm`` slots over the conditioning keys, the union of its tiles' windows (key tiles ``kh x kw``,
+    default the query tile) and the landmarks, plus the kernel term (an ``[F, D]`` sum over that set, and
+    with several tiles also per-query weights, ~4x more)."""
+    kh, kw = (th if kh is None else kh), (tw if kw is None else kw)
     ntr, ntc = -(-height // th), -(-width // tw)
-    lo_r, hi_r = tile_offsets(th, radius)
-    lo_c, hi_c = tile_offsets(tw, radius)
     if th * tw <= bm:
         cap = bm // (th * tw)
         best = None
         for gr in range(1, min(cap, ntr) + 1):
             for gc in range(1, min(cap // gr, ntc) + 1):
-                union = min((gr + hi_r - lo_r) * th, height) * min((gc + hi_c - lo_c) * tw, width)
+                union = min(window_extent(gr, th, radius, kh), height) * min(window_extent(gc, tw, radius, kw), width)
                 lin = (1.0 if gr * gc > 1 else 0.25) * (union + n_lm)
                 cost = (n_cond + union + n_lm + lin) / (gr * gc)
                 cand = (cost, -gc, gr, gc)
@@ -338,10 +339,9 @@ def fast_forward(
     lm = _landmarks(layer, n_cond, height, width, dev)
     n_lm = lm.numel()
     th, tw = (int(x) for x in c.window_tile)
+    kh, kw = (int(x) for x in c.window_key_tile)
     radius = int(c.window_radius)
-    lo_r, hi_r = tile_offsets(th, radius)
-    lo_c, hi_c = tile_offsets(tw, radius)
-    plan = block_plan(height, width, th, tw, radius, n_cond, n_lm, kc.block_m)
+    plan = block_plan(height, width, th, tw, radius, n_cond, n_lm, kc.block_m, kh, kw)
     text_all = c.text_query_keys == "all"
     fast = kc.fast_math and not interpreting()
     hc = min(prep.hid, kc.mlp_chunk)
@@ -380,7 +380,7 @@ def fast_forward(
         stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
         stride_ob=out.stride(0), stride_oh=out.stride(1), stride_on=out.stride(2),
         gamma_stride=0 if gamma.numel() == 1 else 1, n_lm=n_lm, n_cond=n_cond, height=height, width=width,
-        H=h, BH=bh, tile_h=th, tile_w=tw, lo_r=lo_r, hi_r=hi_r, lo_c=lo_c, hi_c=hi_c,
+        H=h, BH=bh, tile_h=th, tile_w=tw, radius=radius, key_h=kh, key_w=kw,
         blk_er=plan.er, blk_ec=plan.ec, blk_pr=plan.pr, blk_pc=plan.pc, blk_cr=plan.cr, blk_cc=plan.cc,
         n_blk_c=plan.n_blk_c, n_img_blocks=plan.n_blocks, n_text_blocks=n_text_blocks,
         qk_scale=wk.LOG2E / math.sqrt(d), denom_eps=float(c.denom_eps),

@@ -58,7 +58,7 @@ _NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity" for the running max:
 # divisibility by 16 and == 1. Only the strides and pointers keep that (16-byte vector loads need it).
 _FEATURE_GENERIC = ["F_REAL", "n_cond", "N", "H", "BH", "blocks_per_split", "n_split"]
 _MAIN_GENERIC = ["gamma_stride", "n_lm", "n_cond", "height", "width", "H", "BH", "tile_h", "tile_w",
-                 "lo_r", "hi_r", "lo_c", "hi_c", "blk_er", "blk_ec", "blk_pr", "blk_pc", "blk_cr", "blk_cc",
+                 "radius", "key_h", "key_w", "blk_er", "blk_ec", "blk_pr", "blk_pc", "blk_cr", "blk_cc",
                  "n_blk_c", "n_img_blocks", "n_text_blocks"]
 
 
@@ -510,11 +510,21 @@ def _block_rows(blk, n_blk_c, blk_er, blk_ec, blk_pr, blk_pc, blk_cr, blk_cc, he
 
 
 @triton.jit
+def _window_span(first, last, radius, key, size):
+    """Grid rows (or columns) ``[lo, hi)`` of the whole key tiles (``key`` tokens) that cover
+    ``[first - radius, last + radius]``, clipped to ``[0, size)`` (``first``, ``last``: a query tile's first
+    and last row; non-negative, so ``//`` floors)."""
+    lo = (tl.maximum(first - radius, 0) // key) * key
+    hi = tl.minimum(((last + radius) // key + 1) * key, size)
+    return lo, hi
+
+
+@triton.jit
 def _image_block(p, q_ptr, k_ptr, v_ptr, o_ptr, phiq_ptr, phik_ptr, stats_ptr, gamma_ptr, lm_ptr,
                  stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                  gamma_stride, n_lm, n_cond, height, width, H,
-                 tile_h, tile_w, lo_r, hi_r, lo_c, hi_c,
+                 tile_h, tile_w, radius, key_h, key_w,
                  blk_er, blk_ec, blk_pr, blk_pc, blk_cr, blk_cc, n_blk_c, n_img_blocks, qk_scale, denom_eps,
                  D: tl.constexpr, FP: tl.constexpr, FC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  MULTI: tl.constexpr, EVEN_COND: tl.constexpr, FUSE_SUMS: tl.constexpr):
@@ -528,11 +538,10 @@ def _image_block(p, q_ptr, k_ptr, v_ptr, o_ptr, phiq_ptr, phik_ptr, stats_ptr, g
     offs_f = tl.arange(0, FP)
     r0, r1, c0, c1, qr, qc, qok = _block_rows(blk, n_blk_c, blk_er, blk_ec, blk_pr, blk_pc, blk_cr, blk_cc,
                                               height, width, BLOCK_M)
-    # union of the block's windows: grid rows [wr0, wr1) x cols [wc0, wc1), whole tiles, clipped
-    wr0 = tl.maximum(r0 // tile_h + lo_r, 0) * tile_h
-    wr1 = tl.minimum(((r1 - 1) // tile_h + hi_r + 1) * tile_h, height)
-    wc0 = tl.maximum(c0 // tile_w + lo_c, 0) * tile_w
-    wc1 = tl.minimum(((c1 - 1) // tile_w + hi_c + 1) * tile_w, width)
+    # union of the block's windows (its tiles grown by the radius, in whole key tiles, clipped):
+    # grid rows [wr0, wr1) x cols [wc0, wc1)
+    wr0, wr1 = _window_span((r0 // tile_h) * tile_h, ((r1 - 1) // tile_h) * tile_h + tile_h - 1, radius, key_h, height)
+    wc0, wc1 = _window_span((c0 // tile_w) * tile_w, ((c1 - 1) // tile_w) * tile_w + tile_w - 1, radius, key_w, width)
     nwc = tl.maximum(wc1 - wc0, 1)
     nwin = tl.maximum(wr1 - wr0, 0) * tl.maximum(wc1 - wc0, 0)
     q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
@@ -550,10 +559,8 @@ def _image_block(p, q_ptr, k_ptr, v_ptr, o_ptr, phiq_ptr, phik_ptr, stats_ptr, g
     kw = tl.zeros([FP], dtype=tl.float32)
     if MULTI:
         # each query's own window (its tile's): per (query, key) masks
-        qr0 = tl.maximum(qr // tile_h + lo_r, 0) * tile_h
-        qr1 = tl.minimum((qr // tile_h + hi_r + 1) * tile_h, height)
-        qc0 = tl.maximum(qc // tile_w + lo_c, 0) * tile_w
-        qc1 = tl.minimum((qc // tile_w + hi_c + 1) * tile_w, width)
+        qr0, qr1 = _window_span((qr // tile_h) * tile_h, (qr // tile_h) * tile_h + tile_h - 1, radius, key_h, height)
+        qc0, qc1 = _window_span((qc // tile_w) * tile_w, (qc // tile_w) * tile_w + tile_w - 1, radius, key_w, width)
         acc, l_i, m_i, kvw, kw = _attend_window(qt, k_base, v_base, stride_kn, stride_vn, n_cond, width, wr0, wc0,
                                                 nwc, nwin, qr0, qr1, qc0, qc1, acc, l_i, m_i, qk_scale, f_base, kvw, kw,
                                                 D, FP, BLOCK_N, True, FUSE_SUMS)
@@ -599,7 +606,7 @@ def _window_main(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
     gamma_stride, n_lm, n_cond, height, width, H, BH,
-    tile_h, tile_w, lo_r, hi_r, lo_c, hi_c,
+    tile_h, tile_w, radius, key_h, key_w,
     blk_er, blk_ec, blk_pr, blk_pc, blk_cr, blk_cc, n_blk_c, n_img_blocks, n_text_blocks,
     qk_scale, denom_eps,
     D: tl.constexpr, FP: tl.constexpr, FC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -612,8 +619,9 @@ def _window_main(
     Image block geometry, per axis (rows shown): block index ``u`` -> group ``u // blk_cr`` of period
     ``blk_pr`` grid rows (whole tiles per block x ``tile_h``; or ``tile_h`` when a tile is split into
     ``blk_cr`` chunks of ``blk_er`` rows); the block holds grid rows ``[r0, r1)``, at most ``blk_er``, as
-    query slots ``i -> (i // blk_ec, i % blk_ec)``. The window of query tile ``t`` is tile rows
-    ``[t + lo_r, t + hi_r]`` clipped to the grid (``MULTI``: the block's tiles have different windows).
+    query slots ``i -> (i // blk_ec, i % blk_ec)``. The window of a query tile is the whole key tiles
+    (``key_h x key_w``) covering the tile grown by ``radius``, clipped to the grid (``MULTI``: the block's
+    tiles have different windows).
 
     ``q, k, v, o [B, H, N, D]`` (any strides, last dim contiguous); ``phiq, phik [BH, N, FP]`` (from
     :func:`_window_feature_pass`); ``stats [BH, FP*D + FP]`` = ``[KV_img | K_img]``; ``gamma [H or 1]``
@@ -632,6 +640,6 @@ def _window_main(
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                      gamma_stride, n_lm, n_cond, height, width, H,
-                     tile_h, tile_w, lo_r, hi_r, lo_c, hi_c,
+                     tile_h, tile_w, radius, key_h, key_w,
                      blk_er, blk_ec, blk_pr, blk_pc, blk_cr, blk_cc, n_blk_c, n_img_blocks, qk_scale, denom_eps,
                      D, FP, FC, BLOCK_M, BLOCK_N, MULTI, EVEN_COND, FUSE_SUMS)

@@ -341,3 +341,23 @@ def test_header_integers_are_checked(tmp_path, key, value):
     save(p)
     rewrite(p, edit_header=lambda h: h.update({key: value}))
     err(p, rf"header {key} = {value!r} must be a positive integer".replace("(", r"\(").replace(")", r"\)"))
+
+
+def test_window_file_without_key_tile_keeps_whole_tile_windows(tmp_path):
+    """A window artifact written before ``window_key_tile`` existed: its windows were whole query tiles, so
+    loading sets the key tile to the query tile (the same exact sets the student was trained with)."""
+    from flux2ttr.students.window import WindowLayer, exact_key_mask
+
+    cfg = cfg_(mode="window", window_tile=[2, 3], window_radius=1, window_key_tile=[2, 3])
+    torch.manual_seed(0)
+    layers = {k: WindowLayer(cfg, num_heads=2) for k in KEYS}
+    p = tmp_path / "old_window.safetensors"
+    save(p, cfg, layers)
+    rewrite(p, edit_header=lambda h: h["hkr"].pop("window_key_tile"))
+    art = load_students(p)
+    assert art.cfg.window_key_tile == [2, 3]
+    pos = torch.arange(4 + 6 * 7)
+    got = exact_key_mask(pos, 4, 6, 7, art.cfg)
+    new_default = exact_key_mask(pos, 4, 6, 7, cfg_(mode="window", window_tile=[2, 3], window_radius=1))
+    assert torch.equal(got, exact_key_mask(pos, 4, 6, 7, cfg))
+    assert not torch.equal(got, new_default)  # token-granular windows would differ: the migration matters

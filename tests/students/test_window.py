@@ -23,8 +23,10 @@ def cfg(**kw) -> HKRConfig:
 
 
 def brute_mask(n_cond, h, w, c: HKRConfig, landmarks) -> torch.Tensor:
-    """The exact set by its definition, one (query, key) pair at a time."""
+    """The exact set by its definition, one (query, key) pair at a time: an image key is in the window when
+    its key tile intersects the query's tile grown by the radius."""
     th, tw = c.window_tile
+    kh, kw = c.window_key_tile
     r_ = c.window_radius
     n = n_cond + h * w
     m = torch.zeros(n, n, dtype=torch.bool)
@@ -40,14 +42,19 @@ def brute_mask(n_cond, h, w, c: HKRConfig, landmarks) -> torch.Tensor:
             qr, qc = divmod(i - n_cond, w)
             kr, kc = divmod(j - n_cond, w)
             tr, tc = qr // th, qc // tw
-            rows = range(math.floor((tr * th - r_) / th), math.floor(((tr + 1) * th - 1 + r_) / th) + 1)
-            cols = range(math.floor((tc * tw - r_) / tw), math.floor(((tc + 1) * tw - 1 + r_) / tw) + 1)
-            m[i, j] = (kr // th) in rows and (kc // tw) in cols
+            grown_r = (tr * th - r_, (tr + 1) * th - 1 + r_)  # inclusive
+            grown_c = (tc * tw - r_, (tc + 1) * tw - 1 + r_)
+            key_r = ((kr // kh) * kh, (kr // kh) * kh + kh - 1)
+            key_c = ((kc // kw) * kw, (kc // kw) * kw + kw - 1)
+            m[i, j] = (key_r[0] <= grown_r[1] and grown_r[0] <= key_r[1]
+                       and key_c[0] <= grown_c[1] and grown_c[0] <= key_c[1])
     return m
 
 
 @pytest.mark.parametrize("kw", [{}, {"window_radius": 0}, {"window_radius": 3, "window_tile": [1, 1]},
-                                {"text_query_keys": "text_and_landmarks", "window_landmarks": True}])
+                                {"text_query_keys": "text_and_landmarks", "window_landmarks": True},
+                                {"window_key_tile": [2, 3]}, {"window_key_tile": [2, 2], "window_radius": 2},
+                                {"window_tile": [3, 4], "window_key_tile": [1, 1], "window_radius": 1}])
 def test_mask_matches_definition(kw):
     c = cfg(**kw)
     n_cond, h, w = 3, 5, 7  # grid not a multiple of the tile

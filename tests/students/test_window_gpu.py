@@ -51,6 +51,9 @@ def run_fused(layer, q, k, v):
 
 CASES = {
     "one_tile_per_block": dict(),
+    "one_tile_per_block_r4": dict(window_radius=4),
+    "whole_key_tiles": dict(window_key_tile=[8, 16]),
+    "key_tiles_2x4_multi": dict(window_tile=[4, 4], window_radius=3, window_key_tile=[2, 4]),
     "landmarks_text_and_landmarks": dict(window_landmarks=True, text_query_keys="text_and_landmarks"),
     "multi_tile_blocks": dict(window_tile=[4, 4], window_radius=4, window_landmarks=True),
     "split_tiles_f128": dict(window_tile=[16, 16], window_radius=16, feature_dim=128),

@@ -31,22 +31,25 @@ def floor_div(a: torch.Tensor, b: int) -> torch.Tensor:
 
 
 def exact_mask(n_cond: int, height: int, width: int, tile: tuple[int, int], radius: int, text_query_keys: str,
-               landmarks: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+               landmarks: torch.Tensor, rows: torch.Tensor | None = None,
+               key_tile: tuple[int, int] | None = None) -> torch.Tensor:
     """``[Nq, N]`` bool: key ``j`` in the exact set ``S_i`` of query ``i`` (``rows [Nq]``, default all tokens),
     straight from the definition: every conditioning key; for an image query at ``(r, c)`` in tile
-    ``(tr, tc)``, the image keys whose tile row lies in ``[floor((tr*th - R)/th), floor(((tr+1)*th - 1 + R)/th)]``
-    and tile column likewise; the landmarks; a text query: every key (``all``) or conditioning + landmarks."""
+    ``(tr, tc)``, the image keys whose key-tile row (key tiles ``kh x kw``, default the query tile) lies in
+    ``[floor((tr*th - R)/kh), floor(((tr+1)*th - 1 + R)/kh)]`` and key-tile column likewise; the landmarks;
+    a text query: every key (``all``) or conditioning + landmarks."""
     th, tw = tile
+    kh, kw = tile if key_tile is None else key_tile
     n = n_cond + height * width
     dev = landmarks.device
     keys = torch.arange(n, device=dev)
     rows = keys if rows is None else rows.to(dev)
     ki = (keys - n_cond).clamp(min=0)
-    k_tr, k_tc = floor_div(floor_div(ki, width), th), floor_div(ki % width, tw)
+    k_tr, k_tc = floor_div(floor_div(ki, width), kh), floor_div(ki % width, kw)
     qi = (rows - n_cond).clamp(min=0)
     q_tr, q_tc = floor_div(floor_div(qi, width), th), floor_div(qi % width, tw)
-    r_lo, r_hi = floor_div(q_tr * th - radius, th), floor_div((q_tr + 1) * th - 1 + radius, th)
-    c_lo, c_hi = floor_div(q_tc * tw - radius, tw), floor_div((q_tc + 1) * tw - 1 + radius, tw)
+    r_lo, r_hi = floor_div(q_tr * th - radius, kh), floor_div((q_tr + 1) * th - 1 + radius, kh)
+    c_lo, c_hi = floor_div(q_tc * tw - radius, kw), floor_div((q_tc + 1) * tw - 1 + radius, kw)
     window = ((k_tr[None] >= r_lo[:, None]) & (k_tr[None] <= r_hi[:, None])
               & (k_tc[None] >= c_lo[:, None]) & (k_tc[None] <= c_hi[:, None]) & (keys >= n_cond)[None])
     is_text = (keys < n_cond)[None]
@@ -70,7 +73,7 @@ def formula(layer: WindowLayer, q, k, v, n_cond: int, height: int, width: int, *
     The feature MLPs run in fp32 (as the layer computes them), the rest in ``dtype``."""
     c = layer.config
     mask = exact_mask(n_cond, height, width, tuple(c.window_tile), int(c.window_radius), c.text_query_keys,
-                      landmarks.to(q.device), rows)
+                      landmarks.to(q.device), rows, tuple(c.window_key_tile))
     rows = torch.arange(q.shape[2], device=q.device) if rows is None else rows.to(q.device)
     phi_k = layer.phi_q if layer.phi_k is None else layer.phi_k
     with torch.no_grad():
@@ -177,44 +180,54 @@ def simulate_blocks(plan: window_fast.BlockPlan, height: int, width: int, bm: in
         yield qr[ok], qc[ok]
 
 
+def kernel_span(first: int, last: int, radius: int, key: int, size: int) -> tuple[int, int]:
+    """The kernel's ``_window_span``, in Python: key-tile-aligned ``[lo, hi)`` covering
+    ``[first - radius, last + radius]``, clipped to ``[0, size)``."""
+    return (max(first - radius, 0) // key) * key, min(((last + radius) // key + 1) * key, size)
+
+
 @pytest.mark.parametrize("height, width", [(7, 9), (16, 16), (5, 33), (1, 1)])
 @pytest.mark.parametrize("tile, radius", [((2, 3), 1), ((4, 4), 3), ((3, 8), 2), ((2, 20), 0), ((1, 1), 2),
-                                          ((8, 16), 8), ((16, 16), 16), ((5, 5), 7)])
+                                          ((8, 16), 8), ((16, 16), 16), ((5, 5), 7), ((8, 16), 4)])
+@pytest.mark.parametrize("key_tile", ["query", (1, 1), (2, 3)])
 @pytest.mark.parametrize("bm", [16, 128])
-def test_blocks_cover_every_image_query_once_in_whole_tiles(height, width, tile, radius, bm):
-    plan = window_fast.block_plan(height, width, tile[0], tile[1], radius, 8, 3, bm)
+def test_blocks_cover_every_image_query_once_in_whole_tiles(height, width, tile, radius, key_tile, bm):
+    """Every image query lands in exactly one block slot, and the block's key rectangle as the kernel
+    computes it equals the union of its queries' exact windows (from the lead's ``exact_key_mask``)."""
+    kt = tile if key_tile == "query" else key_tile
+    plan = window_fast.block_plan(height, width, tile[0], tile[1], radius, 8, 3, bm, kt[0], kt[1])
     assert plan.er * plan.ec <= bm
+    cfg = HKRConfig(mode="window", window_tile=list(tile), window_radius=radius, window_key_tile=list(kt))
+    from flux2ttr.students.window import exact_key_mask
     seen = torch.zeros(height, width, dtype=torch.int32)
-    lo_r, hi_r = window_fast.tile_offsets(tile[0], radius)
-    lo_c, hi_c = window_fast.tile_offsets(tile[1], radius)
-    ntr, ntc = -(-height // tile[0]), -(-width // tile[1])
     for qr, qc in simulate_blocks(plan, height, width, bm):
         seen[qr, qc] += 1
         if not qr.numel():
             continue
         tiles = set(zip((qr // tile[0]).tolist(), (qc // tile[1]).tolist()))
         assert (len(tiles) > 1) <= plan.multi  # several tiles in one block only when planned
-        # the block's key rectangle (as the kernel computes it) holds every member tile's window
         r0, r1, c0, c1 = int(qr.min()), int(qr.max()) + 1, int(qc.min()), int(qc.max()) + 1
-        wr = (max(r0 // tile[0] + lo_r, 0), min((r1 - 1) // tile[0] + hi_r, ntr - 1))
-        wc = (max(c0 // tile[1] + lo_c, 0), min((c1 - 1) // tile[1] + hi_c, ntc - 1))
-        for tr, tc in tiles:
-            assert wr[0] <= max(tr + lo_r, 0) and min(tr + hi_r, ntr - 1) <= wr[1]
-            assert wc[0] <= max(tc + lo_c, 0) and min(tc + hi_c, ntc - 1) <= wc[1]
-    assert torch.all(seen == 1)
+        wr = kernel_span((r0 // tile[0]) * tile[0], ((r1 - 1) // tile[0]) * tile[0] + tile[0] - 1, radius, kt[0], height)
+        wc = kernel_span((c0 // tile[1]) * tile[1], ((c1 - 1) // tile[1]) * tile[1] + tile[1] - 1, radius, kt[1], width)
+        rect = torch.zeros(height, width, dtype=torch.bool)
+        rect[wr[0]:wr[1], wc[0]:wc[1]] = True
+        union = exact_key_mask(qr * width + qc, 0, height, width, cfg).any(0).view(height, width)
+        assert torch.equal(rect, union)
 
 
-def test_tile_offsets_are_the_lead_window_ranges():
+@pytest.mark.parametrize("key_tile", ["query", 1, 3])
+def test_window_extent_is_the_lead_window_ranges(key_tile):
     for tile in (1, 2, 3, 4, 8, 16):
+        kt = tile if key_tile == "query" else key_tile
         for radius in range(0, 20):
-            lo, hi = window_fast.tile_offsets(tile, radius)
-            t = torch.arange(0, 10)
-            lead_lo, lead_hi = window_tile_ranges(t * tile, tile, radius)
-            assert torch.equal(lead_lo, t + lo) and torch.equal(lead_hi, t + hi)
+            for n in (1, 2, 3):
+                lo, _ = window_tile_ranges(torch.tensor(0), tile, radius, kt)
+                _, hi = window_tile_ranges(torch.tensor(n * tile - 1), tile, radius, kt)
+                assert window_fast.window_extent(n, tile, radius, kt) == (int(hi) - int(lo) + 1) * kt
 
 
 def test_plan_prefers_wide_tile_groups_and_splits_large_tiles():
-    p = window_fast.block_plan(64, 64, 4, 4, 4, 512, 0, 128)  # the params.yaml default tile
+    p = window_fast.block_plan(64, 64, 4, 4, 4, 512, 0, 128)  # small tiles: grouped
     assert p.gr * p.gc == 8 and p.multi and p.ec >= p.er
     p = window_fast.block_plan(64, 64, 8, 16, 8, 512, 0, 128)  # one tile per block
     assert (p.gr, p.gc, p.er, p.ec, p.multi) == (1, 1, 8, 16, False)

@@ -83,6 +83,11 @@ CASES = {
     "radius0_shared": (dict(window_tile=[2, 2], window_radius=0, shared_qk=True, per_head_gamma=False), 6, 6, 6, []),
     # no conditioning tokens at all
     "no_text": (dict(window_tile=[2, 3], window_radius=2), 0, 6, 8, [10]),
+    # windows of whole query tiles (the key tile = the query tile: artifacts from before window_key_tile)
+    "whole_key_tiles_multi": (dict(window_tile=[2, 3], window_radius=1, window_key_tile=[2, 3]), 5, 7, 9, [5 + 3, 5 + 62]),
+    "whole_key_tiles_split": (dict(window_tile=[3, 8], window_radius=2, window_key_tile=[3, 8]), 20, 7, 17, [20 + 50]),
+    # key tiles of their own size, neither 1 nor the query tile
+    "key_tiles_2x2": (dict(window_tile=[4, 4], window_radius=3, window_key_tile=[2, 2]), 5, 9, 11, [5 + 0, 5 + 60]),
 }
 
 
