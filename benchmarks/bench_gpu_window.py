@@ -75,8 +75,10 @@ def make_qkv(heads: int, n: int, seed: int, dtype=torch.bfloat16) -> list[torch.
 
 def exact_rows_mask(rows: torch.Tensor, n_cond: int, height: int, width: int, cfg: HKRConfig,
                     landmarks: torch.Tensor) -> torch.Tensor:
-    """``[len(rows), N]`` bool: the exact set of each query row, from the definition."""
+    """``[len(rows), N]`` bool: the exact set of each query row, from the definition (the key tiles that
+    cover the query's tile grown by the radius)."""
     th, tw = (int(x) for x in cfg.window_tile)
+    kh, kw = (int(x) for x in cfg.window_key_tile)
     radius = int(cfg.window_radius)
     n = n_cond + height * width
     dev = rows.device
@@ -86,11 +88,11 @@ def exact_rows_mask(rows: torch.Tensor, n_cond: int, height: int, width: int, cf
         return torch.div(a, b, rounding_mode="floor")
 
     ki = (keys - n_cond).clamp(min=0)
-    k_tr, k_tc = fdiv(fdiv(ki, width), th), fdiv(ki % width, tw)
+    k_tr, k_tc = fdiv(fdiv(ki, width), kh), fdiv(ki % width, kw)
     qi = (rows - n_cond).clamp(min=0)
     q_tr, q_tc = fdiv(fdiv(qi, width), th), fdiv(qi % width, tw)
-    lo_r, hi_r = fdiv(q_tr * th - radius, th), fdiv((q_tr + 1) * th - 1 + radius, th)
-    lo_c, hi_c = fdiv(q_tc * tw - radius, tw), fdiv((q_tc + 1) * tw - 1 + radius, tw)
+    lo_r, hi_r = fdiv(q_tr * th - radius, kh), fdiv((q_tr + 1) * th - 1 + radius, kh)
+    lo_c, hi_c = fdiv(q_tc * tw - radius, kw), fdiv((q_tc + 1) * tw - 1 + radius, kw)
     win = ((k_tr[None] >= lo_r[:, None]) & (k_tr[None] <= hi_r[:, None]) & (k_tc[None] >= lo_c[:, None])
            & (k_tc[None] <= hi_c[:, None]) & (keys >= n_cond)[None])
     text_key = (keys < n_cond)[None]

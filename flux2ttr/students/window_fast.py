@@ -29,6 +29,9 @@ from flux2ttr.students.fast_path import (  # noqa: F401 - ENV_SWITCH and FAST_DT
     interpreting,
     triton_available,
 )
+from flux2ttr.students.fast_path import (
+    _launch as _direct_launch,
+)
 
 # Tests set this to run the kernels on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1).
 ALLOW_CPU_INTERPRETER = False
@@ -406,11 +409,23 @@ def fast_forward(
 
 
 def _launch(fn, grid: int, args: dict, num_warps: int, num_stages: int):
-    """Launch ``fn`` on a 1-D grid with keyword arguments; a kernel out of shared memory at
-    ``num_stages`` is retried with one stage less at a time before giving up."""
+    """Launch ``fn`` on a 1-D grid with keyword arguments (through the HKR fast path's direct relaunch of
+    compiled kernels: Triton's per-call binding of ~60 arguments costs more host time than the whole layer
+    at 1024²); a kernel out of shared memory at ``num_stages`` is retried with one stage less at a time
+    before giving up."""
+    names = list(fn.arg_names)
+    const = set(getattr(fn, "constexprs", ()))
+    first_const = min(const) if const else len(names)
+    if sorted(const) != list(range(first_const, len(names))):  # constexprs not last: plain keyword launch
+        pos, meta = None, None
+    else:
+        pos = [args[n] for n in names[:first_const]]
+        meta = {n: args[n] for n in names[first_const:]}
     while True:
         try:
-            return fn[(grid,)](**args, num_warps=num_warps, num_stages=num_stages)
+            if pos is None:
+                return fn[(grid,)](**args, num_warps=num_warps, num_stages=num_stages)
+            return _direct_launch(fn, grid, pos, meta, num_warps, num_stages)
         except Exception as exc:
             if not _is_out_of_resources(exc) or num_stages <= 1:
                 raise
