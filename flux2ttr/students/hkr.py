@@ -64,7 +64,7 @@ class HKRConfig:
     loss_s_c_init: float = -1.0  # initial Kendall log-variance of the cosine term
     fast_path: bool = True  # CUDA bf16/fp16 inference runs the fused Triton kernels (flux2ttr.students.fast_path)
     # window mode (flux2ttr.students.window); sizes in latent tokens
-    window_tile: list[int] = field(default_factory=lambda: [4, 4])  # [rows, cols] of a tile: queries of a tile share keys
+    window_tile: list[int] = field(default_factory=lambda: [8, 16])  # [rows, cols] of a tile: queries of a tile share keys
     window_radius: int = 4  # every image query sees at least its (2R+1)^2 neighbourhood (as whole key tiles)
     # [rows, cols] granularity of the window's keys: a query tile sees the whole key tiles covering the tile
     # grown by the radius ([1, 1]: exactly that rectangle; = window_tile: whole query tiles, the layout of
