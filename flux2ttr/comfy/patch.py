@@ -176,9 +176,9 @@ class RoutingHolder:
     fallbacks: Counter = field(default_factory=Counter)        # reason -> calls sent native against the mask
     cosine: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     copies: StudentCopies | None = None
-    # non-finite guard (checked_denoiser_call): layer -> step its student output was first non-finite
-    # (the layer runs native for the rest of the run); denoiser calls computed again because of one; the
-    # on-device "all finite" flags of the current denoiser call's student outputs, in call order
+    # non-finite guard (checked_run; checked_denoiser_call outside a run): layer -> step its student output
+    # was first non-finite (the layer runs native from then on); runs (or lone denoiser calls) computed again
+    # because of one; the on-device "all finite" flags of the run's (or call's) student outputs, in call order
     disabled: dict[str, int] = field(default_factory=dict)
     reruns: int = 0
     finite_flags: list[tuple[str, int, torch.Tensor]] | None = None
@@ -417,8 +417,10 @@ def diffusion_model_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
 
     ComfyUI calls it as ``(x [B, C, h, w], timestep, context [B, T, C], y, guidance, ref_latents,
     control, transformer_options)``. Sigma (``transformer_options["sigmas"]``, else the timestep) and
-    guidance are read to the host together: one wait on the GPU per denoiser call, none per attention
-    call. Rows of one call share sigma (ComfyUI batches cond and uncond of one step).
+    guidance are read to the host together: one wait on the GPU per denoiser call (one per step with
+    cond and uncond batched, as ComfyUI does), none per attention call. Rows of one call share sigma.
+    Inside a sampling run the students' finiteness is checked once at its end (:func:`checked_run`);
+    called on its own, each denoiser call checks its own (:func:`checked_denoiser_call`).
     """
     topts = args[7] if len(args) > 7 and isinstance(args[7], dict) else kwargs.get("transformer_options", {})
     holder: RoutingHolder | None = topts.get(HOLDER_KEY) if isinstance(topts, dict) else None
@@ -434,6 +436,8 @@ def diffusion_model_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
             holder.schedule = [float(s) for s in topts["sample_sigmas"].flatten().tolist()]
         holder.call = CallInfo(n_txt=int(context.shape[1]), height=int(x.shape[-2]), width=int(x.shape[-1]),
                                guidance=g, sigma=sigma)
+        if holder.finite_flags is not None:  # the OUTER_SAMPLE wrapper checks them once, after the run
+            return executor(*args, **kwargs)
         return checked_denoiser_call(holder, executor, args, kwargs)
     return executor(*args, **kwargs)
 
@@ -448,8 +452,8 @@ def _first_nonfinite(flags: list[tuple[str, int, torch.Tensor]]) -> tuple[str, i
 
 
 def checked_denoiser_call(holder: RoutingHolder, executor: Callable, args: tuple, kwargs: dict) -> Any:
-    """One denoiser call whose student outputs are all finite: the run-time half of "a NaN artifact
-    never samples silently" (the load-time half: the artifact loaders refuse non-finite tensors).
+    """One denoiser call whose student outputs are all finite, for a denoiser called outside a sampling
+    run (inside one, :func:`checked_run` does the same once per run, with one host read in all).
 
     Design: every routed attention call appends :func:`all_finite` of its output (a bool tensor on the
     model's device, no host sync) to ``holder.finite_flags``; after the forward this function reads all
@@ -461,15 +465,8 @@ def checked_denoiser_call(holder: RoutingHolder, executor: Callable, args: tuple
     would have produced with those layers native from the start of that call.
 
     Cost: per routed attention call, one on-device reduction over the output (one read of ``[B, N, H*D]``;
-    on an H200 in bf16 with 6144 channels 0.04 / 0.2 ms at 4,608 / 66,048 tokens, so 2.4 / 11.6 ms per
-    denoiser call with students on 56 layers: about 0.5% / 0.1% of the FLUX.2-dev routed denoiser call at
-    1024² / 4096² in DESIGN.md); per denoiser call, one host read of all flags after the forward (about
-    0.1 ms on an idle GPU: the GPU queue drains there, and the GPU then waits for the sampler's few ops to be
-    launched, since the next call's sigma read drains it again anyway). That makes two host reads per
-    denoiser call (sigma and guidance before the forward, the flags after it) and still none per attention
-    call. No native attention is computed for a call whose students were finite. Only when a student went
-    non-finite: one more denoiser forward, at most once per ready layer per run (a disabled layer never
-    runs its student again in that run).
+    on an H200 in bf16 with 6144 channels 0.04 / 0.2 ms at 4,608 / 66,048 tokens); here one more host read
+    per denoiser call.
     """
     while True:
         counts = (Counter(holder.routed_calls), Counter(holder.fallbacks))
@@ -486,6 +483,46 @@ def checked_denoiser_call(holder: RoutingHolder, executor: Callable, args: tuple
         holder.routed_calls, holder.fallbacks = counts
         holder.reruns += 1
         holder.disable(*bad, "denoiser call computed again")
+
+
+def checked_run(holder: RoutingHolder, executor: Callable, args: tuple, kwargs: dict) -> Any:
+    """One sampling run whose student outputs were all finite: the run-time half of "a NaN artifact never
+    samples silently" (the load-time half: the artifact loaders refuse non-finite tensors).
+
+    Every routed attention call appends :func:`all_finite` of its output (a bool tensor on the model's
+    device, no host sync) to ``holder.finite_flags``; after the run all flags are read in one device->host
+    copy. If a student output was not finite, the *first* such layer in execution order (later ones may only
+    have seen its NaNs) is disabled (native attention, each call counted in ``holder.fallbacks[NONFINITE]``;
+    ``holder.disabled`` keeps the step; one line in the step log), the run's routing counts are reset and the
+    whole run is sampled again from the same inputs; repeated until no student output is non-finite. The
+    result is exactly the run with those layers native throughout.
+
+    Cost: per routed attention call, one on-device reduction over the output (one read of ``[B, N, H*D]``:
+    on an H200 in bf16 with 6144 channels 0.04 / 0.2 ms at 4,608 / 66,048 tokens, 2.4 / 11.6 ms per step
+    with students on 56 layers, about 0.5% / 0.1% of a routed FLUX.2-dev step at 1024² / 4096²); per run,
+    one host read. With the sigma read of each denoiser call that makes one host synchronisation per step
+    and one per run, none per attention call. Only when a student went non-finite: the run once more, at
+    most once per ready layer (a disabled layer never runs its student again in that run).
+    """
+    # the sampler must see the same inputs again if a run has to be repeated
+    pristine = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    inputs = args
+    while True:
+        holder.finite_flags = []
+        try:
+            out = executor(*inputs, **kwargs)
+            bad = _first_nonfinite(holder.finite_flags)
+        finally:
+            holder.finite_flags = None
+        if bad is None:
+            return out
+        if bad[0] in holder.disabled:  # cannot happen (a disabled layer never runs its student): never loop
+            raise RuntimeError(f"flux2ttr: {bad[0]} ran its student after it was disabled")
+        inputs = [a.clone() if isinstance(a, torch.Tensor) else a for a in pristine]
+        holder.routed_calls, holder.fallbacks = Counter(), Counter()
+        holder.cosine.clear()
+        holder.reruns += 1
+        holder.disable(*bad, "sampling run computed again")
 
 
 def outer_sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
@@ -509,7 +546,7 @@ def outer_sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
         _LAST_RUNS.append(holder)
         del _LAST_RUNS[:-_KEEP_RUNS]
         try:
-            return executor(*args, **kwargs)
+            return checked_run(holder, executor, args, kwargs)
         finally:
             holder.end_run()  # the finished holder (kept in _LAST_RUNS) must not keep the device copies
     finally:

@@ -773,6 +773,31 @@ def test_one_non_finite_student_in_comfyui_equals_that_layer_not_ready(comfy, se
     assert sum(n for (_, _, r), n in holder.routed_calls.items() if r == "student") == STEPS * (len(setup["ready"]) - 1)
 
 
+def test_student_going_non_finite_late_in_comfyui_resamples_the_run_without_it(comfy, setup, monkeypatch):
+    """A student that turns NaN only halfway through the run: the flags are read once per run, so the run
+    is sampled again from its inputs with that layer native throughout: exactly the latent of an artifact
+    where it is not ready; the step it first went non-finite is kept."""
+    folder = setup["folder"]
+    art = load_students(folder / "students_some.safetensors")
+    bad = min((k for k in setup["ready"] if k.startswith("single_blocks.")), key=layer_sort_key)
+    _save(folder / "students_some_without_late.safetensors", art.layers,
+          {k: k in setup["ready"] and k != bad for k in art.layers}, art.cfg, art.num_heads)
+    want = latent(comfy.run(workflow(setup["unet"], "students_some_without_late.safetensors", quality_speed=1.0)))
+    schedule = comfy_patch.last_runs()[-1].schedule
+    half = STEPS // 2
+    _poison(monkeypatch, {bad}, float("nan"), below=schedule[half])
+    reads = []
+    first_nonfinite = comfy_patch._first_nonfinite
+    monkeypatch.setattr(comfy_patch, "_first_nonfinite", lambda flags: reads.append(len(flags)) or first_nonfinite(flags))
+    got = latent(comfy.run(workflow(setup["unet"], "students_some.safetensors", quality_speed=1.0)))
+    assert torch.equal(got, want)
+    holder = comfy_patch.last_runs()[-1]
+    n_ready = len(setup["ready"])
+    assert holder.disabled == {bad: half} and holder.reruns == 1
+    assert reads == [STEPS * n_ready, STEPS * (n_ready - 1)]  # one read per run, of every routed call's flag
+    assert holder.fallbacks == {comfy_patch.NONFINITE: STEPS}
+
+
 def _rewrite_tensor(src, dst, name: str, value: float) -> None:
     """Copy artifact ``src`` to ``dst`` with one value of tensor ``name`` set to ``value`` (header unchanged)."""
     from safetensors import safe_open
