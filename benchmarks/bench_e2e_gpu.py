@@ -44,6 +44,7 @@ import dataclasses
 import gc
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -106,6 +107,29 @@ SHAPES = {
 
 # --------------------------------------------------------------------------------------------------
 # model
+
+
+def write_model_file(shape: Shape, path: Path, device: Any, dtype: Any, seed: int) -> None:
+    """Save :func:`random_flux2`'s diffusion model as one safetensors file with ComfyUI's (BFL) keys, written
+    to a temporary name and renamed (never a half-written model file)."""
+    import torch
+    from safetensors.torch import save_file
+
+    t0 = time.perf_counter()
+    patcher = random_flux2(shape, device, dtype, seed)
+    sd = {k: t.detach().to("cpu").contiguous() for k, t in patcher.model.diffusion_model.state_dict().items()}
+    del patcher
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(sd, str(tmp), metadata={"flux2ttr": f"random {shape.label} weights, seed {seed}"})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"# wrote {path}: {shape.label}, {len(sd)} tensors, {path.stat().st_size / 2**30:.2f} GiB in "
+          f"{time.perf_counter() - t0:.1f} s", flush=True)
 
 
 def random_flux2(shape: Shape, device: Any, dtype: Any, seed: int) -> Any:
@@ -561,6 +585,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="model shape(s); both = klein then dev")
     ap.add_argument("--from-file", type=Path, default=None,
                     help="a FLUX.2 single-file safetensors (BFL keys) loaded with comfy.sd.load_diffusion_model instead")
+    ap.add_argument("--write-file", type=Path, default=None,
+                    help="build --model (one shape) with random weights, save its diffusion model as a single "
+                         "BFL-format safetensors here (what ComfyUI's UNETLoader reads), and stop")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192], help="image side in pixels")
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     ap.add_argument("--skip-native-above", type=int, default=None, help="no native run for sizes above this")
@@ -638,6 +665,11 @@ def main(argv: list[str] | None = None) -> None:
           "variant warmed up by one 1-step sample at its first size, the student kernels by one direct call at every "
           "size; speedup = native ms / variant ms")
 
+    if args.write_file is not None:
+        if args.model not in SHAPES:
+            raise SystemExit("--write-file: name one --model shape (dev, klein or tiny)")
+        write_model_file(SHAPES[args.model], args.write_file, device, dtype, args.seed)
+        return
     if args.from_file is not None:
         models = [("file", None)]
     elif args.model == "both":
