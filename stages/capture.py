@@ -10,8 +10,8 @@ store together (the one a single process writes); with ``teacher.device: cuda`` 
 from pathlib import Path
 from typing import Any
 
-from flux2ttr.atomic import atomic_write_json
 from flux2ttr import distributed
+from flux2ttr.atomic import atomic_write_json
 from flux2ttr.config import load_section
 from flux2ttr.teachers.prompts import load_prompts
 from flux2ttr.teachers.sampler import SamplerConfig

@@ -243,6 +243,20 @@ def prefix_cut(entries: Iterable[tuple[float, int]], budget: int, below: float =
     return below
 
 
+def merge_cut(states: Iterable[Mapping[str, Any]], budget: int) -> float:
+    """The cut of the union of several reservoirs (:meth:`TraceWriter.reservoir_state` of each rank): the
+    prefix rule over all their kept ``(priority, bytes)``, below the lowest of their thresholds.
+
+    Why it is exact: each reservoir holds every tuple of the global prefix that it was offered (its share
+    of the prefix fits into the budget on its own), and the global prefix's first misfit is either kept by
+    its reservoir (so the walk here stops at it) or is that reservoir's threshold (so nothing above it is
+    walked). The tuples under the cut are exactly those one reservoir offered every tuple would keep,
+    whatever the split; a cut from a sync (part of the tuples offered) is never below the final one."""
+    states = list(states)
+    below = min((_tau_from_json(st["tau"]) for st in states), default=math.inf)
+    return prefix_cut(((float(p), int(b)) for st in states for p, b in st["kept"]), budget, below)
+
+
 @dataclass
 class _Kept:
     priority: float
@@ -423,7 +437,12 @@ class TraceWriter:
             out.spill.unlink()
         return priority < self._tau
 
-    def _cap(self, cut: float) -> None:
+    def reservoir_state(self) -> dict[str, Any]:
+        """This rank's reservoir as JSON: ``{"kept": [[priority, bytes], ...], "tau": threshold or None}``
+        (``None``: nothing refused yet)."""
+        return {"kept": [[it.priority, it.nbytes] for _, _, it in self._heap], "tau": _json_tau(self._tau)}
+
+    def cap(self, cut: float) -> None:
         """Drop every kept tuple at or above priority ``cut`` (they can no longer be in the store)."""
         while self._heap and self._heap[0][2].priority >= cut:
             _, _, out = heapq.heappop(self._heap)
@@ -439,11 +458,8 @@ class TraceWriter:
         cut (one process: this reservoir's threshold, nothing exchanged)."""
         if self.dist.world == 1:
             return self._tau
-        parts = self.dist.all_gather_json({"kept": [[it.priority, it.nbytes] for _, _, it in self._heap],
-                                           "tau": _json_tau(self._tau)})
-        below = min(_tau_from_json(p["tau"]) for p in parts)
-        cut = prefix_cut(((float(p), int(b)) for part in parts for p, b in part["kept"]), self.budget_bytes, below)
-        self._cap(cut)
+        cut = merge_cut(self.dist.all_gather_json(self.reservoir_state()), self.budget_bytes)
+        self.cap(cut)
         return cut
 
     def _check(self, layer: str, t: TraceTuple) -> int:
@@ -525,13 +541,10 @@ class TraceWriter:
         return self.path
 
     def _merge(self, parts: list[dict[str, Any]]) -> tuple[list[_Kept], dict[tuple[str, int], tuple]]:
-        """The store's tuples and group shapes from every rank's reservoir (the same on every rank).
-
-        Each rank's reservoir holds every tuple of the global prefix that it was offered (its tuples
-        below the global cut fit into the budget on their own), so the prefix rule over the union, below
-        the lowest rank threshold, gives exactly the tuples one process offered all of them would keep."""
-        below = min(_tau_from_json(p["tau"]) for p in parts)
-        cut = prefix_cut(((float(e[0]), int(e[4])) for p in parts for e in p["kept"]), self.budget_bytes, below)
+        """The store's tuples (:func:`merge_cut`) and group shapes from every rank's reservoir (the same on
+        every rank)."""
+        cut = merge_cut(({"kept": [[e[0], e[4]] for e in p["kept"]], "tau": p["tau"]} for p in parts),
+                        self.budget_bytes)
         kept = [_Kept(float(pr), int(serial), str(layer), int(n), int(nbytes),
                       self._tmp / f".spill-{rank}" / f"{int(serial)}.bin", np.array(scalars, dtype=np.float64), rank)
                 for rank, p in enumerate(parts) for pr, serial, layer, n, nbytes, scalars in p["kept"]
