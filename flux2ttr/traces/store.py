@@ -43,6 +43,22 @@ tuples). No rule can be exactly uniform for all size mixes, never exceed the bud
 once; this one keeps the bias bounded by ``s_max / budget`` and makes it exact in the common case.
 Kept tuples are spilled to a temporary folder on disk, so memory stays at one tuple plus one shard.
 
+Priorities: :meth:`TraceWriter.offer` takes the tuple's priority from the caller (capture draws it from
+a generator keyed by the tuple's identity, so the kept set is also independent of how tuples are split over
+processes) or, without one, draws the next value of the writer's seeded stream.
+
+**Several ranks** (torchrun; ``dist`` of :class:`TraceWriter`): rank 0 creates the temporary store and every
+rank spills into its own hidden ``.spill-<rank>`` folder in it. Each rank runs the reservoir above on its
+tuples under the whole budget; :meth:`TraceWriter.sync` (a collective, once per round of batches) applies the
+prefix rule to the union of the ranks' kept priorities and drops on every rank what lies above that cut,
+so all spills together stay within the budget after each sync. :meth:`TraceWriter.close` merges the
+reservoirs (:func:`merge_cut`: the prefix rule over the union, below the lowest rank threshold), which gives
+exactly the tuples one writer offered every tuple keeps; then each rank writes whole layers (round-robin in
+execution order) and hashes its files, and rank 0 removes the spills, writes the root attributes with the
+manifest of every rank's files, and renames the store into place. Rows are ordered by (prompt, seed, step,
+priority), so the store's bytes do not depend on the number of ranks. A rank failing while writing is
+reported to the others, all ranks raise, and nothing is published.
+
 **Atomicity.** The writer builds the store in ``.<name>.tmp-<pid>-<random>`` next to the target and
 renames it into place on :meth:`TraceWriter.close`; on an exception (``with`` block) the temporary
 folder is removed. A store killed mid-write is left only as a hidden temporary folder whose root
