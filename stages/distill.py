@@ -1,5 +1,9 @@
 """DVC stage ``distill``: params sections ``distill`` and ``hkr`` (and ``teacher``, whose identity the
-trace store must match). Writes the student artifact, ``distill.metrics`` and the plot tables."""
+trace store must match). Writes the student artifact, ``distill.metrics`` and the plot tables.
+
+Under ``torchrun --nproc-per-node N -m stages.distill`` the ranks share out the layers (one checkpoint per
+rank in ``distill.checkpoint_dir``); with ``distill.device: cuda`` each rank trains on GPU ``LOCAL_RANK``
+over NCCL, else on the CPU over gloo. Rank 0 writes the outputs: the same artifact as one process."""
 
 from pathlib import Path
 

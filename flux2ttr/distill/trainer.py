@@ -38,8 +38,11 @@ from which a rerun resumes exactly (weights, AdamW moments, loss optimiser, data
 :class:`DistillTrainer` holds one run (resume, step, validate, gather, write); :func:`train` builds one
 and runs it.
 
-Under ``torchrun --nproc-per-node N`` (gloo on CPU, NCCL not needed: layers never share gradients) the
-layers are sharded round-robin across ranks; rank 0 gathers every layer and writes the outputs.
+Under ``torchrun --nproc-per-node N`` the layers are sharded round-robin across ranks (layers never share
+gradients, so a rank trains its layers exactly as one process would); rank 0 gathers every layer and
+writes the outputs, and every rank checkpoints and resumes its own layers. With ``distill.device: cuda``
+each rank trains on GPU ``LOCAL_RANK`` and the ranks talk over NCCL; on the CPU over gloo
+(:mod:`flux2ttr.distributed`).
 """
 
 from __future__ import annotations
@@ -48,7 +51,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -71,6 +73,8 @@ from flux2ttr.comet_log import GuardedComet
 from flux2ttr.config import Flux2TTRError, load_section, to_dict
 from flux2ttr.contract import layer_sort_key
 from flux2ttr.distill.readiness import Readiness
+from flux2ttr.distributed import DistError
+from flux2ttr.distributed import init as init_dist
 from flux2ttr.provenance import source_digest
 from flux2ttr.seeds import derive_seed, generator
 from flux2ttr.students.artifacts import save_students
@@ -207,40 +211,6 @@ def check_store(store: TraceStore, expected_teacher: dict[str, Any] | None) -> N
                 f"{store.path}: captured from another teacher than params.yaml names ({detail}); "
                 "rerun `dvc repro capture` (or `flux2ttr capture`) for this teacher"
             )
-
-
-# ------------------------------------------------------------------------------------------ distributed
-
-
-def _dist_setup() -> tuple[int, int, bool]:
-    """``(rank, world, we_initialised)``; initialises gloo when launched by torchrun with WORLD_SIZE > 1."""
-    import torch.distributed as dist  # noqa: PLC0415
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and dist.is_available() and not dist.is_initialized():
-        dist.init_process_group("gloo")
-        return dist.get_rank(), dist.get_world_size(), True
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    return 0, 1, False
-
-
-def _all_gather_json(obj: Any, world: int) -> list[Any]:
-    """Every rank's ``obj`` (JSON-serialisable), in rank order; no pickle on the wire."""
-    if world == 1:
-        return [obj]
-    import torch.distributed as dist  # noqa: PLC0415
-
-    data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
-    size = torch.tensor([data.numel()], dtype=torch.int64)
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    cap = int(max(s.item() for s in sizes))
-    padded = torch.zeros(cap, dtype=torch.uint8)
-    padded[:data.numel()] = data
-    bufs = [torch.zeros(cap, dtype=torch.uint8) for _ in range(world)]
-    dist.all_gather(bufs, padded)
-    return [json.loads(bytes(b[:int(s.item())].tolist()).decode()) for b, s in zip(bufs, sizes)]
 
 
 # ------------------------------------------------------------------------------------------ training state
@@ -832,7 +802,11 @@ class DistillTrainer:
             raise DistillError(f"{self.store.path}: stored head_dim {head_dim} != hkr.head_dim {hkr.head_dim} "
                                "in params.yaml")
 
-        self.rank, self.world, self._we_init = _dist_setup()
+        try:
+            self.dist = init_dist(cfg.device)
+        except DistError as e:
+            raise DistillError(str(e)) from None
+        self.rank, self.world = self.dist.rank, self.dist.world
         try:
             self._build()
         except BaseException:
@@ -876,11 +850,7 @@ class DistillTrainer:
     def close(self) -> None:
         """Destroy the process group if this trainer created it (idempotent). No barrier: after an
         error on one rank a barrier would hang the others."""
-        if self._we_init:
-            import torch.distributed as dist  # noqa: PLC0415
-
-            self._we_init = False
-            dist.destroy_process_group()
+        self.dist.close()
 
     def __enter__(self) -> DistillTrainer:
         return self
@@ -954,7 +924,7 @@ class DistillTrainer:
             self.history.append(row)
         local = {k: _layer_report(st, self.readiness.ready[k]) for k, st in self.states.items()}
         merged: dict[str, dict[str, Any]] = {}
-        for part in _all_gather_json(local, self.world):
+        for part in self.dist.all_gather_json(local):
             merged.update(part)
         if self.rank == 0:
             self.comet.validation(step, merged)
@@ -982,22 +952,20 @@ class DistillTrainer:
             if self.world == 1:
                 students[key] = self.states[key].student
                 continue
-            import torch.distributed as dist  # noqa: PLC0415
-
             owner = i % self.world
             holder = (self.states[key].student if owner == self.rank
                       else _build_layer(key, self.cfg, self.hkr, self.num_heads).student)
-            flat = torch.nn.utils.parameters_to_vector(holder.parameters()).detach().to("cpu").clone()
-            dist.broadcast(flat, src=owner)  # gloo: CPU tensors
-            torch.nn.utils.vector_to_parameters(flat.to(self.cfg.device), holder.parameters())
+            flat = torch.nn.utils.parameters_to_vector(holder.parameters()).detach().clone()
+            flat = self.dist.broadcast_tensor(flat, src=owner)  # through the group's device (GPU under NCCL)
+            torch.nn.utils.vector_to_parameters(flat, holder.parameters())
             students[key] = holder
-        history = [r for part in _all_gather_json(self.history, self.world) for r in part]
-        counts = _all_gather_json({"tuples_trained": self.tuples_trained, "train_seconds": self.t_train,
+        history = [r for part in self.dist.all_gather_json(self.history) for r in part]
+        counts = self.dist.all_gather_json({"tuples_trained": self.tuples_trained, "train_seconds": self.t_train,
                                    "cache_hits": self.cache.hits if self.cache else 0,
                                    "cache_misses": self.cache.misses if self.cache else 0,
                                    "verify_seconds": self.store_check["seconds"],
                                    "nonfinite": {k: sorted([p, s, seed] for _, p, s, seed in st.nonfinite)
-                                                 for k, st in self.states.items() if st.nonfinite}}, self.world)
+                                                 for k, st in self.states.items() if st.nonfinite}})
         return GatheredRun(students=students, history=history, counts=counts)
 
     def summary(self, gathered: GatheredRun) -> dict[str, Any]:

@@ -14,6 +14,10 @@ Store layout (a folder, written to a temporary sibling and renamed when complete
 ``split`` is ``train`` (controller training) or ``eval`` (held out for the evaluate stage: the last
 ``eval_prompts`` prompts). A rerun reuses every entry whose cache key (teacher hash, setting, prompt,
 seed) is already in the old store, so the teacher is sampled once per prompt and setting.
+
+Under ``torchrun --nproc-per-node N -m stages.rollout`` the ranks split the sampler batches (batch ``j`` of
+the ones a single process samples goes to rank ``j mod N``), every rank receives every result, and rank 0
+writes the store: the same latents and images as one process.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +35,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from flux2ttr.atomic import replace_dir
+from flux2ttr.atomic import make_temp_dir, replace_dir
 from flux2ttr.config import ConfigError, Flux2TTRError, check_range
+from flux2ttr.distributed import Dist
 from flux2ttr.teachers.sampler import SamplerConfig, sample
 
 FORMAT = "flux2ttr.rollouts"
@@ -167,11 +171,11 @@ class RolloutStore:
 
 def write_store(path: str | Path, rollouts: list[TeacherRollout], *, setting: dict[str, Any],
                 teacher: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
-    """Write ``rollouts`` as a store at ``path``: a temporary sibling folder, renamed when complete (an old
-    store is moved aside first and removed after)."""
+    """Write ``rollouts`` as a store at ``path``: a temporary sibling folder named by this pid (a killed
+    writer's is removed by the next write), renamed when complete (an old store is moved aside first and
+    removed after)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = make_temp_dir(path)
     try:
         tensors: dict[str, torch.Tensor] = {}
         entries = []
@@ -210,11 +214,14 @@ def plan(cfg: RolloutConfig, prompts: list[str]) -> list[tuple[int, str, int, st
 
 def record_rollouts(teacher, cfg: RolloutConfig, prompts: list[str], *,
                     cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-                    show_progress: bool = True) -> tuple[list[TeacherRollout], dict[str, Any]]:
+                    show_progress: bool = True, dist: Dist | None = None) -> tuple[list[TeacherRollout], dict[str, Any]]:
     """Sample the teacher for every planned rollout (batched), reusing ``cache`` hits.
 
-    Returns the rollouts and stats ``{sampled, reused, seconds_per_image}`` (teacher sampling + decode).
+    Returns the rollouts and stats ``{sampled, reused, seconds_per_image}`` (teacher sampling + decode,
+    summed over ranks, per image). ``dist``: the torchrun ranks splitting the batches (module doc); a
+    collective then, every rank passes the same arguments and gets every rollout.
     """
+    dist = dist if dist is not None else Dist()
     setting = cfg.setting()
     sha = str(teacher.identity.get("sha256", ""))
     items = plan(cfg, prompts)
@@ -230,14 +237,28 @@ def record_rollouts(teacher, cfg: RolloutConfig, prompts: list[str], *,
             todo.append(i)
     seconds = 0.0
     batches = [todo[s: s + cfg.batch_size] for s in range(0, len(todo), cfg.batch_size)]
-    for batch in tqdm(batches, desc="teacher rollouts", disable=not show_progress):
+    mine = [j for j in range(len(batches)) if j % dist.world == dist.rank]
+    sampled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # batch -> (latents [B, hw, C], images [B, 3, H, W])
+    for j in tqdm(mine, desc="teacher rollouts", disable=not show_progress or not dist.is_main):
+        batch = batches[j]
         t0 = time.perf_counter()
         lat = sample(teacher, [items[i][1] for i in batch], scfg, seeds=[items[i][2] for i in batch],
                      prompt_indices=[items[i][0] for i in batch])
         img = teacher.decode(lat, h, w)
         seconds += time.perf_counter() - t0
+        sampled[j] = (lat.float().cpu(), img.float().cpu())
+    if dist.world > 1:  # every batch from its rank to all: shapes first (JSON), then the tensors
+        shapes = {}
+        for part in dist.all_gather_json({str(j): [list(t.shape) for t in pair] for j, pair in sampled.items()}):
+            shapes.update({int(j): s for j, s in part.items()})
+        for j in range(len(batches)):
+            pair = sampled.get(j) or tuple(torch.empty(s, dtype=torch.float32) for s in shapes[j])
+            sampled[j] = tuple(dist.broadcast_tensor(t, src=j % dist.world) for t in pair)
+        seconds = sum(dist.all_gather_json(seconds))
+    for j, batch in enumerate(batches):
+        lat, img = sampled[j]
         for b, i in enumerate(batch):
-            results[i] = (lat[b].float().cpu(), img[b].float().cpu())
+            results[i] = (lat[b], img[b])
     rollouts = [TeacherRollout(index=i, prompt=prompt, prompt_index=p, seed=seed, split=split,
                                latents=results[i][0], image=results[i][1])
                 for i, (p, prompt, seed, split) in enumerate(items)]

@@ -7,7 +7,19 @@ drawn uniformly without replacement from all ``N`` tokens (text and image; a fre
 ``q_sub``/``teacher_sub`` at those positions, keys and values in full. The draw comes from a generator
 seeded by ``(capture.seed, prompt, sample seed, step, layer)``, so it does not depend on the batch size.
 The writer keeps a global byte budget by reservoir sampling and renames the store into place only when
-it is complete.
+it is complete. Each tuple's reservoir priority is a uniform draw keyed the same way
+(:func:`tuple_priority`), so which tuples are kept depends neither on the order they are offered in nor on
+how the rollouts are split.
+
+**Under torchrun** (``torchrun --nproc-per-node N -m stages.capture``) the ranks split the sampler batches
+(the same batches one process samples, so every tuple is computed exactly as there): batch ``j`` goes to
+rank ``j mod N``. Each rank keeps its own reservoir under the whole budget and spills into one temporary
+store shared by all ranks; after every round of N batches the ranks exchange their kept priorities and drop
+what can no longer be kept (:meth:`~flux2ttr.traces.store.TraceWriter.sync`), so the spill stays near one
+budget. At the end the reservoirs merge into exactly the tuples one process keeps, each rank writes whole
+layers, and rank 0 writes the manifest over every file and renames the store into place: the store is
+byte for byte the one a single process writes with the same params (with the same torch threads per
+process: torchrun sets ``OMP_NUM_THREADS=1``, and the thread count can change float rounding).
 """
 
 from __future__ import annotations
@@ -23,9 +35,11 @@ import torch
 
 from flux2ttr.config import ConfigError, check_range, to_dict
 from flux2ttr.contract import RunState, layer_sort_key
+from flux2ttr.distributed import Dist
 from flux2ttr.traces.store import STORAGE_DTYPES, TraceStore, TraceTuple, TraceWriter
 
 MIB = 2**20
+PRIORITY_STREAM = 0x9E1  # separates the reservoir priorities from the query draws of the same tuple
 
 
 LAYER_SETS = ("all_single", "all")
@@ -100,6 +114,15 @@ def query_positions(n_tokens: int, queries: int, seed: int, prompt: int, sample_
     return np.sort(rng.choice(int(n_tokens), size=nq, replace=False))
 
 
+def tuple_priority(seed: int, prompt: int, sample_seed: int, step: int, layer: str) -> float:
+    """The reservoir priority of one tuple: uniform in ``[0, 1)``, a pure function of the tuple's identity
+    (not of when or on which rank it is offered)."""
+    lay_kind, lay_idx = layer_sort_key(layer)
+    rng = np.random.default_rng([int(seed), PRIORITY_STREAM, int(prompt), int(sample_seed), int(step), lay_kind,
+                                 lay_idx])
+    return float(rng.random())
+
+
 class CaptureObserver:
     """Router observer ``(key, q, k, v, out, n_cond, state)``: offers one tuple per batch row of the chosen
     steps to ``writer`` (the router calls it only for the chosen layers)."""
@@ -121,11 +144,12 @@ class CaptureObserver:
             prompt, sample_seed = int(state.prompt_index[b]), int(state.seed[b])
             idx = query_positions(N, self.cfg.queries, self.cfg.seed, prompt, sample_seed, state.step, key)
             idx_t = torch.from_numpy(idx).to(q.device)
+            priority = tuple_priority(self.cfg.seed, prompt, sample_seed, state.step, key)
             self.writer.offer(key, TraceTuple(
                 q_sub=q[b][:, idx_t], q_idx=idx_t, k=k[b], v=v[b], teacher_sub=out[b][:, idx_t],
                 sigma=float(state.sigma), cfg=float(state.cfg), n_cond=int(n_cond), h=int(state.height),
                 w=int(state.width), prompt=prompt, step=int(state.step), seed=sample_seed,
-            ))
+            ), priority=priority)
         self.seconds += time.perf_counter() - start
         self.cpu_seconds += time.process_time() - cpu_start
 
@@ -134,21 +158,35 @@ def _sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def split_batches(n_runs: int, batch_size: int, world: int) -> list[list[tuple[int, int]]]:
+    """``[round][k] = (batch index, rank)``: the sampler batches of ``n_runs`` runs (``batch_size`` each, in
+    run order: the batches one process samples) dealt round-robin to ``world`` ranks, one batch per rank
+    per round (the last round may leave ranks idle)."""
+    n_batches = -(-int(n_runs) // int(batch_size))
+    return [[(j, j % world) for j in range(r * world, min(n_batches, (r + 1) * world))]
+            for r in range(-(-n_batches // world))]
+
+
 def capture(teacher: Any, prompts: list[str], cfg: CaptureConfig, sampler_cfg: Any, *,
-            prompts_file: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+            prompts_file: str | Path | None = None, progress: bool = True, dist: Dist | None = None) -> dict[str, Any]:
     """Sample every prompt ``cfg.rollouts`` times and write the trace store at ``cfg.store``.
 
-    ``teacher``: a :class:`flux2ttr.teachers.teacher.Teacher`; ``sampler_cfg``: a ``SamplerConfig``. Returns the
-    capture statistics (also written to ``cfg.metrics`` by :func:`run_stage`).
+    ``teacher``: a :class:`flux2ttr.teachers.teacher.Teacher`; ``sampler_cfg``: a ``SamplerConfig``;
+    ``dist``: the torchrun ranks sharing the work (module doc; ``None``: this process alone). A collective:
+    every rank calls it with the same arguments and gets the statistics of the whole capture (also written
+    to ``cfg.metrics`` by the stage): counts and store size of the store, wall seconds of this rank, CPU
+    seconds summed over the ranks, and ``ranks`` (per rank: rollouts sampled, sampling and observer seconds).
     """
     from tqdm import tqdm  # noqa: PLC0415
 
     from flux2ttr.teachers.router import AttentionRouter  # noqa: PLC0415
     from flux2ttr.teachers.sampler import sample  # noqa: PLC0415
 
+    dist = dist if dist is not None else Dist()
     layers = resolve_layers(cfg, teacher.layer_keys, teacher.single_layer_keys)
     steps = resolve_steps(cfg, int(sampler_cfg.steps))
     runs = [(r, i) for r in range(cfg.rollouts) for i in range(len(prompts))]
+    batches = [runs[s:s + cfg.batch_size] for s in range(0, len(runs), cfg.batch_size)]
     attrs = {
         "teacher": teacher.identity,
         "sampler": to_dict(sampler_cfg),
@@ -158,30 +196,45 @@ def capture(teacher: Any, prompts: list[str], cfg: CaptureConfig, sampler_cfg: A
     }
     router = AttentionRouter(include_double=any(k.startswith("double_") for k in layers))
     t0, c0 = time.perf_counter(), time.process_time()
+    sampled = 0
     with TraceWriter(cfg.store, attrs=attrs, budget_bytes=int(cfg.budget_mib * MIB),
                      storage_dtype=cfg.storage_dtype, seed=cfg.seed, shard_bytes=int(cfg.shard_mib * MIB),
-                     zstd_level=cfg.zstd_level) as writer:
+                     zstd_level=cfg.zstd_level, dist=dist) as writer:
         observer = CaptureObserver(writer, cfg, steps)
         router.add_observer(observer, layers)
-        bar = tqdm(total=len(runs), desc="capture", unit="rollout", disable=not progress)
-        for start in range(0, len(runs), cfg.batch_size):
-            batch = runs[start:start + cfg.batch_size]
-            sample(teacher, [prompts[i] for _, i in batch], sampler_cfg, router=router,
-                   seeds=[int(sampler_cfg.seed) + r * len(prompts) + i for r, i in batch],
-                   prompt_indices=[i for _, i in batch])
-            bar.update(len(batch))
+        bar = tqdm(total=len(runs), desc="capture", unit="rollout", disable=not progress or not dist.is_main)
+        for round_ in split_batches(len(runs), cfg.batch_size, dist.world):
+            for j, rank in round_:
+                if rank != dist.rank:
+                    continue
+                batch = batches[j]
+                sample(teacher, [prompts[i] for _, i in batch], sampler_cfg, router=router,
+                       seeds=[int(sampler_cfg.seed) + r * len(prompts) + i for r, i in batch],
+                       prompt_indices=[i for _, i in batch])
+                sampled += len(batch)
+            writer.sync()  # a collective: every rank, every round
+            bar.update(sum(len(batches[j]) for j, _ in round_))
             bar.set_postfix(kept=writer.kept, offered=writer.offered)
         bar.close()
         t_sample, c_sample = time.perf_counter() - t0, time.process_time() - c0
-        writer.close(progress=progress)
+        writer.close(progress=progress and dist.is_main)
     store = TraceStore.open(cfg.store)
     res = store.attrs["reservoir"]
+    mine = {"rollouts": sampled, "seconds_sampling": round(t_sample, 3), "seconds_observer": round(observer.seconds, 3),
+            "seconds_write": round(writer.write_seconds, 3), "seconds_manifest": round(writer.manifest_seconds, 3),
+            "cpu_seconds_observer": observer.cpu_seconds, "cpu_seconds_sampling": c_sample,
+            "cpu_seconds_total": time.process_time() - c0}
+    ranks = dist.all_gather_json(mine)
     return {
         "rollouts": len(runs), "layers": len(layers), "steps": len(steps),
         "offered": res["offered"], "kept": res["kept"], "kept_mib": res["kept_bytes"] / MIB,
         "disk_mib": store.nbytes_on_disk() / MIB, "files": store.file_count(),
         "seconds_sampling": t_sample, "seconds_observer": observer.seconds,
-        "cpu_seconds_observer": observer.cpu_seconds,
+        "cpu_seconds_observer": sum(r["cpu_seconds_observer"] for r in ranks),
         "seconds_total": time.perf_counter() - t0,
-        "cpu_seconds_sampling": c_sample, "cpu_seconds_total": time.process_time() - c0,
+        "cpu_seconds_sampling": sum(r["cpu_seconds_sampling"] for r in ranks),
+        "cpu_seconds_total": sum(r["cpu_seconds_total"] for r in ranks),
+        "world_size": dist.world,
+        "ranks": [{k: r[k] for k in ("rollouts", "seconds_sampling", "seconds_observer", "seconds_write",
+                                     "seconds_manifest")} for r in ranks],
     }

@@ -43,6 +43,22 @@ tuples). No rule can be exactly uniform for all size mixes, never exceed the bud
 once; this one keeps the bias bounded by ``s_max / budget`` and makes it exact in the common case.
 Kept tuples are spilled to a temporary folder on disk, so memory stays at one tuple plus one shard.
 
+Priorities: :meth:`TraceWriter.offer` takes the tuple's priority from the caller (capture draws it from
+a generator keyed by the tuple's identity, so the kept set is also independent of how tuples are split over
+processes) or, without one, draws the next value of the writer's seeded stream.
+
+**Several ranks** (torchrun; ``dist`` of :class:`TraceWriter`): rank 0 creates the temporary store and every
+rank spills into its own hidden ``.spill-<rank>`` folder in it. Each rank runs the reservoir above on its
+tuples under the whole budget; :meth:`TraceWriter.sync` (a collective, once per round of batches) applies the
+prefix rule to the union of the ranks' kept priorities and drops on every rank what lies above that cut,
+so all spills together stay within the budget after each sync. :meth:`TraceWriter.close` merges the
+reservoirs (:func:`merge_cut`: the prefix rule over the union, below the lowest rank threshold), which gives
+exactly the tuples one writer offered every tuple keeps; then each rank writes whole layers (round-robin in
+execution order) and hashes its files, and rank 0 removes the spills, writes the root attributes with the
+manifest of every rank's files, and renames the store into place. Rows are ordered by (prompt, seed, step,
+priority), so the store's bytes do not depend on the number of ranks. A rank failing while writing is
+reported to the others, all ranks raise, and nothing is published.
+
 **Atomicity.** The writer builds the store in ``.<name>.tmp-<pid>-<random>`` next to the target and
 renames it into place on :meth:`TraceWriter.close`; on an exception (``with`` block) the temporary
 folder is removed. A store killed mid-write is left only as a hidden temporary folder whose root
@@ -77,6 +93,7 @@ import hashlib
 import heapq
 import itertools
 import json
+import math
 import os
 import re
 import secrets
@@ -93,6 +110,7 @@ import numpy as np
 import torch
 
 from flux2ttr.config import Flux2TTRError
+from flux2ttr.distributed import Dist
 
 FORMAT = "flux2ttr.traces"
 PARTIAL_FORMAT = "flux2ttr.traces.partial"
@@ -149,14 +167,25 @@ def _hidden(rel: str) -> bool:
     return any(part.startswith(".") for part in rel.split("/"))
 
 
+def hash_files(root: Path, rels: Sequence[str], threads: int = 4) -> dict[str, list]:
+    """``{rel: [bytes, sha256 hex]}`` of the files ``rels`` under ``root`` (in ``rels`` order), hashed by
+    ``threads`` threads."""
+    with ThreadPoolExecutor(max_workers=max(1, int(threads))) as pool:
+        digests = list(pool.map(lambda r: file_sha256(root / r), rels))
+    return {r: [(root / r).stat().st_size, h] for r, h in zip(rels, digests)}
+
+
+def manifest_of(files: Mapping[str, list], arrays: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The manifest from its parts (files and arrays sorted by path: the same JSON however they were
+    collected)."""
+    return {"hash": MANIFEST_HASH, "arrays": {k: dict(v) for k, v in sorted(arrays.items())},
+            "files": {k: list(files[k]) for k in sorted(files)}}
+
+
 def build_manifest(root: Path, arrays: Mapping[str, Mapping[str, Any]], threads: int = 4) -> dict[str, Any]:
     """The manifest of the store folder ``root`` (see the module doc): ``arrays`` as given, and every file
     but the root ``zarr.json`` with ``[bytes, sha256]``, hashed by ``threads`` threads."""
-    rels = _store_files(root)
-    with ThreadPoolExecutor(max_workers=max(1, int(threads))) as pool:
-        digests = list(pool.map(lambda r: file_sha256(root / r), rels))
-    files = {r: [(root / r).stat().st_size, h] for r, h in zip(rels, digests)}
-    return {"hash": MANIFEST_HASH, "arrays": {k: dict(v) for k, v in sorted(arrays.items())}, "files": files}
+    return manifest_of(hash_files(root, _store_files(root), threads), arrays)
 
 
 @dataclass
@@ -218,6 +247,32 @@ def decode(a: np.ndarray, storage_dtype: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- writer
 
 
+def prefix_cut(entries: Iterable[tuple[float, int]], budget: int, below: float = math.inf) -> float:
+    """The prefix rule on ``(priority, bytes)`` entries: walking those below ``below`` by rising priority,
+    the priority of the first that no longer fits into ``budget`` bytes (``below`` when all fit). The
+    entries kept are exactly those with a priority under the returned cut."""
+    total = 0
+    for priority, nbytes in sorted(e for e in entries if e[0] < below):
+        total += int(nbytes)
+        if total > budget:
+            return float(priority)
+    return below
+
+
+def merge_cut(states: Iterable[Mapping[str, Any]], budget: int) -> float:
+    """The cut of the union of several reservoirs (:meth:`TraceWriter.reservoir_state` of each rank): the
+    prefix rule over all their kept ``(priority, bytes)``, below the lowest of their thresholds.
+
+    Why it is exact: each reservoir holds every tuple of the global prefix that it was offered (its share
+    of the prefix fits into the budget on its own), and the global prefix's first misfit is either kept by
+    its reservoir (so the walk here stops at it) or is that reservoir's threshold (so nothing above it is
+    walked). The tuples under the cut are exactly those one reservoir offered every tuple would keep,
+    whatever the split; a cut from a sync (part of the tuples offered) is never below the final one."""
+    states = list(states)
+    below = min((_tau_from_json(st["tau"]) for st in states), default=math.inf)
+    return prefix_cut(((float(p), int(b)) for st in states for p, b in st["kept"]), budget, below)
+
+
 @dataclass
 class _Kept:
     priority: float
@@ -227,6 +282,7 @@ class _Kept:
     nbytes: int
     spill: Path
     scalars: np.ndarray  # [8] float64, SCALAR_FIELDS order
+    rank: int = 0  # whose spill folder holds it
 
 
 def _temp_prefix(target: Path) -> str:
@@ -266,7 +322,11 @@ class TraceWriter:
     "capture": {...capture params...}}``) become root attributes next to the ones the writer sets
     (``format``, ``schema``, ``storage_dtype``, ``encoding``, ``scalar_fields``, ``reservoir``).
     ``budget_bytes`` bounds the uncompressed storage bytes of all kept tuples; ``seed`` seeds the
-    reservoir priorities. Use as a context manager, or call :meth:`close` / :meth:`abort`.
+    reservoir priorities that :meth:`offer` draws when the caller gives none. Use as a context manager,
+    or call :meth:`close` / :meth:`abort`.
+
+    ``dist``: the torchrun ranks writing one store together (module doc, "Several ranks"); every rank
+    builds its writer with the same arguments, and :meth:`sync` and :meth:`close` are collectives.
     """
 
     def __init__(
@@ -279,6 +339,7 @@ class TraceWriter:
         seed: int,
         shard_bytes: int = DEFAULT_SHARD_BYTES,
         zstd_level: int = DEFAULT_ZSTD_LEVEL,
+        dist: Dist | None = None,
     ) -> None:
         if storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"storage dtype {storage_dtype!r} is not one of {STORAGE_DTYPES}")
@@ -294,40 +355,52 @@ class TraceWriter:
         self.seed = int(seed)
         self.shard_bytes = int(shard_bytes)
         self.zstd_level = int(zstd_level)
+        self.dist = dist if dist is not None else Dist()
         self._rng = np.random.default_rng(self.seed)
         self._serial = itertools.count()
         self._heap: list[tuple[float, int, _Kept]] = []  # max-heap on priority (negated)
         self._kept_bytes = 0
-        self._tau = float("inf")
+        self._tau = math.inf
         self._offered: dict[str, int] = {}
         self._offered_bytes = 0
         self._shapes: dict[tuple[str, int], tuple] = {}
         self._closed = False
-        self.manifest_seconds = 0.0  # time close() spent hashing the written files
+        self.manifest_seconds = 0.0  # time close() spent hashing the written files (this rank's share)
+        self.write_seconds = 0.0  # time close() spent writing shards (this rank's layers)
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(self.path)
-        self._tmp = self.path.parent / f"{_temp_prefix(self.path)}{os.getpid()}-{secrets.token_hex(4)}"
-        import zarr  # zarr starts its event loop on first use; keep the import local  # noqa: PLC0415
+        tmp = None
+        if self.dist.rank == 0:  # one temporary store for all ranks, named by rank 0's pid
+            remove_stale_temps(self.path)
+            tmp = self.path.parent / f"{_temp_prefix(self.path)}{os.getpid()}-{secrets.token_hex(4)}"
+            import zarr  # zarr starts its event loop on first use; keep the import local  # noqa: PLC0415
 
-        root = zarr.open_group(str(self._tmp), mode="w")
-        root.attrs.update({"format": PARTIAL_FORMAT})
-        self._spill = self._tmp / ".spill"  # kept tuples wait here until close(); removed before the rename
+            root = zarr.open_group(str(tmp), mode="w")
+            root.attrs.update({"format": PARTIAL_FORMAT})
+        self._tmp = Path(self.dist.broadcast_json(None if tmp is None else str(tmp)))
+        if not self._tmp.is_dir():
+            raise TraceStoreError(f"{self._tmp}: rank {self.dist.rank} does not see rank 0's temporary store; "
+                                  "the ranks of one capture must share the store's folder (one host, or a "
+                                  "shared file system)")
+        # kept tuples wait here until close(); hidden (never in the manifest), removed before the rename
+        self._spill = self._tmp / f".spill-{self.dist.rank}"
         self._spill.mkdir()
 
     # -- reservoir -----------------------------------------------------------------------------------
 
     @property
     def kept_bytes(self) -> int:
-        """Uncompressed storage bytes of the tuples kept so far (never above the budget)."""
+        """Uncompressed storage bytes of the tuples kept so far on this rank (never above the budget)."""
         return self._kept_bytes
 
     @property
     def offered(self) -> int:
+        """Tuples offered so far on this rank."""
         return sum(self._offered.values())
 
     @property
     def kept(self) -> int:
+        """Tuples in this rank's reservoir so far."""
         return len(self._heap)
 
     def tuple_nbytes(self, t: TraceTuple) -> int:
@@ -339,11 +412,14 @@ class TraceWriter:
             + 4 * int(np.prod(np.shape(t.q_idx))) + 8 * len(SCALAR_FIELDS)
         )
 
-    def offer(self, layer: str, t: TraceTuple) -> bool:
+    def offer(self, layer: str, t: TraceTuple, priority: float | None = None) -> bool:
         """Offer one tuple of ``layer``; returns whether it is (for now) in the reservoir.
 
         Shapes: ``q_sub``/``teacher_sub`` ``[H, Nq, D]``, ``q_idx`` ``[Nq]``, ``k``/``v`` ``[H, N, D]``;
-        within one (layer, N) group H, Nq and D must not change.
+        within one (layer, N) group H, Nq and D must not change. ``priority`` in ``[0, 1)``: the tuple's
+        reservoir priority (a uniform draw keyed by the tuple, so that the kept set does not depend on the
+        offering order or on how tuples are split over ranks); ``None`` draws the next one from the
+        writer's seeded stream (offering order matters then).
         """
         if self._closed:
             raise RuntimeError("TraceWriter is closed")
@@ -354,16 +430,20 @@ class TraceWriter:
                 f"one tuple of layer {layer} ({nbytes / 2**20:.2f} MiB) is larger than the whole budget "
                 f"({self.budget_bytes / 2**20:.2f} MiB); raise capture.budget_mib"
             )
+        if priority is None:
+            priority = float(self._rng.random())
+        elif not 0.0 <= float(priority) < 1.0:
+            raise ValueError(f"priority must be in [0, 1), got {priority}")
+        priority = float(priority)
         self._offered[layer] = self._offered.get(layer, 0) + 1
         self._offered_bytes += nbytes
-        priority = float(self._rng.random())
         if priority >= self._tau:
             return False
         serial = next(self._serial)
         spill = self._spill / f"{serial}.bin"
         scalars = np.array([float(getattr(t, f)) for f in SCALAR_FIELDS], dtype=np.float64)
         self._write_spill(spill, t)
-        kept = _Kept(priority, serial, layer, n_tokens, nbytes, spill, scalars)
+        kept = _Kept(priority, serial, layer, n_tokens, nbytes, spill, scalars, self.dist.rank)
         heapq.heappush(self._heap, (-priority, serial, kept))
         self._kept_bytes += nbytes
         while self._kept_bytes > self.budget_bytes:
@@ -372,6 +452,31 @@ class TraceWriter:
             self._tau = out.priority  # everything at or above it can never be in the prefix again
             out.spill.unlink()
         return priority < self._tau
+
+    def reservoir_state(self) -> dict[str, Any]:
+        """This rank's reservoir as JSON: ``{"kept": [[priority, bytes], ...], "tau": threshold or None}``
+        (``None``: nothing refused yet)."""
+        return {"kept": [[it.priority, it.nbytes] for _, _, it in self._heap], "tau": _json_tau(self._tau)}
+
+    def cap(self, cut: float) -> None:
+        """Drop every kept tuple at or above priority ``cut`` (they can no longer be in the store)."""
+        while self._heap and self._heap[0][2].priority >= cut:
+            _, _, out = heapq.heappop(self._heap)
+            self._kept_bytes -= out.nbytes
+            out.spill.unlink()
+        self._tau = min(self._tau, cut)
+
+    def sync(self) -> float:
+        """A collective (every rank calls it equally often): apply the prefix rule to the union of all
+        ranks' reservoirs so far and drop, on each rank, the kept tuples at or above its cut. The final
+        cut can only be lower (it falls as tuples are offered), so nothing that could end in the store is
+        lost, and after a sync the spill of all ranks together holds at most ``budget_bytes``. Returns the
+        cut (one process: this reservoir's threshold, nothing exchanged)."""
+        if self.dist.world == 1:
+            return self._tau
+        cut = merge_cut(self.dist.all_gather_json(self.reservoir_state()), self.budget_bytes)
+        self.cap(cut)
+        return cut
 
     def _check(self, layer: str, t: TraceTuple) -> int:
         from flux2ttr.contract import layer_sort_key  # noqa: PLC0415
@@ -432,51 +537,114 @@ class TraceWriter:
             self.abort()
 
     def abort(self) -> None:
-        """Drop everything: remove the temporary folder; the target is left as it was."""
+        """Drop everything: rank 0 removes the temporary folder, other ranks their spill in it; the target
+        is left as it was. Not a collective (it runs after an error, when the other ranks may be anywhere)."""
         self._closed = True
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        shutil.rmtree(self._tmp if self.dist.rank == 0 else self._spill, ignore_errors=True)
 
     def close(self, progress: bool = False) -> Path:
         """Write all kept tuples into the temporary store, then rename it onto the target path
-        (replacing an older store there). Returns the target path."""
+        (replacing an older store there). Returns the target path. A collective under torchrun: every rank
+        returns once the store is in place (or raises when any rank failed to write its part)."""
         if self._closed:
             raise RuntimeError("TraceWriter is already closed")
         try:
             self._write_store(progress)
-            self._swap_into_place()
         except BaseException:
             self.abort()
             raise
         self._closed = True
         return self.path
 
+    def _merge(self, parts: list[dict[str, Any]]) -> tuple[list[_Kept], dict[tuple[str, int], tuple]]:
+        """The store's tuples (:func:`merge_cut`) and group shapes from every rank's reservoir (the same on
+        every rank)."""
+        cut = merge_cut(({"kept": [[e[0], e[4]] for e in p["kept"]], "tau": p["tau"]} for p in parts),
+                        self.budget_bytes)
+        kept = [_Kept(float(pr), int(serial), str(layer), int(n), int(nbytes),
+                      self._tmp / f".spill-{rank}" / f"{int(serial)}.bin", np.array(scalars, dtype=np.float64), rank)
+                for rank, p in enumerate(parts) for pr, serial, layer, n, nbytes, scalars in p["kept"]
+                if float(pr) < cut]
+        shapes: dict[tuple[str, int], tuple] = {}
+        for p in parts:
+            for layer, n, q, k in p["shapes"]:
+                key, shape = (str(layer), int(n)), (tuple(q), tuple(k))
+                if shapes.setdefault(key, shape) != shape:
+                    raise ValueError(f"layer {layer}, {n} tokens: ranks captured tuples of shapes {shape} and "
+                                     f"{shapes[key]} (queries per tuple and heads must be constant within a group)")
+        return kept, shapes
+
     def _write_store(self, progress: bool) -> None:
+        from flux2ttr.contract import layer_sort_key  # noqa: PLC0415
+
+        dist = self.dist
+        local = {
+            "kept": [[it.priority, it.serial, it.layer, it.n_tokens, it.nbytes, it.scalars.tolist()]
+                     for _, _, it in self._heap],
+            "tau": _json_tau(self._tau),
+            "shapes": [[layer, n, list(q), list(k)] for (layer, n), (q, k) in self._shapes.items()],
+            "offered": self._offered, "offered_bytes": self._offered_bytes,
+        }
+        parts = dist.all_gather_json(local)
+        kept, self._shapes = self._merge(parts)
+        groups: dict[tuple[str, int], list[_Kept]] = {}
+        for item in kept:
+            groups.setdefault((item.layer, item.n_tokens), []).append(item)
+        # ranks write whole layers (a layer's folder has one writer), round-robin in execution order
+        layers = sorted({layer for layer, _ in groups}, key=layer_sort_key)
+        mine = set(layers[dist.rank::dist.world])
+        error: BaseException | None = None
+        try:
+            arrays, files = self._write_groups({g: v for g, v in groups.items() if g[0] in mine}, progress)
+        except Exception as e:  # reported to the other ranks first, so that none waits forever
+            error, arrays, files = e, {}, {}
+        results = dist.all_gather_json({"error": None if error is None else f"{type(error).__name__}: {error}",
+                                        "arrays": arrays, "files": files})
+        if error is not None:
+            raise error
+        failed = [(r, res["error"]) for r, res in enumerate(results) if res["error"]]
+        if failed:
+            raise TraceStoreError(f"{self.path}: rank {failed[0][0]} could not write its part of the store "
+                                  f"({failed[0][1]}); nothing was published")
+
+        status = None
+        if dist.rank == 0:
+            try:
+                self._publish(parts, kept, results)
+            except Exception as e:
+                error, status = e, f"{type(e).__name__}: {e}"
+        status = dist.broadcast_json(status)  # the other ranks return once the store is in place
+        if error is not None:
+            raise error
+        if status is not None:
+            raise TraceStoreError(f"{self.path}: rank 0 could not publish the store ({status})")
+
+    def _write_groups(self, groups: dict[tuple[str, int], list[_Kept]],
+                      progress: bool) -> tuple[dict[str, dict[str, Any]], dict[str, list]]:
+        """Write this rank's groups into the temporary store; returns their manifest entries (arrays and
+        ``{file: [bytes, sha256]}`` of their layers' folders)."""
         import zarr  # noqa: PLC0415
         from zarr.codecs import ZstdCodec  # noqa: PLC0415
 
         from flux2ttr.contract import layer_sort_key  # noqa: PLC0415
 
+        t0 = time.perf_counter()
         root = zarr.open_group(str(self._tmp), mode="r+")
-        kept = sorted((item for _, _, item in self._heap), key=lambda x: x.serial)
-        groups: dict[tuple[str, int], list[_Kept]] = {}
-        for item in kept:
-            groups.setdefault((item.layer, item.n_tokens), []).append(item)
         store_dtype = _np_storage_dtype(self.storage_dtype)
         compressor = ZstdCodec(level=self.zstd_level)
-        kept_per_layer: dict[str, int] = {}
         array_info: dict[str, dict[str, Any]] = {}
 
         bar = None
         if progress:
             from tqdm import tqdm  # noqa: PLC0415
 
-            bar = tqdm(total=len(kept), desc="write traces", unit="tuple")
+            bar = tqdm(total=sum(len(v) for v in groups.values()), desc="write traces", unit="tuple")
         for (layer, n_tokens) in sorted(groups, key=lambda g: (layer_sort_key(g[0]), g[1])):
             items = groups[(layer, n_tokens)]
-            # deterministic row order: by prompt, seed, step (reading a prompt's tuples stays local)
-            order = sorted(range(len(items)), key=lambda j: (items[j].scalars[5], items[j].scalars[7],
-                                                               items[j].scalars[6], items[j].serial))
-            items = [items[j] for j in order]
+            # deterministic row order: by prompt, seed, step (reading a prompt's tuples stays local), then
+            # priority: the same rows whichever rank kept which tuple
+            items = sorted(items, key=lambda it: (it.scalars[5], it.scalars[7], it.scalars[6], it.priority, it.rank,
+                                                  it.serial))
             m = len(items)
             (h_, nq, d), (_, n, _) = self._shapes[(layer, n_tokens)]
             g = root.require_group(layer).require_group(group_name(n_tokens))
@@ -503,7 +671,7 @@ class TraceWriter:
                 for name, arr in arrays.items():
                     arr[start:stop] = np.stack(batch[name])  # one whole shard per write
                 for j in range(start, stop):
-                    items[j].spill.unlink()
+                    items[j].spill.unlink()  # spill and store together stay near one budget on disk
                 if bar is not None:
                     bar.update(stop - start)
             g.create_array("q_idx", data=q_idx, chunks=q_idx.shape, compressors=compressor)
@@ -516,11 +684,35 @@ class TraceWriter:
             array_info[f"{prefix}/q_idx"] = {"shape": [m, nq], "dtype": "int32", "rows_per_file": m}
             array_info[f"{prefix}/scalars"] = {"shape": [m, len(SCALAR_FIELDS)], "dtype": "float64",
                                                "rows_per_file": m}
-            kept_per_layer[layer] = kept_per_layer.get(layer, 0) + m
         if bar is not None:
             bar.close()
-        shutil.rmtree(self._spill)
+        t1 = time.perf_counter()
+        # every file as it is on disk now (read back: what was written, not what was meant to be)
+        rels = [f"{layer}/{rel}" for layer in sorted({lay for lay, _ in groups})
+                for rel in (_META_FILE, *_store_files(self._tmp / layer))]  # the layer's own zarr.json too
+        files = hash_files(self._tmp, rels)
+        self.write_seconds, self.manifest_seconds = t1 - t0, time.perf_counter() - t1
+        return array_info, files
 
+    def _publish(self, parts: list[dict[str, Any]], kept: list[_Kept], results: list[dict[str, Any]]) -> None:
+        """Rank 0, once every rank wrote its layers: remove the spills, write the root attributes (the
+        manifest covers every rank's files) and rename the store into place."""
+        import zarr  # noqa: PLC0415
+
+        for spill in self._tmp.glob(".spill-*"):
+            shutil.rmtree(spill)
+        offered: dict[str, int] = {}
+        for p in parts:
+            for layer, count in p["offered"].items():
+                offered[layer] = offered.get(layer, 0) + int(count)
+        kept_per_layer: dict[str, int] = {}
+        for item in kept:
+            kept_per_layer[item.layer] = kept_per_layer.get(item.layer, 0) + 1
+        files: dict[str, list] = {}
+        arrays: dict[str, dict[str, Any]] = {}
+        for res in results:
+            files.update(res["files"])
+            arrays.update(res["arrays"])
         attrs = dict(self.attrs)
         attrs.update({
             "format": FORMAT,
@@ -532,19 +724,18 @@ class TraceWriter:
                 "rule": "lowest i.i.d. uniform priorities in priority order up to the first that does not fit",
                 "seed": self.seed,
                 "budget_bytes": self.budget_bytes,
-                "offered": self.offered,
+                "offered": int(sum(offered.values())),
                 "kept": len(kept),
-                "offered_bytes": int(self._offered_bytes),
-                "kept_bytes": int(self._kept_bytes),
-                "offered_per_layer": dict(sorted(self._offered.items())),
-                "kept_per_layer": {k: kept_per_layer.get(k, 0) for k in sorted(self._offered)},
+                "offered_bytes": int(sum(int(p["offered_bytes"]) for p in parts)),
+                "kept_bytes": int(sum(item.nbytes for item in kept)),
+                "offered_per_layer": dict(sorted(offered.items())),
+                "kept_per_layer": {k: kept_per_layer.get(k, 0) for k in sorted(offered)},
             },
+            "manifest": manifest_of(files, arrays),
         })
-        t0 = time.perf_counter()
-        # every file as it is on disk now (read back: what was written, not what was meant to be)
-        attrs["manifest"] = build_manifest(self._tmp, array_info)
-        self.manifest_seconds = time.perf_counter() - t0
+        root = zarr.open_group(str(self._tmp), mode="r+")
         root.attrs.put(attrs)  # written last: a store is marked complete only once its arrays are
+        self._swap_into_place()
 
     def _swap_into_place(self) -> None:
         old = None
@@ -557,6 +748,15 @@ class TraceWriter:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 old.unlink()
+
+
+def _json_tau(tau: float) -> float | None:
+    """A reservoir threshold as JSON (``None`` for infinity: strict JSON has no inf)."""
+    return None if math.isinf(tau) else float(tau)
+
+
+def _tau_from_json(value: float | None) -> float:
+    return math.inf if value is None else float(value)
 
 
 # ---------------------------------------------------------------------------------------------- reader

@@ -562,6 +562,18 @@ WORKER = textwrap.dedent("""
 """)
 
 
+def test_cuda_ranks_without_cuda_fail_before_training(tmp_path, store, monkeypatch):
+    """distill.device cuda under torchrun takes GPU LOCAL_RANK over NCCL; without CUDA that is one clear
+    DistillError before any group or layer is built."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(DistillError, match="torch sees no CUDA GPU"):
+        DistillTrainer(config(tmp_path, store, device="cuda"), HKR, expected_teacher=TEACHER)
+    assert not (tmp_path / "ck").exists()
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_matches_single_process(tmp_path, store):
     # every layer trains every step, so each layer sees the same batches however layers are sharded

@@ -1,9 +1,11 @@
-"""Rollout stage: teacher rollouts recorded once per prompt/setting into an atomic, cached store."""
+"""Rollout stage: teacher rollouts recorded once per prompt/setting into an atomic, cached store; under
+torchrun (2 gloo ranks) the same store as one process."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from flux2ttr.routing.rollouts import (
 )
 from flux2ttr.teachers.sampler import sample
 from helpers.rollouts import PROMPTS, TEACHER, make_teacher, write_params, write_prompts
+from helpers.torchrun import one_thread, torchrun
 from stages.rollout import run_stage
 
 
@@ -107,3 +110,27 @@ def test_run_stage_writes_store(teacher, tmp_path, monkeypatch):
     run_stage(params)  # rerun: everything reused
     assert json.loads((tmp_path / "ro" / INDEX_FILE).read_text())["stats"]["reused"] == 3
 
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_write_the_single_process_rollouts(teacher, tmp_path, monkeypatch):
+    """``torchrun --nproc-per-node 2 -m stages.rollout``: the ranks split the 3 batches (2 + 1) and rank 0
+    writes the latents and images one process writes, bit for bit, with the same entries."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(teacher.folder, tmp_path / "teachers")
+    write_prompts(tmp_path / "p.json", PROMPTS[:3])
+    params = write_params(tmp_path / "params.yaml", {
+        "teacher": dict(out_dir="teachers", **TEACHER),
+        "rollout": dict(prompts="p.json", eval_prompts=1, steps=2, height=32, width=48, out_dir="ro"),
+    })
+    with one_thread():
+        run_stage(params)
+    shutil.move("ro", "ref")
+    proc = torchrun(["-m", "stages.rollout", "params.yaml"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("rollout: 3 teacher rollouts (3 sampled") == 1  # rank 0 reports
+    assert (Path("ro") / "rollouts.safetensors").read_bytes() == (Path("ref") / "rollouts.safetensors").read_bytes()
+    got, want = (json.loads((Path(d) / INDEX_FILE).read_text()) for d in ("ro", "ref"))
+    assert got["entries"] == want["entries"] and len(got["entries"]) == 3
+    assert got["stats"]["sampled"] == 3 and got["stats"]["seconds_per_image"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp left behind

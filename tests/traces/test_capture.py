@@ -1,11 +1,14 @@
 """Capture stage on the tiny teacher: stored tuples are the teacher's softmax attention of the stored
-q_sub, k, v (fp64 reference), layer/step selection, budget, batch-size independence, atomicity and the
-params-driven stage."""
+q_sub, k, v (fp64 reference), layer/step selection, budget, batch-size independence, atomicity, the
+params-driven stage, keyed reservoir priorities and the stage under torchrun (2 gloo ranks: the store one
+process writes, byte for byte; a rank that fails leaves no store)."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +19,10 @@ import yaml
 from flux2ttr.config import ConfigError
 from flux2ttr.teachers.prompts import PromptFileError
 from flux2ttr.teachers.sampler import SamplerConfig, flux2_sigmas
-from flux2ttr.traces.capture import CaptureConfig, capture, query_positions
-from flux2ttr.traces.store import TraceStore
+from flux2ttr.traces.capture import CaptureConfig, capture, query_positions, split_batches, tuple_priority
+from flux2ttr.traces.store import TraceStore, TraceStoreError
 from helpers.outputs import check_metrics_file, details_of
+from helpers.torchrun import one_thread, torchrun, tree_bytes
 from stages.capture import run_stage
 
 PROMPTS = ["a red fox in snow", "a neon night market", "a bowl of ramen"]
@@ -217,3 +221,91 @@ def test_run_stage_from_params(teacher_dir, tmp_path, monkeypatch):
     Path("params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(ConfigError, match="typo_key"):
         run_stage(Path("params.yaml"))
+
+
+def test_tuple_priorities_are_keyed_uniform_draws():
+    a = tuple_priority(0, 1, 100, 2, "single_blocks.3")
+    assert a == tuple_priority(0, 1, 100, 2, "single_blocks.3") and 0.0 <= a < 1.0
+    # any part of the identity changes the draw, and the query draw of the same tuple is another stream
+    others = {tuple_priority(*args) for args in [(1, 1, 100, 2, "single_blocks.3"), (0, 2, 100, 2, "single_blocks.3"),
+                                                  (0, 1, 101, 2, "single_blocks.3"), (0, 1, 100, 3, "single_blocks.3"),
+                                                  (0, 1, 100, 2, "single_blocks.4"), (0, 1, 100, 2, "double_blocks.3")]}
+    assert len(others) == 6 and a not in others
+    draws = np.array([tuple_priority(0, p, 7, s, f"single_blocks.{i}") for p in range(20) for s in range(5)
+                      for i in range(4)])
+    assert abs(draws.mean() - 0.5) < 0.05 and draws.min() >= 0.0 and draws.max() < 1.0
+
+
+def test_split_batches_deals_the_single_process_batches_round_robin():
+    assert split_batches(5, 2, 1) == [[(0, 0)], [(1, 0)], [(2, 0)]]
+    assert split_batches(5, 2, 2) == [[(0, 0), (1, 1)], [(2, 0)]]
+    assert split_batches(3, 4, 3) == [[(0, 0)]]
+    rounds = split_batches(23, 3, 4)
+    assert [j for r in rounds for j, _ in r] == list(range(8)) and all(k == j % 4 for r in rounds for j, k in r)
+
+
+KILLED_RANK = textwrap.dedent("""
+    import os
+    import signal
+    import sys
+    from pathlib import Path
+
+    import flux2ttr.teachers.sampler as sampler_mod
+    from stages.capture import run_stage
+
+    real, calls = sampler_mod.sample, []
+
+    def sample(*args, **kwargs):
+        calls.append(1)
+        if os.environ["RANK"] == "0" and len(calls) == 2:  # batch 2, after a round's spill and sync
+            os.kill(os.getpid(), signal.SIGKILL)  # a crash: no cleanup of any kind
+        return real(*args, **kwargs)
+
+    sampler_mod.sample = sample
+    run_stage(Path(sys.argv[1]))
+""")
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_write_the_single_process_store(teacher_dir, tmp_path, monkeypatch):
+    """The README command with 2 gloo ranks writes, byte for byte, the store one process writes: the same
+    tuples (the reservoir keeps 11 of 30, so the sync and the merge decide), the same shards and manifest.
+    Before that, a run whose rank 0 is killed mid-capture leaves no store at the target, only rank 0's
+    hidden partial temp, which the good run removes."""
+    monkeypatch.chdir(tmp_path)
+    Path("p.json").write_text(json.dumps(["a red fox", "a neon market", "a bowl of ramen", "a blue car",
+                                          "a lighthouse"]))
+    Path("params.yaml").write_text(yaml.safe_dump({
+        "teacher": {"num_single": 2, "out_dir": str(teacher_dir)},
+        "sampler": {"steps": 2, "height": 64, "width": 64},
+        "capture": {"prompts": "p.json", "store": "traces/c.zarr", "metrics": "metrics/capture.json",
+                    "queries": 8, "layers": "all", "budget_mib": 6, "batch_size": 2},
+    }))
+    with one_thread():
+        run_stage(Path("params.yaml"))
+    shutil.move("traces/c.zarr", "ref.zarr")
+    ref = TraceStore.open("ref.zarr")
+    res = ref.attrs["reservoir"]
+    assert (res["offered"], res["kept"]) == (30, 11) and res["kept_bytes"] <= 6 * 2**20
+
+    Path("killed.py").write_text(KILLED_RANK)
+    proc = torchrun(["killed.py", "params.yaml"], cwd=tmp_path)
+    assert proc.returncode != 0 and "(SIGKILL)" in proc.stderr, proc.stderr[-3000:]
+    left = list(Path("traces").iterdir())
+    assert len(left) == 1 and left[0].name.startswith(".c.zarr.tmp-"), left  # nothing at the target
+    assert any(left[0].glob(".spill-0/*.bin"))  # rank 0 had spilled tuples when it died
+    with pytest.raises(TraceStoreError, match="incomplete"):
+        TraceStore.open(left[0])
+
+    proc = torchrun(["-m", "stages.capture", "params.yaml"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert [p.name for p in Path("traces").iterdir()] == ["c.zarr"]  # the failed run's temp is gone too
+    assert proc.stdout.count("captured 11 of 30 tuples") == 1 and "by 2 ranks" in proc.stdout
+    got, want = tree_bytes(Path("traces/c.zarr")), tree_bytes(Path("ref.zarr"))
+    assert sorted(got) == sorted(want)
+    assert [f for f in want if got[f] != want[f]] == []
+    store = TraceStore.open("traces/c.zarr")
+    assert store.verify()["files"] == len(store.manifest["files"]) == len(want) - 1  # all but the root zarr.json
+    details = details_of("metrics/capture.json")
+    assert details["world_size"] == 2 and [r["rollouts"] for r in details["ranks"]] == [3, 2]
+    assert details["kept"] == 11 and details["offered"] == 30

@@ -1,4 +1,5 @@
-"""Trace store: round trips per storage dtype, reservoir budget and uniformity, atomicity, file count, the
+"""Trace store: round trips per storage dtype, reservoir budget and uniformity, reservoirs split over ranks
+merging to the single one, atomicity, file count, the
 manifest (missing, truncated, resized, unlisted or corrupt files named at open or at read),
 and the errors for stores that are missing, foreign, incomplete or of a newer schema."""
 
@@ -20,6 +21,8 @@ from flux2ttr.traces.store import (
     TraceStoreError,
     TraceTuple,
     TraceWriter,
+    merge_cut,
+    prefix_cut,
     remove_stale_temps,
 )
 
@@ -247,6 +250,103 @@ def test_reservoir_bias_with_mixed_sizes_is_bounded(tmp_path):
     assert rate_small == pytest.approx(p, abs=0.04)
     assert rate_large <= rate_small
     assert rate_small - rate_large <= p * large / budget + 0.05
+
+
+def test_prefix_cut_stops_at_the_first_misfit():
+    entries = [(0.5, 3), (0.1, 4), (0.3, 2), (0.9, 1), (0.7, 5)]
+    # by priority: 0.1 (4), 0.3 (6), 0.5 (9), 0.7 (14 > 10): cut at 0.7, though 0.9 (1 byte) would fit
+    assert prefix_cut(entries, 10) == 0.7
+    assert prefix_cut(entries, 100) == math.inf and prefix_cut(entries, 100, below=0.6) == 0.6
+    assert prefix_cut(entries, 10, below=0.4) == 0.4  # only 0.1 and 0.3 walked: both fit
+    assert prefix_cut(entries, 3) == 0.1 and prefix_cut([], 1) == math.inf
+
+
+def test_split_reservoirs_merge_to_the_single_one(tmp_path):
+    """Tuples dealt to 2-4 reservoirs (as to torchrun ranks) with keyed priorities, synced now and then
+    (merge_cut + cap, what TraceWriter.sync does), merge to exactly the tuples one reservoir offered all of
+    them keeps: mixed sizes (where a rank's own misfit decides the cut), any split, any sync period; after
+    each sync all reservoirs together hold at most the budget."""
+    gen = torch.Generator().manual_seed(0)
+    templates = {n: make_tuple(gen, h=1, n=n, nq=1, d=1) for n in (8, 16, 32)}
+    probe = TraceWriter(tmp_path / "p.zarr", attrs={}, budget_bytes=1, storage_dtype="float32", seed=0)
+    nbytes = {n: probe.tuple_nbytes(t) for n, t in templates.items()}
+    probe.abort()
+
+    def offer(w: TraceWriter, i: int, n: int, priority: float) -> None:
+        t = templates[n]
+        t.prompt = i
+        w.offer("single_blocks.0", t, priority=priority)
+
+    def ids(w: TraceWriter, below: float = math.inf) -> set[int]:
+        return {int(item.scalars[5]) for _, _, item in w._heap if item.priority < below}
+
+    cases = 0
+    for trial in range(24):
+        rng = np.random.default_rng(trial)
+        sizes = rng.choice([8, 16, 32], 48).tolist()
+        pri = rng.random(48).tolist()
+        budget = int(sum(nbytes[n] for n in sizes) / rng.uniform(1.5, 6.0))
+        single = TraceWriter(tmp_path / "one.zarr", attrs={}, budget_bytes=budget, storage_dtype="float32", seed=0)
+        k, every = int(rng.integers(2, 5)), int(rng.integers(1, 60))
+        ranks = [TraceWriter(tmp_path / f"r{r}.zarr", attrs={}, budget_bytes=budget, storage_dtype="float32",
+                             seed=0) for r in range(k)]
+        try:
+            for i in rng.permutation(48).tolist():  # the single reservoir sees another order: no matter
+                offer(single, i, sizes[i], pri[i])
+            owner = rng.choice(k, 48, p=rng.dirichlet([0.4] * k))  # skewed splits too: one rank holds most
+            for i in range(48):
+                offer(ranks[owner[i]], i, sizes[i], pri[i])
+                if (i + 1) % every == 0:
+                    cut = merge_cut([w.reservoir_state() for w in ranks], budget)
+                    for w in ranks:
+                        w.cap(cut)
+                    assert sum(w.kept_bytes for w in ranks) <= budget
+            cut = merge_cut([w.reservoir_state() for w in ranks], budget)
+            merged = set().union(*(ids(w, cut) for w in ranks))
+            assert merged == ids(single) and len(merged) > 0, trial
+            cases += sum(len(ids(w)) for w in ranks) > len(merged)  # the merge had something to drop
+        finally:
+            single.abort()
+            for w in ranks:
+                w.abort()
+    assert cases >= 5
+
+
+def test_merge_stops_at_a_misfit_only_its_own_rank_saw(tmp_path):
+    """Rank A holds the global prefix (two small tuples) and the first misfit (a large one), which it drops;
+    rank B holds a small tuple just above it that would still fit the budget. One reservoir keeps only the
+    prefix, so the merge must stop at A's threshold, not walk on to B's tuple."""
+    gen = torch.Generator().manual_seed(0)
+    small, large = make_tuple(gen, h=1, n=8, nq=1, d=1), make_tuple(gen, h=1, n=32, nq=1, d=1)
+    probe = TraceWriter(tmp_path / "p.zarr", attrs={}, budget_bytes=1, storage_dtype="float32", seed=0)
+    s_bytes, l_bytes = probe.tuple_nbytes(small), probe.tuple_nbytes(large)
+    probe.abort()
+    budget = 3 * s_bytes
+    assert 2 * s_bytes + l_bytes > budget
+    a, b = (TraceWriter(tmp_path / f"{r}.zarr", attrs={}, budget_bytes=budget, storage_dtype="float32", seed=0)
+            for r in "ab")
+    try:
+        for t, pri in ((small, 0.1), (small, 0.2), (large, 0.3)):
+            a.offer("single_blocks.0", t, priority=pri)
+        b.offer("single_blocks.0", small, priority=0.35)
+        state_a = a.reservoir_state()
+        assert sorted(state_a["kept"]) == [[0.1, s_bytes], [0.2, s_bytes]] and state_a["tau"] == 0.3
+        assert b.reservoir_state() == {"kept": [[0.35, s_bytes]], "tau": None}
+        assert merge_cut([a.reservoir_state(), b.reservoir_state()], budget) == 0.3
+    finally:
+        a.abort()
+        b.abort()
+
+
+def test_offer_refuses_a_priority_outside_the_unit_interval(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    w = TraceWriter(tmp_path / "s.zarr", attrs={}, budget_bytes=1 << 20, storage_dtype="float32", seed=0)
+    try:
+        with pytest.raises(ValueError, match=r"priority must be in \[0, 1\)"):
+            w.offer("single_blocks.0", make_tuple(gen), priority=1.0)
+        assert w.offered == 0
+    finally:
+        w.abort()
 
 
 def test_exception_leaves_nothing_and_rerun_works(tmp_path):
