@@ -18,13 +18,18 @@ How a sampling run is routed:
   from the denoiser call's sigma in the run's schedule (``sample_sigmas``); the first call of a step
   decides the step's mask (which layers run their student) and logs one line; every later call of
   the step, cond and uncond alike, reuses it. Layers outside the mask, and non-ready layers always, call
-  the native attention (fail-closed: so does any call the student cannot take: an attention mask, extra
-  reference tokens, a shape it was not built for).
-- Non-finite student outputs never reach the image (fail-closed at run time, see
-  :func:`checked_denoiser_call` for the design and its cost): each routed call records an on-device
-  "all finite" flag, the DIFFUSION_MODEL wrapper reads the call's flags once after the forward, and a
-  layer whose student output had a NaN/inf is turned native for the rest of the run and the denoiser
-  call is computed again (counted in ``fallbacks`` under :data:`NONFINITE`, logged in the step log).
+  the native attention (fail-closed: so does any call the student cannot take: an attention mask, a
+  token count that is not text + latent grid + reference tokens, a shape it was not built for).
+- Reference images (ComfyUI's ``ReferenceLatent``: FLUX.2 appends their latents as extra tokens after
+  the latent grid, ``transformer_options["reference_image_num_tokens"]`` lists their counts): the call is
+  handed to the student as ``[conditioning, references, latent grid]`` with the references counted as
+  conditioning, so every query sees them exactly (:func:`reference_layout`), and its output is put back
+  in ComfyUI's order.
+- Non-finite student outputs never reach the image (fail-closed at run time, see :func:`checked_run`
+  for the design and its cost): each routed call records an on-device "all finite" flag, the OUTER_SAMPLE
+  wrapper reads the run's flags once after it, and a layer whose student output had a NaN/inf is turned
+  native and the run is sampled again (counted in ``fallbacks`` under :data:`NONFINITE`, logged in the step
+  log).
 - The students run in the model's device and dtype: :class:`StudentCopies` makes those copies once per
   patched MODEL, device and dtype (outside inference mode, see there) and every run of that MODEL
   shares them; they are freed with the patched MODEL, never kept by a global.
@@ -335,9 +340,17 @@ def attention_override(func: Callable, *args: Any, **kwargs: Any) -> torch.Tenso
         holder.routed_calls[(step, key, "native")] += 1
         return _native(holder, func, args, kwargs)
     n_cond = _n_cond(holder, topts)
+    n_grid = holder.call.height * holder.call.width
+    n_ref = q.shape[2] - n_cond - n_grid  # reference-image tokens after the grid (_cannot_route checked the sum)
     student = holder.student(key, q.device, q.dtype)
     with torch.inference_mode():
-        out = student(q, k, v, n_cond, sigma, holder.cfg(), height=holder.call.height, width=holder.call.width)
+        if n_ref:
+            qs, ks, vs = (reference_layout(t, n_cond, n_grid) for t in (q, k, v))
+            out = student(qs, ks, vs, n_cond + n_ref, sigma, holder.cfg(), height=holder.call.height,
+                          width=holder.call.width)
+            out = comfy_layout(out, n_cond, n_grid)
+        else:
+            out = student(q, k, v, n_cond, sigma, holder.cfg(), height=holder.call.height, width=holder.call.width)
     if holder.measure:
         native = _native(holder, func, args, kwargs)
         native_bhnd = native if kwargs.get("skip_output_reshape", False) else \
@@ -356,6 +369,25 @@ def attention_override(func: Callable, *args: Any, **kwargs: Any) -> torch.Tenso
         return _native(holder, func, args, kwargs)
     holder.routed_calls[(step, key, "student")] += 1
     return res
+
+
+def reference_layout(t: torch.Tensor, n_cond: int, n_grid: int) -> torch.Tensor:
+    """``t [B, H, N, D]`` in ComfyUI's order ``[conditioning, latent grid, references]`` -> the student's
+    ``[conditioning, references, latent grid]`` (a copy; references are the ``N - n_cond - n_grid`` tokens
+    after the grid)."""
+    return torch.cat([t[:, :, :n_cond], t[:, :, n_cond + n_grid:], t[:, :, n_cond:n_cond + n_grid]], dim=2)
+
+
+def comfy_layout(t: torch.Tensor, n_cond: int, n_grid: int) -> torch.Tensor:
+    """The inverse of :func:`reference_layout`: ``[conditioning, references, grid]`` -> ComfyUI's order."""
+    n_ref = t.shape[2] - n_cond - n_grid
+    return torch.cat([t[:, :, :n_cond], t[:, :, n_cond + n_ref:], t[:, :, n_cond:n_cond + n_ref]], dim=2)
+
+
+def reference_tokens(topts: dict) -> int:
+    """Reference-image tokens ComfyUI appended after the latent grid (``reference_image_num_tokens``)."""
+    counts = topts.get("reference_image_num_tokens") or ()
+    return sum(int(c) for c in counts)
 
 
 def cond_token_hint(topts: dict) -> int | None:
@@ -407,8 +439,8 @@ def _cannot_route(holder: RoutingHolder, topts: dict, q: torch.Tensor, kwargs: d
         n_cond = _n_cond(holder, topts)
     except ValueError as e:
         return f"bad conditioning-token hint: {e}"
-    if q.shape[2] != n_cond + holder.call.height * holder.call.width:
-        return "token count is not text + latent grid (reference latents?)"
+    if q.shape[2] != n_cond + holder.call.height * holder.call.width + reference_tokens(topts):
+        return "token count is not text + latent grid + reference tokens"
     return ""
 
 

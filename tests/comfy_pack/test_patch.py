@@ -15,6 +15,7 @@ from flux2ttr.contract import comfy_key, layer_sort_key
 from flux2ttr.routing.controller import ControllerConfig, TTRController, load_controller, sample_mask, save_controller
 from flux2ttr.students.artifacts import file_sha256, load_students, save_students
 from flux2ttr.students.hkr import HKRConfig, HKRLayer
+from flux2ttr.students.window import WindowLayer
 from helpers.comfy import TEST_CAPTURE_NODE, TEST_COND_NODE
 
 LATENT_PX = 128          # EmptyFlux2LatentImage 128 px -> an 8 x 8 token grid
@@ -479,6 +480,88 @@ def test_sigma_read_once_per_denoiser_call_not_per_attention_call():
     assert comfy_patch._host_floats(None, 2, torch.tensor([0.5, 0.25]), torch.tensor(1.5)) == [None, 2.0, 0.5, 1.5]
 
 
+def _window_exact_reference(q, k, v, exact: torch.Tensor) -> torch.Tensor:
+    """fp64 softmax of every query over the keys ``exact [N, N]`` marks (no kernel term), ``[B, H, N, D]``."""
+    s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return torch.softmax(s.masked_fill(~exact, float("-inf")), dim=-1) @ v.double()
+
+
+@pytest.mark.parametrize("refs", [[6], [4, 2]])
+def test_reference_tokens_are_exact_keys_of_every_query(refs):
+    """ReferenceLatent: ComfyUI appends the reference latents' tokens after the grid. The student gets them
+    as conditioning (exact for every query): with the kernel term off and radius 0, an image query's
+    output is the softmax over text + every reference token + its own tile, built here from that
+    definition on ComfyUI's order; text and reference queries see every key. A count that does not add
+    up stays native."""
+    torch.manual_seed(0)
+    cfg = HKRConfig(mode="window", feature_dim=8, window_tile=[1, 2], window_radius=0, gamma_init=-40.0)
+    layer = WindowLayer(cfg, num_heads=2)
+    holder = _holder_for(layer)
+    n_txt, h, w, n_ref = 4, 3, 4, sum(refs)
+    holder.call = comfy_patch.CallInfo(n_txt=n_txt, height=h, width=w, guidance=2.0, sigma=0.75)
+    n = n_txt + h * w + n_ref
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, n, 128, generator=g) for _ in range(3))
+    topts = {"img_slice": [n_txt, n], "reference_image_num_tokens": refs}
+    out, native_calls = _call(holder, q, k, v, topts)
+    assert native_calls == [] and holder.routed_calls == {(0, "single_blocks.0", "student"): 1}
+    exact = torch.zeros(n, n, dtype=torch.bool)
+    grid = n_txt + h * w
+    exact[:, :n_txt] = exact[:, grid:] = True  # text and reference keys: every query
+    exact[:n_txt] = exact[grid:] = True  # text and reference queries: every key
+    for i in range(h * w):  # image query: its own 1 x 2 tile (radius 0)
+        r, c = divmod(i, w)
+        for j in range(h * w):
+            if j // w == r and (j % w) // 2 == c // 2:
+                exact[n_txt + i, n_txt + j] = True
+    want = _window_exact_reference(q, k, v, exact).float().transpose(1, 2).reshape(1, n, 256)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    # the layout helpers are inverse permutations
+    t = torch.arange(n).view(1, 1, n, 1).float()
+    perm = comfy_patch.reference_layout(t, n_txt, h * w)
+    assert perm.flatten().tolist() == list(range(n_txt)) + list(range(grid, n)) + list(range(n_txt, grid))
+    assert torch.equal(comfy_patch.comfy_layout(perm, n_txt, h * w), t)
+    # one reference token more than ComfyUI announced: native
+    q2, k2, v2 = (torch.randn(1, 2, n + 1, 128, generator=g) for _ in range(3))
+    _, native_calls = _call(holder, q2, k2, v2, {"img_slice": [n_txt, n + 1], "reference_image_num_tokens": refs})
+    assert len(native_calls) == 1 and holder.fallbacks["token count is not text + latent grid + reference tokens"] == 1
+
+
+def reference_workflow(unet: str, student: str | None) -> dict:
+    """:func:`workflow` with FLUX.2 reference-image editing: ReferenceLatent puts a 2-step native sample of a
+    6 x 4 token latent (another size than the 8 x 8 grid) into the positive conditioning."""
+    p = workflow(unet, student)
+    p["10"] = {"class_type": "EmptyFlux2LatentImage", "inputs": {"width": 64, "height": 96, "batch_size": 1}}
+    p["11"] = {"class_type": "KSampler", "inputs": {
+        "model": ["1", 0], "seed": 3, "steps": 2, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+        "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["10", 0], "denoise": 1.0}}
+    p["12"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["2", 0], "latent": ["11", 0]}}
+    p["5"]["inputs"]["positive"] = ["12", 0]
+    return p
+
+
+def test_reference_latent_workflow_routes_every_call(comfy, setup, tiny_teacher):
+    """A ReferenceLatent workflow through ComfyUI's executor: every attention call carries the 24 reference
+    tokens after the grid and goes to its student (no fallback). Students whose exact set is every key
+    (a window wider than the grid, kernel term off) reproduce the native latent to fp32 rounding, which
+    they only do if the reference tokens go in and come out in the right places."""
+    heads, keys = tiny_teacher.num_heads, tiny_teacher.layer_keys
+    cfg = HKRConfig(mode="window", feature_dim=8, window_radius=4 * GRID, gamma_init=-40.0)
+    torch.manual_seed(0)
+    _save(setup["folder"] / "students_exact.safetensors", {k: WindowLayer(cfg, num_heads=heads) for k in keys},
+          {k: True for k in keys}, cfg, heads)
+    native = latent(comfy.run(reference_workflow(setup["unet"], None)))
+    assert not torch.allclose(native, setup["base"], rtol=1e-3, atol=1e-4)  # the reference changes the image
+    with record_attention() as calls:
+        got = latent(comfy.run(reference_workflow(setup["unet"], "students_exact.safetensors")))
+    routed = [c for c in calls if c["q"].shape[2] == FLUX2_TXT + GRID * GRID + 24]
+    assert len(routed) == STEPS * len(keys)  # the main sampler's calls: text + grid + reference tokens
+    holder = comfy_patch.last_runs()[-1]
+    assert not holder.fallbacks
+    assert sum(n for (_, _, r), n in holder.routed_calls.items() if r == "student") == STEPS * len(keys)
+    torch.testing.assert_close(got, native, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("hint_key", comfy_patch.COND_TOKEN_HINTS)
 def test_conditioning_token_hints(hint_key):
     """A hint gives the number of leading conditioning tokens: here 2 extra prefix tokens ahead of the
@@ -493,7 +576,7 @@ def test_conditioning_token_hints(hint_key):
     q, k, v = (torch.randn(1, 2, 6 + 9, 128, generator=g) for _ in range(3))
     # no hint: img_slice says 4 text tokens, 4 + 9 != 15 -> native (fail-closed)
     out, native_calls = _call(holder, q, k, v, {"img_slice": [4, 11]})
-    assert len(native_calls) == 1 and holder.fallbacks["token count is not text + latent grid (reference latents?)"] == 1
+    assert len(native_calls) == 1 and holder.fallbacks["token count is not text + latent grid + reference tokens"] == 1
     # the hint overrides img_slice (single blocks) and the context length (double blocks)
     with torch.inference_mode():
         want = layer(q, k, v, 6, 0.75, 2.0, height=3, width=3).transpose(1, 2).reshape(1, 15, 256)
