@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import gpu_ms, gpu_spread  # benchmarks/timing.py (the scripts' folder is on sys.path)
 
 from flux2ttr.config import load_section
 from flux2ttr.students import fast_path
@@ -50,9 +51,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def median_ms(fn, warmup_ms: int, rep_ms: int) -> float:
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    return gpu_ms(fn, warmup_ms, rep_ms)[0]
 
 
 def flops_bytes(cfg: HKRConfig, h: int, n: int, n_land: int, d: int, elt: int) -> tuple[float, float]:
@@ -87,6 +86,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("bench_gpu_student needs a CUDA device (the fused kernels are the thing measured)")
     dev = torch.device("cuda")
     cfg = load_section(HKRConfig, "hkr", args.params) if args.params.is_file() else HKRConfig()
+    if cfg.mode == "window":  # the window student has its own benchmark; time params.yaml's setting there
+        import bench_gpu_window  # benchmarks/bench_gpu_window.py (the scripts' folder is on sys.path)
+
+        print(f"{args.params}: hkr.mode is window -> benchmarks/bench_gpu_window.py --configs {bench_gpu_window.PARAMS}")
+        bench_gpu_window.main(["--configs", bench_gpu_window.PARAMS, "--heads", str(args.heads),
+                               "--n-cond", str(args.n_cond), "--sides", *map(str, args.sides),
+                               "--warmup-ms", str(args.warmup_ms), "--rep-ms", str(args.rep_ms)])
+        return
     if args.kernel:
         fast_path.KERNEL = dataclasses.replace(fast_path.KERNEL, **json.loads(args.kernel))
         print("kernel config:", fast_path.KERNEL)
@@ -127,12 +134,14 @@ def main(argv: list[str] | None = None) -> None:
                 c.fast_path = True
                 err = rel_err(out, ref)
                 del ref
-                t_sdpa = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), args.warmup_ms, args.rep_ms)
-                t_st = median_ms(run, args.warmup_ms, args.rep_ms)
+                sdpa_t = gpu_ms(lambda: F.scaled_dot_product_attention(q, k, v), args.warmup_ms, args.rep_ms)
+                st_t = gpu_ms(run, args.warmup_ms, args.rep_ms)
+                t_sdpa, t_st = sdpa_t[0], st_t[0]
                 n_land = landmark_indices(args.n_cond, side, side, c).numel()
                 fl, by = flops_bytes(c, args.heads, n, n_land, d, 2)
                 row = dict(variant=name, tokens=n, image=side * side, landmarks=n_land, sdpa_ms=t_sdpa,
-                           student_ms=t_st, speedup=t_sdpa / t_st, rel_err=err, student_gflop=fl / 1e9,
+                           student_ms=t_st, sdpa_p10_p90=sdpa_t[1:], student_p10_p90=st_t[1:],
+                           speedup=t_sdpa / t_st, rel_err=err, student_gflop=fl / 1e9,
                            student_tflops=fl / t_st / 1e9, min_bytes_mb=by / 1e6)
                 row["host_us"] = host_us(run)
                 if args.cpu_profile:
@@ -148,11 +157,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     print()
-    print(f"{'variant':>9} {'tokens':>7} {'landm':>6} {'SDPA ms':>9} {'student ms':>11} {'speed-up':>9} "
-          f"{'rel err':>9} {'TFLOP/s':>8} {'host us':>8}")
+    print(f"{'variant':>9} {'tokens':>7} {'landm':>6} {'SDPA ms (p10-p90)':>24} {'student ms (p10-p90)':>24} "
+          f"{'speed-up':>9} {'rel err':>9} {'TFLOP/s':>8} {'host us':>8}")
     for r in rows:
-        print(f"{r['variant']:>9} {r['tokens']:>7} {r['landmarks']:>6} {r['sdpa_ms']:>9.3f} {r['student_ms']:>11.3f} "
+        sdpa_s = gpu_spread((r["sdpa_ms"], *r["sdpa_p10_p90"]))
+        st_s = gpu_spread((r["student_ms"], *r["student_p10_p90"]))
+        print(f"{r['variant']:>9} {r['tokens']:>7} {r['landmarks']:>6} {sdpa_s:>24} {st_s:>24} "
               f"{r['speedup']:>8.2f}x {r['rel_err']:>9.2e} {r['student_tflops']:>8.1f} {r['host_us']:>8.1f}")
+    print("speed-up = SDPA median / student median (> 1: the student is faster); medians of CUDA-event-timed calls "
+          "after a warm-up, p10-p90 their spread")
 
 
 def check_cases(cfg: HKRConfig, args, dev: torch.device) -> None:

@@ -23,10 +23,13 @@ import dataclasses
 import math
 import multiprocessing as mp
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import gpu_ms, gpu_spread  # benchmarks/timing.py (the scripts' folder is on sys.path)
 
+from flux2ttr.config import load_section
 from flux2ttr.students import window_fast
 from flux2ttr.students.hkr import HKRConfig
 from flux2ttr.students.window import WindowLayer
@@ -52,8 +55,14 @@ SWEEP = {  # KernelConfig overrides timed with --sweep (on the first config)
 }
 
 
+PARAMS = "params.yaml"  # the config name of params.yaml's hkr section (read from the working directory)
+
+
 def make_layer(name: str, heads: int, log_gamma: tuple[float, float], seed: int = 0) -> WindowLayer:
-    cfg = HKRConfig(mode="window", head_dim=128, **CONFIGS[name])
+    if name == PARAMS:
+        cfg = dataclasses.replace(load_section(HKRConfig, "hkr", Path(PARAMS)), mode="window", head_dim=128)
+    else:
+        cfg = HKRConfig(mode="window", head_dim=128, **CONFIGS[name])
     torch.manual_seed(seed)
     layer = WindowLayer(cfg, num_heads=heads).eval()
     with torch.no_grad():
@@ -141,9 +150,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def median_ms(fn, warmup_ms: int, rep_ms: int) -> float:
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    return gpu_ms(fn, warmup_ms, rep_ms)[0]
 
 
 def kernel_ms(fn, iters: int = 5) -> dict[str, float]:
@@ -205,7 +212,8 @@ def bench_side(args: argparse.Namespace, side: int) -> list[tuple]:
     n = args.n_cond + n_img
     q, k, v = make_qkv(args.heads, n, seed=side)
     with torch.inference_mode():
-        sdpa = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), args.warmup_ms, max(args.rep_ms, 300))
+        sdpa_t = gpu_ms(lambda: F.scaled_dot_product_attention(q, k, v), args.warmup_ms, max(args.rep_ms, 300))
+    sdpa = sdpa_t[0]
     g = torch.Generator(device="cuda").manual_seed(1)
     if n <= args.ref_all_max:
         rows = torch.arange(n, device="cuda")
@@ -219,8 +227,9 @@ def bench_side(args: argparse.Namespace, side: int) -> list[tuple]:
         with torch.inference_mode():
             out = layer(q, k, v, args.n_cond, 0.5, 3.5, height=side, width=side)
             assert "main" in window_fast.LAST_LAUNCH, window_fast.fast_path_reason(layer, q, k, v)
-            ms = median_ms(lambda: layer(q, k, v, args.n_cond, 0.5, 3.5, height=side, width=side),
-                           args.warmup_ms, args.rep_ms)
+            ms_t = gpu_ms(lambda: layer(q, k, v, args.n_cond, 0.5, 3.5, height=side, width=side),
+                          args.warmup_ms, args.rep_ms)
+            ms = ms_t[0]
         ref, exact = reference(layer, q, k, v, args.n_cond, side, side, rows)
         err = rel_err(out[:, :, rows], ref)
         share = rel_err(exact, ref)  # how far the kernel term moves the output from exact-only softmax
@@ -228,7 +237,7 @@ def bench_side(args: argparse.Namespace, side: int) -> list[tuple]:
         feat_k = window_fast.LAST_LAUNCH["features"]
         regs = f"{getattr(main_k, 'n_regs', '?')}/{getattr(main_k, 'n_spills', '?')}"
         fregs = f"{getattr(feat_k, 'n_regs', '?')}/{getattr(feat_k, 'n_spills', '?')}"
-        out_rows.append((name, side, n, sdpa, ms, sdpa / ms, err, share, regs, fregs))
+        out_rows.append((name, side, n, sdpa_t, ms_t, sdpa / ms, err, share, regs, fregs))
         print(f"  {name:20s} {side * 16}² {ms:8.3f} ms  x{sdpa / ms:6.2f}  rel {err:.2e}", flush=True)
         if args.profile:
             with torch.inference_mode():
@@ -264,7 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--heads", type=int, default=24)
     ap.add_argument("--n-cond", type=int, default=512)
     ap.add_argument("--sides", type=int, nargs="+", default=list(SIDES))
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS),
+                    help=f"student settings to time: {', '.join(CONFIGS)}, or {PARAMS!r} (its hkr section)")
     ap.add_argument("--log-gamma", type=float, nargs=2, default=(-12.0, -8.5), help="per-head log gamma range")
     ap.add_argument("--ref-all-max", type=int, default=20000, help="reference on every query up to this many tokens")
     ap.add_argument("--ref-sample", type=int, default=4096, help="image query rows in the reference above that")
@@ -297,11 +307,13 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.empty_cache()
 
     print()
-    print(f"{'config':>20s} {'image':>6s} {'tokens':>7s} {'SDPA ms':>9s} {'student ms':>11s} {'speed-up':>9s} "
-          f"{'rel err':>9s} {'kern share':>10s} {'main r/s':>9s} {'feat r/s':>9s}")
-    for name, side, n, s_ms, ms, sp, err, share, regs, fregs in rows_out:
-        print(f"{name:>20s} {side * 16:>5d}² {n:>7d} {s_ms:>9.3f} {ms:>11.3f} {sp:>8.2f}x {err:>9.2e} {share:>10.2e} "
-              f"{regs:>9s} {fregs:>9s}")
+    print(f"{'config':>22s} {'image':>6s} {'tokens':>7s} {'SDPA ms (p10-p90)':>24s} {'student ms (p10-p90)':>24s} "
+          f"{'speed-up':>9s} {'rel err':>9s} {'kern share':>10s} {'main r/s':>9s} {'feat r/s':>9s}")
+    for name, side, n, s_t, m_t, sp, err, share, regs, fregs in rows_out:
+        print(f"{name:>22s} {side * 16:>5d}² {n:>7d} {gpu_spread(s_t):>24s} {gpu_spread(m_t):>24s} {sp:>8.2f}x "
+              f"{err:>9.2e} {share:>10.2e} {regs:>9s} {fregs:>9s}")
+    print("speed-up = SDPA median / student median (> 1: the student is faster); medians of CUDA-event-timed calls "
+          "after a warm-up, p10-p90 their spread")
     print("kern share: ||exact-only softmax - ref|| / ||ref||; r/s: registers / spilled registers per thread")
     goals = {64: 1.2, 128: 4.0, 256: 15.0}
     print("\ngoals: >= 1.2x / 4x / 15x SDPA at 1024² / 2048² / 4096², rel err <= 1e-2")
