@@ -1,4 +1,4 @@
-"""The ``flux2ttr`` command line: every DVC stage, plus ``inspect`` and ``comfy-install``.
+"""The ``flux2ttr`` command line: every DVC stage, plus ``inspect``, ``comfy-install`` and ``offline-plots``.
 
 Each stage command calls ``run_stage(params_path)`` of the project's ``stages/<name>.py`` (imported
 lazily so that ``flux2ttr --help`` stays fast), the same function ``dvc repro`` runs. A config or input
@@ -34,7 +34,8 @@ except ModuleNotFoundError as _e:
                      f"{PIPELINE_INSTALL}") from None
 
 # import names of the pipeline extra's packages (pyproject.toml [project.optional-dependencies] pipeline)
-PIPELINE_MODULES = frozenset({"zarr", "dvc", "click", "comet_ml", "diffusers", "yaml", "tqdm", "matplotlib", "PIL"})
+PIPELINE_MODULES = frozenset({"zarr", "dvc", "click", "comet_ml", "diffusers", "yaml", "tqdm", "matplotlib", "PIL",
+                              "vl_convert"})
 
 _PARAMS = click.option(
     "--params", "params_path", type=click.Path(path_type=Path), default=Path("params.yaml"),
@@ -183,6 +184,22 @@ def comfy_install_cmd(comfyui_dir: Path, artifacts: Path, copy_pack: bool, pytho
                               tiny_teacher=not no_tiny_teacher)
     except comfy_install.InstallError as e:
         raise click.ClickException(str(e)) from e
+
+
+@main.command("offline-plots")
+@click.option("--repo", type=click.Path(path_type=Path, file_okay=False), default=Path("."), show_default=True,
+              help="the DVC repository (the project's root)")
+def offline_plots_cmd(repo: Path) -> None:
+    """Make `dvc plots show` work without internet: writes .dvc/plots/offline.html (Vega, Vega-Lite and
+    Vega-Embed inline) and sets plots.html_template in .dvc/config.local. Run once per clone."""
+    from flux2ttr import offline_plots  # noqa: PLC0415
+
+    try:
+        path = offline_plots.install(repo)
+    except offline_plots.OfflinePlotsError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB); `dvc plots show` now writes a page that "
+               "opens offline")
 
 
 if __name__ == "__main__":

@@ -79,12 +79,16 @@ def _vega(shown: dict, name: str) -> dict:
     return plot["content"]
 
 
-def test_dvc_plots_show_one_series_per_layer_and_policy(tmp_path: Path):
-    """dvc.yaml's plot definitions on the tables the stages write: every distill table is drawn against its
-    ``step`` column with one line per layer (whatever layers the teacher has: no column list anywhere), the
-    quality-vs-speed table one series per policy, and the PNGs come back as images."""
+LAYERS = ["double_blocks.0", "single_blocks.0", "single_blocks.1", "single_blocks.2", "single_blocks.10"]
+STEPS = [50, 100, 150]
+
+
+def _plot_tables(tmp_path: Path) -> dict:
+    """A bare DVC repository in ``tmp_path`` (dvc.yaml, params, the plot templates) holding the plot tables and
+    PNGs the stages write, made by the stages' own writers; returns the params."""
     from flux2ttr.distill.trainer import PLOT_METRICS, write_plots
     from flux2ttr.routing.evaluate import plot_quality_vs_speed
+
 
     for rel in ("dvc.yaml", "params.yaml", ".dvc/config", *[str(p.relative_to(REPO)) for p in
                                                            (REPO / ".dvc" / "plots").glob("*.json")]):
@@ -92,8 +96,7 @@ def test_dvc_plots_show_one_series_per_layer_and_policy(tmp_path: Path):
         shutil.copy2(REPO / rel, tmp_path / rel)
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True, capture_output=True)
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    layers = ["double_blocks.0", "single_blocks.0", "single_blocks.1", "single_blocks.2", "single_blocks.10"]
-    steps = [50, 100, 150]
+    layers, steps = LAYERS, STEPS
     history = [{"step": s, "layer": k, **{m: 0.1 / (1 + s + i) for m in PLOT_METRICS}}
                for s in steps for i, k in enumerate(layers)]
     history.append({"step": 200, "layer": layers[0], **{m: 1e-3 for m in PLOT_METRICS}})  # one layer only
@@ -110,6 +113,18 @@ def test_dvc_plots_show_one_series_per_layer_and_policy(tmp_path: Path):
     plot_quality_vs_speed(details, tmp_path / ev["plot"], tmp_path / ev["plot_table"])
     shutil.copy2(tmp_path / ev["plot"], tmp_path / ev["grid"])  # any PNG stands in for the image grid
 
+    return params
+
+
+def test_dvc_plots_show_one_series_per_layer_and_policy(tmp_path: Path):
+    """dvc.yaml's plot definitions on the tables the stages write: every distill table is drawn against its
+    ``step`` column with one line per layer (whatever layers the teacher has: no column list anywhere), the
+    quality-vs-speed table one series per policy, and the PNGs come back as images."""
+    from flux2ttr.distill.trainer import PLOT_METRICS
+
+    params = _plot_tables(tmp_path)
+    layers, steps = LAYERS, STEPS
+    ev = params["evaluate"]
     proc = _run([sys.executable, "-m", "dvc", "plots", "show", "--json"], tmp_path)
     shown = json.loads(proc.stdout)
     assert not shown.get("errors"), shown["errors"]
@@ -137,3 +152,40 @@ def test_dvc_plots_show_one_series_per_layer_and_policy(tmp_path: Path):
         (plot,) = shown["data"][image]
         assert plot["type"] == "image", plot
         check_png(plot["url"])
+
+
+def test_offline_plots_page_needs_no_internet_and_every_chart_draws(tmp_path: Path):
+    """`flux2ttr offline-plots` then `dvc plots show`: the page loads no script from anywhere (the libraries
+    are inline), every Vega chart is on it, and each chart's spec, compiled by the Vega-Lite version the page
+    carries, draws one line per layer (distill) or one series per policy (quality vs speed)."""
+    import vl_convert
+    from click.testing import CliRunner
+
+    from flux2ttr import offline_plots
+    from flux2ttr.cli import main
+    from flux2ttr.distill.trainer import PLOT_METRICS
+
+    _plot_tables(tmp_path)
+    res = CliRunner().invoke(main, ["offline-plots", "--repo", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "plots/offline.html" in (tmp_path / ".dvc" / "config.local").read_text()
+    _run([sys.executable, "-m", "dvc", "plots", "show"], tmp_path)
+    html = (tmp_path / "dvc_plots" / "index.html").read_text()
+    assert "<script src" not in html and "cdn.jsdelivr" not in html and "https://cdn" not in html
+    assert "window.vegaEmbed=" in html
+    shown = json.loads(_run([sys.executable, "-m", "dvc", "plots", "show", "--json"], tmp_path).stdout)
+    vega = {name: p[0]["content"] for name, p in shown["data"].items() if p[0]["type"] == "vega"}
+    assert len(vega) == len(PLOT_METRICS) + 1 and html.count("vegaEmbed('#") == len(vega)
+    for name, spec in vega.items():
+        svg = vl_convert.vegalite_to_svg(spec, vl_version=offline_plots.VEGA_LITE_VERSION)
+        lines = svg.count('aria-roledescription="line mark"') + svg.count('aria-roledescription="point mark"')
+        assert lines >= (len(LAYERS) if "distill" in name else 5), (name, lines)
+
+
+def test_offline_plots_outside_a_dvc_repository_says_where(tmp_path: Path):
+    from click.testing import CliRunner
+
+    from flux2ttr.cli import main
+
+    res = CliRunner().invoke(main, ["offline-plots", "--repo", str(tmp_path)])
+    assert res.exit_code == 1 and "is not a DVC repository" in res.output
