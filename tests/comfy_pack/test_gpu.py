@@ -215,6 +215,37 @@ def test_cfg_batched_cond_uncond(comfy, gpu, fused_calls):
     print(f"\ncfg 3 batched (B=2) {px}px: worst call rel err {worst:.2e}")
 
 
+def test_reference_latent_fused_bf16(comfy, gpu, fused_calls):
+    """ReferenceLatent on CUDA: the main sampler's calls carry text + grid + the reference's tokens, every one
+    takes the fused student, and each equals the eager fp32 student on the student's layout (references as
+    conditioning), put back in ComfyUI's order, within bf16 tolerance."""
+    steps, px, ref_w, ref_h = 2, 512, 256, 384
+    grid, n_ref = px // 16, (ref_w // 16) * (ref_h // 16)
+    p = sampler_prompt(gpu, px=px, steps=steps, cfg=1.0)
+    p["10"] = {"class_type": "EmptyFlux2LatentImage", "inputs": {"width": ref_w, "height": ref_h, "batch_size": 1}}
+    p["11"] = {"class_type": "KSampler", "inputs": {
+        "model": ["1", 0], "seed": 3, "steps": 2, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+        "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["10", 0], "denoise": 1.0}}
+    p["12"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["2", 0], "latent": ["11", 0]}}
+    p["5"]["inputs"]["positive"] = ["12", 0]
+    with record_attention() as calls:
+        latent(comfy.run(p))
+    routed = [c for c in calls if c["q"].shape[2] == FLUX2_TXT + grid * grid + n_ref]
+    assert len(routed) == steps * len(gpu["layers"])
+    holder = comfy_patch.last_runs()[-1]
+    assert not holder.fallbacks and fused_calls == [True] * len(routed)  # the reference's sampler is unpatched
+    worst = 0.0
+    for c in routed:
+        q, k, v = (comfy_patch.reference_layout(t.float(), FLUX2_TXT, grid * grid) for t in (c["q"], c["k"], c["v"]))
+        want = comfy_patch.comfy_layout(eager(gpu["ref"][c["key"]], q, k, v, FLUX2_TXT + n_ref, c["sigma"], GUIDANCE,
+                                              height=grid, width=grid), FLUX2_TXT, grid * grid)
+        b, h, n, d = want.shape
+        err = rel(c["out"].float().reshape(b, n, h, d).transpose(1, 2), want)
+        assert err < CALL_RTOL, f"{c['key']}: relative error {err:.2e}"
+        worst = max(worst, err)
+    print(f"\nReferenceLatent {px}px + {n_ref} reference tokens: worst call rel err {worst:.2e}")
+
+
 def test_two_runs_share_the_copies_no_vram_growth_no_sync_per_call(comfy, gpu, fused_calls, monkeypatch):
     """Two runs through one PromptExecutor (its cache holds the patched MODEL; only KSampler runs again):
     the students' GPU copies are made once, allocated VRAM does not grow from run 1 to run 2, and in
