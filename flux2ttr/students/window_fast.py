@@ -5,6 +5,9 @@ The eager forward in :mod:`flux2ttr.students.window` is the reference and the CP
 The fast path runs CUDA bf16/fp16 inference (``eval()``, no autograd) with all queries (no ``q_idx``); it is
 switched off by ``hkr.fast_path: false`` or ``FLUX2TTR_FAST_PATH=0``. Kernels: :mod:`flux2ttr.students.window_kernels`.
 
+With ``text_query_keys: all`` the text rows are plain softmax over every key: by default they run as
+``scaled_dot_product_attention`` on a side stream, beside the kernels (``KernelConfig.text_sdpa``).
+
 Numerics: matrix products on 16-bit operands with fp32 accumulation (like FlashAttention), statistics,
 normalisation and the complement sums fp32; the relative error to the fp32 eager forward is ~1e-3
 (``benchmarks/bench_gpu_window.py``, ``tests/students/test_window_gpu.py``).
@@ -59,6 +62,9 @@ class KernelConfig:
     mlp_chunk: int = 128  # hidden units per chunk of the feature MLP (power of two)
     fuse_sums: bool = True  # window kernel sums inside the softmax loop (one pass over V); only when FP <= feature_chunk
     fast_math: bool = True  # SiLU through tanh.approx (one MUFU op); off under the interpreter
+    # text_query_keys "all": the text rows are plain softmax over every key; SDPA (flash attention) runs them
+    # on a side stream while the image programs run (the kernel's text programs: 40% of its work at 1024²)
+    text_sdpa: bool = True
 
 
 KERNEL = KernelConfig()
@@ -364,7 +370,8 @@ def fast_forward(
     out = torch.empty(b, h, n, d, dtype=q.dtype, device=dev)
     lm_arg = lm if n_lm else _dummy_index(dev)
     gamma = prep.gamma
-    n_text_blocks = -(-n_cond // kc.block_m)
+    text_sdpa = text_all and kc.text_sdpa and n_cond > 0 and q.is_cuda and not interpreting()
+    n_text_blocks = 0 if text_sdpa else -(-n_cond // kc.block_m)
     feature_args = dict(
         q_ptr=q, k_ptr=k, v_ptr=v, phiq_ptr=phiq, phik_ptr=phik, part_ptr=part,
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2),
@@ -390,7 +397,10 @@ def fast_forward(
         D=d, FP=prep.fp, FC=fc, BLOCK_M=kc.block_m, BLOCK_N=kc.block_n,
         MULTI=plan.multi, TEXT_ALL=text_all, EVEN_COND=n_cond % kc.block_n == 0, FUSE_SUMS=kc.fuse_sums and prep.fp == fc,
     )
+    side = None
     try:
+        if text_sdpa:  # first, so it overlaps the feature pass too (it needs only q, k, v)
+            side = _text_rows_beside(q, k, v, out, n_cond)
         LAST_LAUNCH["features"] = _launch(wk._window_feature_pass, sides * splits * bh, feature_args,
                                           kc.feature_warps, kc.feature_stages if resident else kc.feature_stages_chunked)
         stats = part[0] if splits == 1 else part.sum(dim=0)  # fixed-order reduction: deterministic
@@ -398,6 +408,7 @@ def fast_forward(
         LAST_LAUNCH["main"] = _launch(wk._window_main, (n_text_blocks + plan.n_blocks) * bh, main_args,
                                       kc.warps, kc.stages)
         LAST_LAUNCH["plan"] = plan
+        LAST_LAUNCH["text_sdpa"] = text_sdpa
     except Exception as exc:
         if not _is_out_of_resources(exc):
             raise
@@ -405,7 +416,31 @@ def fast_forward(
         UNAVAILABLE[key] = f"window kernels do not fit {dev} ({exc}); running eager"
         warnings.warn(f"flux2ttr.students.window_fast: {UNAVAILABLE[key]}", RuntimeWarning, stacklevel=2)
         return None
+    finally:
+        if side is not None:  # out (and its memory, should it be dropped) is the caller's stream's again
+            torch.cuda.current_stream(dev).wait_stream(side)
     return out
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _text_rows_beside(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, n_cond: int
+                      ) -> torch.cuda.Stream:
+    """Start ``out[:, :, :n_cond] = softmax(q_text k^T / sqrt(D)) v`` (every key: ``text_query_keys`` all) on
+    a side stream and return it; the caller's stream must wait on it before ``out`` is read. The rows are
+    disjoint from what the main pass writes, and the side stream first waits for everything queued so far."""
+    dev = q.device
+    side = _SIDE_STREAMS.get(dev)
+    if side is None:
+        side = _SIDE_STREAMS[dev] = torch.cuda.Stream(device=dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        text = torch.nn.functional.scaled_dot_product_attention(q[:, :, :n_cond], k, v)
+        out[:, :, :n_cond].copy_(text)
+    # text was allocated on the side stream; q, k, v and out outlive this call on the caller's stream, which
+    # waits on the side stream before it goes on
+    return side
 
 
 def _launch(fn, grid: int, args: dict, num_warps: int, num_stages: int):
