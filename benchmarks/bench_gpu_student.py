@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sides", type=int, nargs="+", default=list(SIDES))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
-    ap.add_argument("--warmup-ms", type=int, default=100)
+    ap.add_argument("--warmup-ms", type=int, default=300)
     ap.add_argument("--rep-ms", type=int, default=500)
     ap.add_argument("--sweep", action="store_true", help="time KernelConfig variants too")
     ap.add_argument("--profile", action="store_true", help="print per-kernel GPU times (torch.profiler)")

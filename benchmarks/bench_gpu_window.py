@@ -279,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--log-gamma", type=float, nargs=2, default=(-12.0, -8.5), help="per-head log gamma range")
     ap.add_argument("--ref-all-max", type=int, default=20000, help="reference on every query up to this many tokens")
     ap.add_argument("--ref-sample", type=int, default=4096, help="image query rows in the reference above that")
-    ap.add_argument("--warmup-ms", type=int, default=25)
+    ap.add_argument("--warmup-ms", type=int, default=300,
+                    help="warm-up per timing (the first calls also start SDPA's side stream)")
     ap.add_argument("--rep-ms", type=int, default=150)
     ap.add_argument("--precompile", action="store_true", help="compile all variants in parallel processes first")
     ap.add_argument("--only-precompile", action="store_true", help="stop after --precompile")
