@@ -5,8 +5,8 @@ The eager forward in :mod:`flux2ttr.students.window` is the reference and the CP
 The fast path runs CUDA bf16/fp16 inference (``eval()``, no autograd) with all queries (no ``q_idx``); it is
 switched off by ``hkr.fast_path: false`` or ``FLUX2TTR_FAST_PATH=0``. Kernels: :mod:`flux2ttr.students.window_kernels`.
 
-With ``text_query_keys: all`` the text rows are plain softmax over every key: by default they run as
-``scaled_dot_product_attention`` on a side stream, beside the kernels (``KernelConfig.text_sdpa``).
+With ``text_query_keys: all`` the text rows are plain softmax over every key: the main pass runs them, or
+(``KernelConfig.text_sdpa``) ``scaled_dot_product_attention`` on a side stream beside the kernels.
 
 Numerics: matrix products on 16-bit operands with fp32 accumulation (like FlashAttention), statistics,
 normalisation and the complement sums fp32; the relative error to the fp32 eager forward is ~1e-3
@@ -62,9 +62,11 @@ class KernelConfig:
     mlp_chunk: int = 128  # hidden units per chunk of the feature MLP (power of two)
     fuse_sums: bool = True  # window kernel sums inside the softmax loop (one pass over V); only when FP <= feature_chunk
     fast_math: bool = True  # SiLU through tanh.approx (one MUFU op); off under the interpreter
-    # text_query_keys "all": the text rows are plain softmax over every key; SDPA (flash attention) runs them
-    # on a side stream while the image programs run (the kernel's text programs: 40% of its work at 1024²)
-    text_sdpa: bool = True
+    # text_query_keys "all": the text rows are plain softmax over every key; True: SDPA runs them on a side
+    # stream while the image programs run (the kernel's text programs are ~40% of its work). 12-15% faster
+    # alone on an H200 (bench_gpu_window), but its one end-to-end run in ComfyUI had a first 4096² step 36%
+    # slower (a per-shape SDPA warm-up?), not yet measured again: off by default until it is
+    text_sdpa: bool = False
 
 
 KERNEL = KernelConfig()
