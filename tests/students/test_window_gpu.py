@@ -106,3 +106,22 @@ def test_inference_mode_students_and_eager_fallbacks():
     eager = plain(q, k, v, N_COND, 0.5, 3.5, height=HEIGHT, width=WIDTH)
     assert "main" not in window_fast.LAST_LAUNCH and eager.requires_grad
     assert rel(eager.detach(), a) < 1e-2
+
+
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+def test_text_rows_by_sdpa_on_a_side_stream(layout):
+    """KernelConfig.text_sdpa: the text rows (every key, plain softmax) come from SDPA on a side stream while
+    the kernels write the image rows: the same output as the formula, text rows and image rows alike, also
+    on strided views (ComfyUI's q, k, v are)."""
+    import dataclasses
+
+    layer = gpu_layer(window_radius=4)
+    q, k, v = gpu_inputs(torch.bfloat16, layout=layout)
+    kc = dataclasses.replace(window_fast.KERNEL, text_sdpa=True)
+    window_fast.LAST_LAUNCH.clear()
+    with torch.inference_mode():
+        out = window_fast.fast_forward(layer, q, k, v, N_COND, 0.5, 3.5, height=HEIGHT, width=WIDTH, kernel=kc)
+    assert window_fast.LAST_LAUNCH["text_sdpa"] is True
+    ref = formula(layer, q, k, v, N_COND, HEIGHT, WIDTH, landmarks=layer.landmarks(N_COND, HEIGHT, WIDTH),
+                  explicit=False)
+    assert rel(out[:, :, :N_COND], ref[:, :, :N_COND]) < 1e-2 and rel(out[:, :, N_COND:], ref[:, :, N_COND:]) < 1e-2
