@@ -198,12 +198,12 @@ _HUB_MODULES = ("utils", "vision_transformer", "hubconf")
 
 
 @contextmanager
-def dreamsim_hub_guard(hub_dir: str | Path) -> Iterator[None]:
+def dreamsim_hub_guard() -> Iterator[None]:
     """Run DreamSim's model construction (which calls ``torch.hub.load`` for DINO) so that the hub repo's
     top-level ``utils``/``vision_transformer`` are its own: modules already imported under those names (inside
     ComfyUI, ComfyUI's ``utils`` package, whose missing ``trunc_normal_`` otherwise fails the import) are set
-    aside and put back after, the hub repo's ones dropped, and torch.hub's directory (DreamSim sets it to
-    ``hub_dir``) restored."""
+    aside and put back after, the hub repo's ones dropped, and torch.hub's directory (DreamSim points it at
+    its checkpoint folder) restored."""
     def ours(name: str) -> bool:
         return name.split(".", 1)[0] in _HUB_MODULES
 
@@ -230,7 +230,7 @@ def _load_dreamsim(cfg: QualityConfig) -> tuple[torch.nn.Module, Any]:
         raise QualityWeightsError(f"{cache}: the DreamSim '{cfg.dreamsim_type}' checkpoint folder lacks "
                                   f"{', '.join(missing)} (params quality.dreamsim_cache_dir); copy the folder a first "
                                   "online DreamSim run leaves, or fix the path")
-    with dreamsim_hub_guard(cache):
+    with dreamsim_hub_guard():
         model, preprocess = mod.dreamsim(pretrained=True, device=cfg.device, cache_dir=str(cache),
                                          dreamsim_type=cfg.dreamsim_type)
     return model, preprocess

@@ -48,7 +48,7 @@ _UTILS = '''"""Stand-in for DINO's utils.py."""
 from torch.nn.init import trunc_normal_  # noqa: F401
 '''
 
-# DreamSim's ensemble: DINO ViT-B/16 (CLS), CLIP ViT-B/16 and OpenCLIP ViT-B/16 (projected embeddings)
+# the LoRA adapter written for DreamSim's ensemble (DINO ViT-B/16 CLS + CLIP and OpenCLIP ViT-B/16 embeddings)
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "bias": "none", "target_modules": ["qkv"]}
 
 
@@ -97,7 +97,7 @@ def write_dreamsim_cache(root: Path, seed: int = 0) -> Path:
     from dreamsim.model import PerceptualModel
     from peft import LoraConfig, get_peft_model
 
-    with dreamsim_hub_guard(root):
+    with dreamsim_hub_guard():
         base = PerceptualModel(**dreamsim_args["model_config"]["ensemble"], device="cpu", load_dir=str(root),
                                normalize_embeds=True)
     peft_model = get_peft_model(base, LoraConfig(**LORA))
