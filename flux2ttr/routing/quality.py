@@ -223,6 +223,8 @@ def dreamsim_hub_guard() -> Iterator[None]:
 
 
 def _load_dreamsim(cfg: QualityConfig) -> tuple[torch.nn.Module, Any]:
+    """``(model, preprocess)`` from ``dreamsim.dreamsim`` on the checkpoint folder; ``model(a, b) -> [B]`` distance
+    of ``[B, 3, 224, 224]`` images in [0, 1]."""
     mod = _require("dreamsim", "dreamsim", "dreamsim")
     cache = _require_file(cfg.dreamsim_cache_dir, "dreamsim_cache_dir", "the DreamSim checkpoint folder")
     missing = [f for f in DREAMSIM_FILES[cfg.dreamsim_type] if not (cache / f).is_file()]
@@ -269,6 +271,8 @@ def install_hps_vocab() -> Path:
 
 
 def _load_hps(cfg: QualityConfig) -> tuple[torch.nn.Module, Callable[[list[str]], torch.Tensor]]:
+    """``(CLIP model, tokenizer)`` of hpsv2's open_clip fork with the HPS checkpoint loaded; the tokenizer maps
+    prompts to ``[B, 77]`` token ids."""
     _require("hpsv2", "hps", "hps")
     vocab, _ = _hps_vocab_paths()
     if not vocab.is_file():
@@ -302,6 +306,8 @@ def _pyiqa_arch(arch: str) -> type:
 
 
 def _load_pyiqa(cfg: QualityConfig, metric: str, weights: str, term: str) -> torch.nn.Module:
+    """pyiqa's ``InferenceModel`` for no-reference ``metric`` with ``weights`` loaded: ``[B, 3, H, W]`` in [0, 1]
+    -> ``[B, 1]`` score in the metric's own units (``lower_better`` says which way it reads)."""
     import inspect  # noqa: PLC0415
 
     from flux2ttr.config import ConfigError  # noqa: PLC0415
