@@ -430,15 +430,22 @@ class QualityLoss:
         with torch.no_grad():
             return model(s, t).reshape(-1).double()
 
-    def _hps_scores(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def _hps_text(self, prompts: list[str], device: torch.device) -> torch.Tensor:
+        """``[B, D]`` unit text embeddings of the prompts (encoded once per call: the text tower of ViT-H-14
+        costs about a third of an image encode)."""
         model, tokenizer = self.hps
+        with torch.no_grad():
+            return F.normalize(model.encode_text(tokenizer(prompts).to(device)), dim=-1)
+
+    def _hps_scores(self, images: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        """``[B]`` fp64 HPS scores (cosine of image and prompt embeddings) of ``images [B, 3, H, W]`` in [0, 1]."""
+        model, _ = self.hps
         mean = torch.tensor([0.48145466, 0.4578275, 0.40821073], device=images.device)[:, None, None]  # CLIP
         std = torch.tensor([0.26862954, 0.26130258, 0.27577711], device=images.device)[:, None, None]
         x = F.interpolate(images, size=(self.cfg.hps_size, self.cfg.hps_size), mode="bicubic", align_corners=False)
         x = (x.clamp(0, 1) - mean) / std
         with torch.no_grad():
             img = F.normalize(model.encode_image(x), dim=-1)
-            txt = F.normalize(model.encode_text(tokenizer(prompts).to(images.device)), dim=-1)
         return (img * txt).sum(-1).double()
 
     @staticmethod
@@ -495,7 +502,8 @@ class QualityLoss:
         if self.hps is not None:
             if not prompts or len(prompts) != s_img.shape[0]:
                 raise ValueError("quality.hps_weight > 0: pass prompts=[one per batch row]")
-            vals["hps"] = F.relu(self._hps_scores(t_img, prompts) - self._hps_scores(s_img, prompts)).mean()
+            txt = self._hps_text(prompts, s_img.device)
+            vals["hps"] = F.relu(self._hps_scores(t_img, txt) - self._hps_scores(s_img, txt)).mean()
         if self.biqa_quality is not None:
             vals["biqa_quality"] = self._iqa(self.biqa_quality, s_img, t_img).mean()
         if self.biqa_aesthetic is not None:
