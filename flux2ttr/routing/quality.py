@@ -14,7 +14,18 @@
   that call with a logged warning (:attr:`QualityLoss.skipped` names them).
 
 Each model is loaded only when its weight is > 0 (at construction, so a missing package or weights file is
-reported before training starts); the error names the pip extra or the params key and file.
+reported before training starts); the error names the pip extra or the params key and file. Each loads
+through its package's own loader from local files only (nothing is fetched):
+
+- DreamSim (``dreamsim``): the checkpoint folder ``dreamsim_cache_dir`` as DreamSim's first online run leaves
+  it (base models, LoRA folder, and for DINO types torch.hub's ``facebookresearch_dino_main`` repo and
+  ``checkpoints/``). DINO's hub code imports a top-level ``utils`` that ComfyUI's ``utils`` package shadows
+  inside ComfyUI; :func:`dreamsim_hub_guard` lets the hub repo's own one load.
+- HPSv2 (``hpsv2``): its open_clip fork builds ``hps_model`` and loads the whole HPS checkpoint
+  (``{"state_dict": ...}``) strictly. hpsv2 1.2.0's wheel lacks its BPE vocabulary file;
+  :func:`install_hps_vocab` copies open_clip's identical one into place.
+- BIQA (``pyiqa``): the metric's network is built without pretrained weights (no backbone fetch) and
+  ``InferenceModel.load_weights`` loads the whole network from ``{"params": state_dict}`` strictly.
 """
 
 from __future__ import annotations
@@ -24,9 +35,11 @@ import json
 import logging
 import os
 import re
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -76,16 +89,16 @@ class QualityConfig:
     lpips_seed: int = 0  # seed of the random backbone (used when lpips_backbone is "")
     lpips_min_size: int = 64  # images smaller than this (pixels) are upsampled first (AlexNet needs >= ~32)
     # DreamSim (extra dreamsim)
-    dreamsim_cache_dir: str = ""  # folder holding dreamsim's downloaded checkpoints
-    dreamsim_type: str = "ensemble"
+    dreamsim_cache_dir: str = ""  # folder holding dreamsim's downloaded checkpoints (and torch.hub's DINO repo)
+    dreamsim_type: str = "ensemble"  # ensemble | dino_vitb16 | clip_vitb32 | open_clip_vitb32
     # HPSv2 (extra hps): needs the prompt of each row
-    hps_checkpoint: str = ""  # HPS_v2.1 checkpoint file
-    hps_clip: str = ""  # open_clip ViT-H-14 weights file the HPS model starts from
+    hps_checkpoint: str = ""  # HPS_v2.1 checkpoint file (every weight of the model)
+    hps_model: str = "ViT-H-14"  # the open_clip architecture the checkpoint is of
     hps_size: int = 224  # CLIP input size
-    # pyiqa BIQA (extra pyiqa)
+    # pyiqa BIQA (extra pyiqa): no-reference metrics whose checkpoint holds the whole network
     biqa_quality_metric: str = "topiq_nr"
-    biqa_quality_weights: str = ""  # its weights file
-    biqa_aesthetic_metric: str = "laion_aes"
+    biqa_quality_weights: str = ""  # its weights file (pyiqa's {"params": ...} .pth)
+    biqa_aesthetic_metric: str = "topiq_iaa_res50"
     biqa_aesthetic_weights: str = ""
     # Gemini (extra gemini)
     gemini_api_key: str = ""  # "" = read the env var below
@@ -104,6 +117,7 @@ class QualityConfig:
         if self.gemini_attempts < 1:
             raise ConfigError("quality.gemini_attempts must be >= 1")
         check_choice("quality", self, "lpips_net", ("alex", "vgg", "squeeze"))
+        check_choice("quality", self, "dreamsim_type", tuple(DREAMSIM_FILES))
         check_range("quality", self, "lpips_min_size", "hps_size", ge=1)
         check_range("quality", self, "gemini_timeout_s", gt=0.0)
 
@@ -169,30 +183,164 @@ def _load_lpips(cfg: QualityConfig) -> torch.nn.Module:
     return model.eval().requires_grad_(False).to(cfg.device)
 
 
+# What each DreamSim type reads from its checkpoint folder (DreamSim downloads these on a first online run:
+# the base models and LoRA folder from its release zip; DINO's hub repo and weights through torch.hub).
+_DINO_HUB = ("facebookresearch_dino_main/hubconf.py", "checkpoints/dino_vitbase16_pretrain.pth")
+DREAMSIM_FILES: dict[str, tuple[str, ...]] = {
+    "ensemble": ("dino_vitb16_pretrain.pth", "clip_vitb16_pretrain.pth.tar", "open_clip_vitb16_pretrain.pth.tar",
+                 "ensemble_lora/adapter_config.json", *_DINO_HUB),
+    "dino_vitb16": ("dino_vitb16_pretrain.pth", "dino_vitb16_single_lora/adapter_config.json", *_DINO_HUB),
+    "clip_vitb32": ("clip_vitb32_pretrain.pth.tar", "clip_vitb32_single_lora/adapter_config.json"),
+    "open_clip_vitb32": ("open_clip_vitb32_pretrain.pth.tar", "open_clip_vitb32_single_lora/adapter_config.json"),
+}
+# top-level module names of DINO's hub repo that other trees on sys.path also use (ComfyUI has a utils package)
+_HUB_MODULES = ("utils", "vision_transformer", "hubconf")
+
+
+@contextmanager
+def dreamsim_hub_guard() -> Iterator[None]:
+    """Run DreamSim's model construction (which calls ``torch.hub.load`` for DINO) so that the hub repo's
+    top-level ``utils``/``vision_transformer`` are its own: modules already imported under those names (inside
+    ComfyUI, ComfyUI's ``utils`` package, whose missing ``trunc_normal_`` otherwise fails the import) are set
+    aside and put back after, the hub repo's ones dropped, and torch.hub's directory (DreamSim points it at
+    its checkpoint folder) restored."""
+    def ours(name: str) -> bool:
+        return name.split(".", 1)[0] in _HUB_MODULES
+
+    saved = {n: m for n, m in sys.modules.items() if ours(n)}
+    for n in saved:
+        del sys.modules[n]
+    import torch.hub  # noqa: PLC0415
+
+    old_dir = torch.hub.get_dir()
+    try:
+        yield
+    finally:
+        for n in [n for n in sys.modules if ours(n)]:
+            del sys.modules[n]
+        sys.modules.update(saved)
+        torch.hub.set_dir(old_dir)
+
+
 def _load_dreamsim(cfg: QualityConfig) -> tuple[torch.nn.Module, Any]:
+    """``(model, preprocess)`` from ``dreamsim.dreamsim`` on the checkpoint folder; ``model(a, b) -> [B]`` distance
+    of ``[B, 3, 224, 224]`` images in [0, 1]."""
     mod = _require("dreamsim", "dreamsim", "dreamsim")
     cache = _require_file(cfg.dreamsim_cache_dir, "dreamsim_cache_dir", "the DreamSim checkpoint folder")
-    if not any(cache.iterdir()):
-        raise QualityWeightsError(f"{cache}: DreamSim checkpoint folder is empty (params quality.dreamsim_cache_dir)")
-    model, preprocess = mod.dreamsim(pretrained=True, device=cfg.device, cache_dir=str(cache),
-                                     dreamsim_type=cfg.dreamsim_type)
+    missing = [f for f in DREAMSIM_FILES[cfg.dreamsim_type] if not (cache / f).is_file()]
+    if missing:  # DreamSim itself would try to download them
+        raise QualityWeightsError(f"{cache}: the DreamSim '{cfg.dreamsim_type}' checkpoint folder lacks "
+                                  f"{', '.join(missing)} (params quality.dreamsim_cache_dir); copy the folder a first "
+                                  "online DreamSim run leaves, or fix the path")
+    with dreamsim_hub_guard():
+        model, preprocess = mod.dreamsim(pretrained=True, device=cfg.device, cache_dir=str(cache),
+                                         dreamsim_type=cfg.dreamsim_type)
     return model, preprocess
 
 
+# ------------------------------------------------------------------------------------------ HPSv2
+HPS_VOCAB = "bpe_simple_vocab_16e6.txt.gz"  # CLIP's BPE vocabulary, read when hpsv2's tokenizer module loads
+
+
+def _hps_vocab_paths() -> tuple[Path, Path | None]:
+    """``(where hpsv2's open_clip fork reads its vocabulary, open_clip's own copy or None)``, found without
+    importing either (importing hpsv2's fork without the file fails)."""
+    import importlib.util  # noqa: PLC0415
+
+    spec = importlib.util.find_spec("hpsv2")
+    if spec is None or not spec.submodule_search_locations:
+        raise QualityDependencyError('the hpsv2 package is not installed; pip install "flux2ttr[hps]"')
+    target = Path(list(spec.submodule_search_locations)[0]) / "src" / "open_clip" / HPS_VOCAB
+    oc = importlib.util.find_spec("open_clip")
+    source = Path(list(oc.submodule_search_locations)[0]) / HPS_VOCAB if oc and oc.submodule_search_locations else None
+    return target, source if source is not None and source.is_file() else None
+
+
+def install_hps_vocab() -> Path:
+    """Copy open_clip's BPE vocabulary (the same CLIP file) to where hpsv2 reads it (its 1.2.0 wheel ships
+    without it); returns the path. A no-op when it is there."""
+    import shutil  # noqa: PLC0415
+
+    target, source = _hps_vocab_paths()
+    if not target.is_file():
+        if source is None:
+            raise QualityDependencyError(f"{target} is missing and open_clip (its source) is not installed: "
+                                         "pip install open-clip-torch, then run this again")
+        shutil.copyfile(source, target)
+    return target
+
+
 def _load_hps(cfg: QualityConfig) -> tuple[torch.nn.Module, Callable[[list[str]], torch.Tensor]]:
+    """``(CLIP model, tokenizer)`` of hpsv2's open_clip fork with the HPS checkpoint loaded; the tokenizer maps
+    prompts to ``[B, 77]`` token ids."""
     _require("hpsv2", "hps", "hps")
+    vocab, _ = _hps_vocab_paths()
+    if not vocab.is_file():
+        raise QualityDependencyError(f"{vocab}: hpsv2's wheel ships without its tokenizer vocabulary; run "
+                                     "python -m flux2ttr.routing.quality install-hps-vocab (copies open_clip's)")
     oc = _require("hpsv2.src.open_clip", "hps", "hps")
-    clip = _require_file(cfg.hps_clip, "hps_clip", "the open_clip ViT-H-14 weights for HPS")
     ckpt = _require_file(cfg.hps_checkpoint, "hps_checkpoint", "the HPS v2.1 checkpoint")
-    model, _, _ = oc.create_model_and_transforms("ViT-H-14", pretrained=str(clip), device=cfg.device)
-    model.load_state_dict(_load_tensors(ckpt))
-    return model.eval().requires_grad_(False), oc.get_tokenizer("ViT-H-14")
+    if oc.get_model_config(cfg.hps_model) is None:
+        from flux2ttr.config import ConfigError  # noqa: PLC0415
+
+        raise ConfigError(f"quality.hps_model = {cfg.hps_model!r} is not an open_clip architecture hpsv2 knows "
+                          f"(HPS v2/v2.1 are ViT-H-14)")
+    try:  # hpsv2's own loader: torch file, "state_dict" key, strict
+        model = oc.create_model(cfg.hps_model, pretrained=str(ckpt), device=cfg.device)
+    except (RuntimeError, KeyError) as e:
+        raise QualityWeightsError(f"{ckpt}: not an HPS checkpoint of {cfg.hps_model} (params quality.hps_checkpoint): "
+                                  f"{str(e)[:400]}") from None
+    return model.eval().requires_grad_(False), oc.get_tokenizer(cfg.hps_model)
+
+
+# ------------------------------------------------------------------------------------------ pyiqa
+def _pyiqa_arch(arch: str) -> type:
+    """pyiqa's network class ``arch`` (its module imported the way pyiqa's ``build_network`` does)."""
+    from pyiqa import archs  # noqa: PLC0415
+    from pyiqa.utils.registry import ARCH_REGISTRY  # noqa: PLC0415
+
+    lazy = getattr(archs, "_lazy_import_arch", None)  # pyiqa >= 0.1.15 imports arch modules on demand
+    if arch not in ARCH_REGISTRY and lazy is not None:
+        lazy(arch)
+    return ARCH_REGISTRY.get(arch)
 
 
 def _load_pyiqa(cfg: QualityConfig, metric: str, weights: str, term: str) -> torch.nn.Module:
+    """pyiqa's ``InferenceModel`` for no-reference ``metric`` with ``weights`` loaded: ``[B, 3, H, W]`` in [0, 1]
+    -> ``[B, 1]`` score in the metric's own units (``lower_better`` says which way it reads)."""
+    import inspect  # noqa: PLC0415
+
+    from flux2ttr.config import ConfigError  # noqa: PLC0415
+
     pyiqa = _require("pyiqa", "pyiqa", term)
     path = _require_file(weights, f"{term}_weights", f"pyiqa '{metric}' weights")
-    return pyiqa.create_metric(metric, device=cfg.device, as_loss=False, pretrained_model_path=str(path))
+    from pyiqa.default_model_configs import DEFAULT_CONFIGS  # noqa: PLC0415
+
+    if metric not in DEFAULT_CONFIGS or DEFAULT_CONFIGS[metric].get("metric_mode") != "NR":
+        raise ConfigError(f"quality.{term}_metric = {metric!r}: not a no-reference pyiqa metric "
+                          "(pyiqa.list_models('NR') lists them)")
+    arch = DEFAULT_CONFIGS[metric]["metric_opts"]["type"]
+    try:
+        cls = _pyiqa_arch(arch)
+    except KeyError as e:  # pyiqa swallows the ImportError of an arch module and reports an unknown name
+        raise QualityDependencyError(f"quality.{term}_weight > 0: pyiqa cannot build '{metric}' ({e}): its network "
+                                     "module failed to import (for TOPIQ, python -c 'import pyiqa.archs.topiq_arch' "
+                                     "names the missing package)") from None
+    params = inspect.signature(cls).parameters
+    if "pretrained" not in params:
+        raise ConfigError(f"quality.{term}_metric = {metric!r}: pyiqa's {arch} has no switch to skip its download")
+    # no pretrained weights at build (pyiqa would fetch them, and timm the ImageNet backbone): the file has them all
+    off = {k: False for k in ("pretrained", "backbone_pretrain") if k in params}
+    model = pyiqa.create_metric(metric, device=cfg.device, as_loss=False, **off)
+    try:
+        model.load_weights(str(path), weight_keys="params")  # pyiqa's loader: strict
+    except KeyError:
+        raise QualityWeightsError(f"{path}: no 'params' state dict (pyiqa's checkpoint layout; params "
+                                  f"quality.{term}_weights)") from None
+    except RuntimeError as e:
+        raise QualityWeightsError(f"{path}: not a '{metric}' checkpoint (params quality.{term}_weights): "
+                                  f"{str(e)[:400]}") from None
+    return model.eval().requires_grad_(False)
 
 
 def _gemini_client(cfg: QualityConfig) -> Any:
@@ -282,19 +430,27 @@ class QualityLoss:
         with torch.no_grad():
             return model(s, t).reshape(-1).double()
 
-    def _hps_scores(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def _hps_text(self, prompts: list[str], device: torch.device) -> torch.Tensor:
+        """``[B, D]`` unit text embeddings of the prompts (encoded once per call: the text tower of ViT-H-14
+        costs about a third of an image encode)."""
         model, tokenizer = self.hps
+        with torch.no_grad():
+            return F.normalize(model.encode_text(tokenizer(prompts).to(device)), dim=-1)
+
+    def _hps_scores(self, images: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        """``[B]`` fp64 HPS scores (cosine of image and prompt embeddings) of ``images [B, 3, H, W]`` in [0, 1]."""
+        model, _ = self.hps
         mean = torch.tensor([0.48145466, 0.4578275, 0.40821073], device=images.device)[:, None, None]  # CLIP
         std = torch.tensor([0.26862954, 0.26130258, 0.27577711], device=images.device)[:, None, None]
         x = F.interpolate(images, size=(self.cfg.hps_size, self.cfg.hps_size), mode="bicubic", align_corners=False)
         x = (x.clamp(0, 1) - mean) / std
         with torch.no_grad():
             img = F.normalize(model.encode_image(x), dim=-1)
-            txt = F.normalize(model.encode_text(tokenizer(prompts).to(images.device)), dim=-1)
         return (img * txt).sum(-1).double()
 
     @staticmethod
     def _iqa(metric: torch.nn.Module, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        s, t = s.clamp(0, 1), t.clamp(0, 1)  # pyiqa rejects inputs outside [0, 1]
         with torch.no_grad():
             ss, ts = metric(s).reshape(-1).double(), metric(t).reshape(-1).double()
         better_low = bool(getattr(metric, "lower_better", False))
@@ -346,7 +502,8 @@ class QualityLoss:
         if self.hps is not None:
             if not prompts or len(prompts) != s_img.shape[0]:
                 raise ValueError("quality.hps_weight > 0: pass prompts=[one per batch row]")
-            vals["hps"] = F.relu(self._hps_scores(t_img, prompts) - self._hps_scores(s_img, prompts)).mean()
+            txt = self._hps_text(prompts, s_img.device)
+            vals["hps"] = F.relu(self._hps_scores(t_img, txt) - self._hps_scores(s_img, txt)).mean()
         if self.biqa_quality is not None:
             vals["biqa_quality"] = self._iqa(self.biqa_quality, s_img, t_img).mean()
         if self.biqa_aesthetic is not None:
@@ -368,3 +525,9 @@ class QualityLoss:
             terms[name] = float(v)
             total = total + getattr(cfg, f"{name}_weight") * v
         return total, terms
+
+
+if __name__ == "__main__":  # python -m flux2ttr.routing.quality install-hps-vocab
+    if sys.argv[1:] != ["install-hps-vocab"]:
+        raise SystemExit("usage: python -m flux2ttr.routing.quality install-hps-vocab")
+    print(install_hps_vocab())
