@@ -8,7 +8,8 @@ ComfyUI does, so that what capture records is what the routed model meets inside
 - **ComfyUI** is imported from ``teacher.comfyui_path`` (default ``$COMFYUI_PATH``) by :func:`import_comfyui`,
   only inside this module's functions: the library and the other teacher kinds never import it.
 - **Loading** (:func:`load_comfyui_teacher`): the diffusion model through ``comfy.sd.load_diffusion_model``
-  (what UNETLoader calls; weight dtype ``teacher.dtype``), the text encoder through ``comfy.sd.load_clip``
+  (what UNETLoader calls; weight dtype ``teacher.dtype``, or with ``default`` ComfyUI's choice, UNETLoader's
+  default, which keeps an fp8 file fp8), the text encoder through ``comfy.sd.load_clip``
   with ``CLIPType.FLUX2`` (CLIPLoader, type ``flux2``), the VAE through ``comfy.sd.VAE`` (VAELoader). A
   tiny codec file (``tiny_codec.safetensors``, written by the ``teacher`` stage) named as text encoder and VAE
   stands in for both: the tiny teacher's prompt encoder and decoder, exactly what the node pack's
@@ -69,6 +70,7 @@ from flux2ttr.contract import FLUX2_COND_TOKENS, RunState, block_layer_keys, com
 from flux2ttr.teachers.router import RouterError
 from flux2ttr.teachers.sampler import SamplerConfig, flux2_sigmas, initial_noise
 from flux2ttr.teachers.teacher import (
+    COMFYUI_DEFAULT_DTYPE,
     FLUX2_LATENT_CHANNELS,
     IDENTITY_FILE_NAME,
     TeacherConfig,
@@ -361,10 +363,10 @@ class _TinyCodecVAE:
         return decode(self.codec, samples)
 
 
-def _load_text_encoder(path: Path, root: Path) -> Any:
+def _load_text_encoder(path: Path) -> Any:
+    """The text encoder file ``path`` (checked by :func:`check_text_encoder` first), or the tiny codec."""
     if is_tiny_codec(path):
         return _TinyCodecText(path)
-    check_text_encoder(path, root)
     import comfy.sd  # noqa: PLC0415
     import folder_paths  # noqa: PLC0415
 
@@ -692,19 +694,23 @@ def load_comfyui_teacher(cfg: TeacherConfig) -> ComfyTeacher:
     """The comfyui teacher of ``cfg``: paths checked, ComfyUI imported, the three files loaded (module doc)."""
     files = validate_comfyui_paths(cfg)
     root = comfyui_root(cfg)
-    dtype = torch_dtype(cfg.dtype)
-    identity = comfyui_identity(cfg, _cached_identity(cfg))
+    default = cfg.dtype == COMFYUI_DEFAULT_DTYPE
     import_comfyui(root, cpu=str(cfg.device) == "cpu")
-    text = _load_text_encoder(files["text_encoder"], root)  # before the large model: fails fast on the tokenizer
+    if not is_tiny_codec(files["text_encoder"]):  # before hashing and loading gigabytes: the tokenizer's error first
+        check_text_encoder(files["text_encoder"], root)
+    identity = comfyui_identity(cfg, _cached_identity(cfg))
+    text = _load_text_encoder(files["text_encoder"])
     vae = _load_vae(files["vae"])
     import comfy.sd  # noqa: PLC0415
 
-    try:  # what UNETLoader calls (its weight_dtype "default" lets ComfyUI choose; the teacher's dtype is asked here)
-        model = comfy.sd.load_diffusion_model(str(files["transformer"]), model_options={"dtype": dtype})
+    try:  # what UNETLoader calls: weight dtype "default" (ComfyUI's choice) or the one teacher.dtype names
+        model = comfy.sd.load_diffusion_model(str(files["transformer"]),
+                                              model_options={} if default else {"dtype": torch_dtype(cfg.dtype)})
     except (RuntimeError, ValueError, KeyError) as e:
         raise TeacherError(f"teacher.transformer: ComfyUI could not load {files['transformer']} "
                            f"({type(e).__name__}: {e})") from e
     if model is None:
         raise TeacherError(f"teacher.transformer: ComfyUI does not recognise {files['transformer']} as a diffusion "
                            "model (give the BFL-format FLUX.2 file of models/diffusion_models)")
+    dtype = model.model.get_dtype() if default else torch_dtype(cfg.dtype)
     return ComfyTeacher(model, text, vae, identity, device=cfg.device, dtype=dtype)

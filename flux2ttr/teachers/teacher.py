@@ -57,6 +57,7 @@ METADATA_KEY = "flux2ttr"
 
 
 TEACHER_KINDS = ("tiny", "diffusers", "comfyui")
+COMFYUI_DEFAULT_DTYPE = "default"  # comfyui kind: the weight dtype UNETLoader's "default" gives (fp8 files stay fp8)
 
 
 class TeacherError(ValueError, Flux2TTRError):
@@ -69,7 +70,7 @@ class TeacherConfig:
 
     kind: str = "tiny"  # "tiny" | "diffusers" | "comfyui"
     out_dir: str = "teachers/tiny"  # tiny: where the stage writes its files; diffusers, comfyui: identity.json
-    dtype: str = "float32"
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | default (comfyui: ComfyUI's choice, as UNETLoader)
     device: str = "cpu"
     # --- tiny: architecture (head_dim 128 etc. are FLUX.2 constants) ---
     seed: int = 0
@@ -101,7 +102,12 @@ class TeacherConfig:
         self.rope_bands = tuple(int(i) for i in self.rope_bands)
         if self.kind not in TEACHER_KINDS:
             raise ConfigError(f"teacher.kind must be one of {list(TEACHER_KINDS)}, got {self.kind!r}")
-        torch_dtype(self.dtype)  # teacher.dtype must be one of ... (checked before anything loads)
+        if self.dtype == COMFYUI_DEFAULT_DTYPE:  # UNETLoader's weight_dtype "default": ComfyUI picks
+            if self.kind != "comfyui":
+                raise ConfigError(f"teacher.dtype {COMFYUI_DEFAULT_DTYPE!r} (ComfyUI's choice) is for teacher.kind comfyui; "
+                                  "the tiny and diffusers kinds need float32, bfloat16 or float16")
+        else:
+            torch_dtype(self.dtype)  # teacher.dtype must be one of ... (checked before anything loads)
         check_range("teacher", self, "num_heads", "joint_attention_dim", "vocab_size", ge=1)
         check_range("teacher", self, "num_double", "num_single", ge=0)
         if self.num_double + self.num_single < 1:
