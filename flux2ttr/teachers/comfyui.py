@@ -190,12 +190,14 @@ def _imported_root() -> Path | None:
     return Path(sd.__file__).resolve().parents[1] if sd is not None and getattr(sd, "__file__", None) else None
 
 
-def import_comfyui(root: Path, *, cpu: bool) -> None:
+def import_comfyui(root: Path, *, device: str = "cpu") -> None:
     """Import ComfyUI from ``root`` into this process, headless, once (ComfyUI keeps global state).
 
-    Its command-line flags: ``--cpu`` when ``cpu``, temporary base/output/input/user/temp folders (removed at
-    exit; models are loaded by path, so nothing goes into the tree), no custom nodes. A process that already
-    imported ComfyUI (a test session, ComfyUI itself) keeps it, when it is the same tree."""
+    Its command-line flags: ``--cpu`` for ``device`` cpu, temporary base/output/input/user/temp folders
+    (removed at exit; models are loaded by path, so nothing goes into the tree), no custom nodes. On CUDA
+    ComfyUI takes the current device: ``cuda:N`` is made current first (under torchrun each rank's GPU already
+    is, see :mod:`flux2ttr.distributed`). A process that already imported ComfyUI (a test session, ComfyUI
+    itself) keeps it, when it is the same tree."""
     have = _imported_root()
     if have is not None:
         if have != root:
@@ -203,6 +205,9 @@ def import_comfyui(root: Path, *, cpu: bool) -> None:
                                "use one ComfyUI tree per process")
         return
     install_import_placeholders()
+    cpu = str(device) == "cpu"
+    if not cpu and torch.device(device).index is not None:
+        torch.cuda.set_device(torch.device(device))
     base = Path(tempfile.mkdtemp(prefix="flux2ttr-comfyui-"))
     atexit.register(shutil.rmtree, base, True)
     for sub in ("output", "input", "user", "temp", "models"):
@@ -631,7 +636,7 @@ class ComfyTeacher:
         sigmas = flux2_sigmas(cfg.steps, h * w, cfg.mu).float()
         noise = tokens_to_latent(initial_noise(seeds, h * w, self.in_channels), h, w)
         model = self.model
-        if router is not None and router._observers:
+        if router is not None and router.has_observers:
             hooks = CaptureHooks(router, sigmas.tolist(), prompt_indices, seeds, cfg.cfg)
             model = model.clone()
             model.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = hooks.attention
@@ -695,7 +700,7 @@ def load_comfyui_teacher(cfg: TeacherConfig) -> ComfyTeacher:
     files = validate_comfyui_paths(cfg)
     root = comfyui_root(cfg)
     default = cfg.dtype == COMFYUI_DEFAULT_DTYPE
-    import_comfyui(root, cpu=str(cfg.device) == "cpu")
+    import_comfyui(root, device=str(cfg.device))
     if not is_tiny_codec(files["text_encoder"]):  # before hashing and loading gigabytes: the tokenizer's error first
         check_text_encoder(files["text_encoder"], root)
     identity = comfyui_identity(cfg, _cached_identity(cfg))

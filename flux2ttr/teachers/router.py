@@ -199,6 +199,11 @@ class AttentionRouter:
             return {layer_key(k) for k in self._route(state)}
         return set(self._route)
 
+    @property
+    def has_observers(self) -> bool:
+        """Whether any observer is registered."""
+        return bool(self._observers)
+
     def observers_for(self, key: str) -> list[Observer]:
         """The observers registered for layer ``key`` (for teachers whose attention calls come through
         another hook and are handed to the observers there)."""

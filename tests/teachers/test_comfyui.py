@@ -189,6 +189,17 @@ def test_reference_tuples_are_the_permuted_raw_call(teachers, tmp_path, monkeypa
     for i in range(3):
         assert [torch.equal(r, alone[(i + j) % 3]) for j, r in enumerate(refs[i], start=1)] == [True, True]
 
+    # distill trains on such a store unchanged (the refs are conditioning tokens the window student sees exactly)
+    from flux2ttr.distill.trainer import DistillConfig, train
+    from flux2ttr.students.hkr import HKRConfig
+
+    dcfg = DistillConfig(store=str(tmp_path / "refs.zarr"), artifact=str(tmp_path / "a.safetensors"),
+                         metrics=str(tmp_path / "m.json"), plots_dir=str(tmp_path / "plots"),
+                         checkpoint_dir=str(tmp_path / "ck"), steps=4, batch_size=1, val_every=4, checkpoint_every=4,
+                         min_updates=1, val_fraction=0.34, progress=False)
+    res = train(dcfg, HKRConfig(window_tile=[2, 2], window_radius=1, feature_dim=16), expected_teacher=None)
+    assert res.steps_run == 4 and math.isfinite(res.layer_metrics[layer]["val_cos_sim"])
+
 
 def test_true_cfg_is_comfyuis_and_captures_both_halves(teachers, tmp_path):
     tiny, ct = teachers
