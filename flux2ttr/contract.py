@@ -25,7 +25,9 @@ class RunState:
 
     ``sigma`` is the flow-matching noise level in [0, 1] (ComfyUI's sigma, diffusers' timestep/1000),
     ``cfg`` the guidance value, ``step`` the 0-based denoising step, ``height``/``width`` the latent
-    image-token grid (tokens, not pixels). ``prompt_index`` and ``seed`` are per batch row (capture only).
+    image-token grid (tokens, not pixels). ``prompt_index``, ``seed`` and ``uncond`` are per batch row
+    (capture only); ``uncond[b]`` is 1 for a row of the unconditional half of a true-CFG call (cond and uncond
+    batched, the ``comfyui`` teacher with ``sampler.cfg`` != 1), 0 otherwise; empty means all rows are cond.
     """
 
     sigma: float
@@ -35,6 +37,7 @@ class RunState:
     width: int
     prompt_index: list[int] = field(default_factory=list)
     seed: list[int] = field(default_factory=list)
+    uncond: list[int] = field(default_factory=list)
 
 
 class AttentionCall(Protocol):
@@ -92,3 +95,14 @@ def layer_sort_key(key: str) -> tuple[int, int]:
     if not m:
         raise ValueError(f"not a layer key: {key!r}")
     return (0 if m.group(1) == "double" else 1, int(m.group(2)))
+
+
+def reference_token_order(n_txt: int, n_img: int, n_ref: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """``[N]`` token indices that turn ComfyUI's FLUX.2 sequence with reference latents, ``[text (n_txt), image
+    grid (n_img), reference tokens (n_ref)]`` (ReferenceLatent appends them after the grid), into the order
+    students and the trace store use: ``[text, references, image grid]``, so that the ``n_txt + n_ref``
+    conditioning tokens come first and the grid keeps its latent layout. Apply with ``x.index_select(2, idx)``
+    on ``[B, H, N, D]``; attention commutes with it (RoPE is already applied to q and k)."""
+    n_cond = n_txt + n_ref
+    idx = torch.cat([torch.arange(n_txt), torch.arange(n_txt + n_img, n_cond + n_img), torch.arange(n_txt, n_txt + n_img)])
+    return idx.to(device) if device is not None else idx

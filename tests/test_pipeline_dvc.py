@@ -189,3 +189,51 @@ def test_offline_plots_outside_a_dvc_repository_says_where(tmp_path: Path):
 
     res = CliRunner().invoke(main, ["offline-plots", "--repo", str(tmp_path)])
     assert res.exit_code == 1 and "is not a DVC repository" in res.output
+
+
+@pytest.mark.slow
+@pytest.mark.comfyui
+def test_dvc_repro_end_to_end_with_the_comfyui_teacher(repo_copy: Path, tmp_path: Path):
+    """Every stage on the comfyui teacher: the tiny teacher's files (written outside the repository, as a
+    user's ComfyUI models are) loaded and run by the real ComfyUI, in a fresh copy of the repository."""
+    from flux2ttr.routing.rollouts import RolloutStore
+    from flux2ttr.teachers.teacher import TeacherConfig, write_tiny_teacher
+    from flux2ttr.traces.store import TraceStore
+    from helpers.comfy import comfyui_path
+
+    models = write_tiny_teacher(TeacherConfig(out_dir=str(tmp_path / "models")))
+    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    params["teacher"].update(kind="comfyui", out_dir="teachers/comfyui", transformer=str(models / "flux2_tiny.safetensors"),
+                             text_encoder=str(models / "tiny_codec.safetensors"), vae=str(models / "tiny_codec.safetensors"),
+                             comfyui_path=str(comfyui_path()))
+    params["sampler"].update(steps=2, height=64, width=64)
+    params["capture"].update(budget_mib=64)
+    params["distill"].update(steps=24, min_updates=8, val_every=8, checkpoint_every=24, progress=False)
+    params["rollout"].update(num_prompts=3, eval_prompts=1, steps=2, height=64, width=64)
+    params["controller"].update(iterations=2, group_size=2, checkpoint_every=0, metrics_window=2)
+    params["evaluate"].update(quality_speed=[0.5], modes=["threshold"], random_repeats=1, grid_rollouts=1)
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    prompts = json.loads((REPO / "data/prompts/capture.json").read_text())[:3]
+    (repo_copy / "data/prompts/capture.json").write_text(json.dumps(prompts))
+    subprocess.run(["git", "commit", "-qam", "comfyui teacher"], cwd=repo_copy, check=True, capture_output=True,
+                   env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                        "GIT_COMMITTER_EMAIL": "t@t"})
+
+    proc = _run([sys.executable, "-m", "dvc", "repro"], repo_copy)
+    text = proc.stdout + proc.stderr
+    for stage in ("teacher", "capture", "distill", "rollout", "train_controller", "evaluate"):
+        assert f"Running stage '{stage}'" in text, text
+    identity = json.loads((repo_copy / "teachers/comfyui/identity.json").read_text())
+    assert identity["kind"] == "comfyui" and identity["files"]["transformer"]["path"] == str(models / "flux2_tiny.safetensors")
+    store = TraceStore.open(repo_copy / "traces/capture.zarr")
+    assert store.attrs["teacher"]["sha256"] == identity["sha256"] and store.count() == 3 * 2 * 4
+    rollouts = RolloutStore(repo_copy / "rollouts/teacher")
+    assert rollouts.teacher["sha256"] == identity["sha256"] and len(rollouts) == 3
+    for name in ("distill", "controller", "eval"):
+        check_metrics_file(repo_copy / f"metrics/{name}.json")
+    details = json.loads((repo_copy / "metrics/eval_details.json").read_text())
+    assert details["teacher"]["max_abs_latent_diff_vs_store"] == 0.0  # the stored rollouts are this teacher's
+    from PIL import Image
+
+    with Image.open(repo_copy / "plots/evaluate/grid.png") as grid:  # teacher | controller | all-student | random
+        assert grid.format == "PNG" and grid.size[0] >= 4 * 64, grid.size

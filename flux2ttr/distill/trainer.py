@@ -172,8 +172,8 @@ def expected_teacher_identity(params_path: str | Path) -> dict[str, Any]:
     """``{"kind", "sha256"}`` of the teacher the ``teacher`` params section names.
 
     tiny: the sha256 of ``<teacher.out_dir>/flux2_tiny.safetensors`` (what capture records);
-    diffusers: ``<teacher.out_dir>/identity.json`` written by the teacher stage, else computed from the
-    transformer path. A missing teacher is a :class:`DistillError` (the store cannot be checked).
+    diffusers, comfyui: ``<teacher.out_dir>/identity.json`` written by the teacher stage, else computed from
+    the files. A missing teacher is a :class:`DistillError` (the store cannot be checked).
     """
     from flux2ttr.teachers import teacher as tmod  # noqa: PLC0415  (loads diffusers lazily itself)
 
@@ -188,6 +188,10 @@ def expected_teacher_identity(params_path: str | Path) -> dict[str, Any]:
                            "run `flux2ttr teacher` (or `dvc repro teacher`)")
     if ident_file.is_file():
         ident = json.loads(ident_file.read_text())
+    elif tcfg.kind == "comfyui":
+        from flux2ttr.teachers.comfyui import comfyui_identity  # noqa: PLC0415  (imports no ComfyUI)
+
+        ident = comfyui_identity(tcfg)
     else:
         ident = tmod.diffusers_identity(tcfg)
     return {k: ident.get(k) for k in TEACHER_IDENTITY_KEYS}

@@ -61,7 +61,9 @@ class RolloutConfig:
     seeds_per_prompt: int = 1  # rollouts per prompt; seed = seed + prompt_index * seeds_per_prompt + j
     seed: int = 1000
     steps: int = 4  # denoising steps
-    guidance: float = 4.0
+    guidance: float = 4.0  # FLUX.2 guidance embedding value
+    cfg: float = 1.0  # true CFG scale (comfyui teacher: cond and uncond batched); 1 = the conditional pass alone
+    negative_prompt: str = ""  # the unconditional prompt when cfg != 1
     height: int = 128  # pixels (multiple of 16)
     width: int = 128  # pixels (multiple of 16)
     mu: float | None = None  # schedule shift; None = FLUX.2's empirical fit
@@ -79,13 +81,18 @@ class RolloutConfig:
         self.sampler_config()  # validates steps and resolution
 
     def sampler_config(self) -> SamplerConfig:
-        return SamplerConfig(steps=self.steps, guidance=self.guidance, height=self.height, width=self.width,
+        return SamplerConfig(steps=self.steps, guidance=self.guidance, cfg=self.cfg,
+                             negative_prompt=self.negative_prompt, height=self.height, width=self.width,
                              seed=self.seed, mu=self.mu)
 
     def setting(self) -> dict[str, Any]:
-        """What makes two rollouts of one prompt and seed comparable."""
-        return {"steps": self.steps, "guidance": float(self.guidance), "height": self.height,
-                "width": self.width, "mu": self.mu}
+        """What makes two rollouts of one prompt and seed comparable (the CFG scale and negative prompt only
+        where CFG runs: a setting without them is a guidance-only one, as stores before them recorded)."""
+        setting = {"steps": self.steps, "guidance": float(self.guidance), "height": self.height,
+                   "width": self.width, "mu": self.mu}
+        if self.sampler_config().true_cfg:
+            setting.update(cfg=float(self.cfg), negative_prompt=self.negative_prompt)
+        return setting
 
 
 @dataclass
@@ -142,7 +149,8 @@ class RolloutStore:
     def sampler_config(self) -> SamplerConfig:
         """The sampler setting every rollout of this store was made with."""
         s = self.setting
-        return SamplerConfig(steps=int(s["steps"]), guidance=float(s["guidance"]), height=int(s["height"]),
+        return SamplerConfig(steps=int(s["steps"]), guidance=float(s["guidance"]), cfg=float(s.get("cfg", 1.0)),
+                             negative_prompt=str(s.get("negative_prompt", "")), height=int(s["height"]),
                              width=int(s["width"]), mu=s.get("mu"))
 
     def entries(self, split: str | None = None) -> list[TeacherRollout]:

@@ -3,7 +3,9 @@
 A mask ``[steps, L]`` (bool, ``True`` = full softmax attention, ``False`` = the layer's student) over an
 ordered list of ``L`` layer keys decides, at denoising step ``s``, which layers run their student. The
 router evaluates the route per call from ``router.state.step`` (set by the sampler before each denoiser
-call), so one rollout is one ordinary :func:`flux2ttr.teachers.sampler.sample` run.
+call), so one rollout is one ordinary :func:`flux2ttr.teachers.sampler.sample` run. With the ``comfyui``
+teacher that run is ComfyUI's, routed by the node's own patch (the route asked once per step), cond and
+uncond rows alike.
 """
 
 from __future__ import annotations
@@ -53,11 +55,36 @@ def mask_route(masks: torch.Tensor, layer_keys: Sequence[str]):
 
 
 def make_router(teacher, students: dict[str, torch.nn.Module]) -> AttentionRouter:
-    """A router installed into ``teacher.transformer`` with ``students`` set and nothing routed yet."""
+    """A router attached to ``teacher`` (installed into a diffusers transformer; for the comfyui teacher each
+    sampling run goes through the ComfyUI node's patch) with ``students`` set and nothing routed yet."""
     router = AttentionRouter(include_double=True)
     router.set_students(students)
-    router.install(teacher.transformer)
+    router.external_patch = node_patch
+    teacher.attach_router(router)
     return router
+
+
+def node_patch(model, router: AttentionRouter):
+    """``(patched, calls)``: the ComfyUI ``ModelPatcher`` ``model`` routed by the node's own patch
+    (:func:`flux2ttr.comfy.patch.patch_model`) with ``router``'s students, every one allowed, the layers of a
+    step those ``router.routed_keys_for`` gives for it (the comfyui teacher's route); ``calls()`` after the run:
+    ``{layer: student calls}`` of that run (cond and uncond rows are one call)."""
+    from flux2ttr.comfy.patch import build_holder, last_runs, patch_model  # noqa: PLC0415
+
+    def decide(step: int, sigma: float, cfg: float, height: int, width: int) -> tuple[frozenset[str], None]:
+        return frozenset(router.routed_keys_for(RunState(sigma=sigma, cfg=cfg, step=step, height=height,
+                                                         width=width))), None
+
+    holder = build_holder(router.students, set(router.students), decide, label="flux2ttr rollout")
+
+    def calls() -> dict[str, int]:
+        out: dict[str, int] = {}
+        for (_, key, how), n in last_runs()[-1].routed_calls.items():
+            if how == "student":
+                out[key] = out.get(key, 0) + n
+        return out
+
+    return patch_model(model, holder), calls
 
 
 def run_student_rollout(teacher, router: AttentionRouter, prompts: list[str], cfg: SamplerConfig,

@@ -189,7 +189,8 @@ def policy_logits(controller: TTRController, inputs: dict[str, torch.Tensor]) ->
 # the modules an iteration runs (their source is part of the resume fingerprint)
 _CODE_MODULES = ("flux2ttr.routing.training", "flux2ttr.routing.controller", "flux2ttr.routing.reward",
                  "flux2ttr.routing.quality", "flux2ttr.routing.student_rollout", "flux2ttr.teachers.router",
-                 "flux2ttr.teachers.sampler", "flux2ttr.students.hkr")
+                 "flux2ttr.teachers.sampler", "flux2ttr.students.hkr", "flux2ttr.teachers.comfyui",
+                 "flux2ttr.comfy.patch")
 
 
 def code_digest() -> str:

@@ -166,6 +166,10 @@ class AttentionRouter:
         self._installed: list[tuple[nn.Module, Any]] = []
         self.layer_keys: list[str] = []
         self.calls: dict[str, int] = {}  # per layer: how many calls went to the student (for tests/logs)
+        # how a teacher whose attention runs inside another framework routes the students:
+        # ``external_patch(model, router) -> (routed model, calls)`` with ``calls() -> {layer: student calls}``
+        # of the run (the comfyui teacher: the ComfyUI node's patch, set by routing.student_rollout.make_router)
+        self.external_patch: Callable[[Any, AttentionRouter], tuple[Any, Callable[[], dict[str, int]]]] | None = None
 
     # --- routing API -----------------------------------------------------------------------------
     def set_students(self, students: dict[str, Callable[..., torch.Tensor]]) -> None:
@@ -186,9 +190,24 @@ class AttentionRouter:
 
     def routed_keys(self) -> set[str]:
         """The keys that run their student for the current ``state``."""
+        return self.routed_keys_for(self.state)
+
+    def routed_keys_for(self, state: RunState | None) -> set[str]:
+        """The keys that run their student at ``state`` (a teacher that routes through another hook, such as
+        ComfyUI's node patch, asks here per step)."""
         if callable(self._route):
-            return {layer_key(k) for k in self._route(self.state)}
+            return {layer_key(k) for k in self._route(state)}
         return set(self._route)
+
+    @property
+    def has_observers(self) -> bool:
+        """Whether any observer is registered."""
+        return bool(self._observers)
+
+    def observers_for(self, key: str) -> list[Observer]:
+        """The observers registered for layer ``key`` (for teachers whose attention calls come through
+        another hook and are handed to the observers there)."""
+        return [fn for fn, layers in self._observers if layers is None or key in layers]
 
     def add_observer(self, fn: Observer, layers: Iterable[str] | None = None) -> Callable[[], None]:
         """Register ``fn(key, q, k, v, out, n_cond, state)`` (``[B, H, N, D]`` tensors, ``out`` the native
@@ -274,7 +293,7 @@ class AttentionRouter:
     def _call(self, key: str, query, key_t, value, n_cond: int | None,
               native: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``query, key_t, value [B, N, H, D]`` (diffusers layout) -> ``[B, N, H, D]``."""
-        observers = [fn for fn, layers in self._observers if layers is None or key in layers]
+        observers = self.observers_for(key)
         use_student = key in self.routed_keys()
         if not observers and not use_student:
             return native()  # untouched tensors, diffusers' own call: bit-identical

@@ -5,6 +5,10 @@ Schedule (diffusers' ``Flux2Pipeline`` with ``FlowMatchEulerDiscreteScheduler``,
 FLUX.2's empirical fit :func:`empirical_mu` of the image-token count and the step count, unless
 ``SamplerConfig.mu`` fixes it. Euler: ``x <- x + (sigma_{i+1} - sigma_i) * v(x, sigma_i)`` from ``x = noise``
 at ``sigma_0``; the denoiser gets ``timestep = sigma`` and ``guidance = g`` (guidance-distilled FLUX.2).
+
+A teacher that samples itself (the ``comfyui`` kind: ComfyUI's own CFG guider and Euler sampler on the same
+schedule and noise, see :mod:`flux2ttr.teachers.comfyui`) gets the whole run handed over by :func:`sample`;
+only such a teacher does true CFG (``cfg != 1``: cond and uncond batched) and reference latents.
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ class SamplerConfig:
     grid is ``height/16 x width/16`` image tokens."""
 
     steps: int = 6
-    guidance: float = 4.0
+    guidance: float = 4.0  # FLUX.2's guidance embedding value (FluxGuidance); what the students are given as cfg
+    cfg: float = 1.0  # true CFG scale (comfyui teacher only): 1 = the conditional pass alone (dev, distilled Klein)
+    negative_prompt: str = ""  # the unconditional prompt when cfg != 1
     height: int = 256  # pixels
     width: int = 256  # pixels
     seed: int = 0  # base seed: prompt i of a run gets seed + i unless seeds are given
@@ -50,7 +56,12 @@ class SamplerConfig:
             if v < PIXELS_PER_TOKEN or v % PIXELS_PER_TOKEN:
                 raise ConfigError(f"sampler.{name} = {v} px: must be a positive multiple of {PIXELS_PER_TOKEN}")
         check_range("sampler", self, "seed", ge=0)  # seeds feed numpy generators, which refuse negatives
-        check_range("sampler", self, "guidance", ge=0.0)
+        check_range("sampler", self, "guidance", "cfg", ge=0.0)
+
+    @property
+    def true_cfg(self) -> bool:
+        """Whether sampling runs an unconditional pass too (ComfyUI skips it at a CFG scale of exactly 1)."""
+        return not math.isclose(float(self.cfg), 1.0)
 
     @property
     def latent_height(self) -> int:
@@ -95,12 +106,16 @@ StepCallback = Callable[[int, float, torch.Tensor, torch.Tensor], None]
 
 @torch.no_grad()
 def sample(teacher, prompts: list[str], cfg: SamplerConfig, *, router=None, seeds: list[int] | None = None,
-           prompt_indices: list[int] | None = None, on_step: StepCallback | None = None) -> torch.Tensor:
+           prompt_indices: list[int] | None = None, on_step: StepCallback | None = None,
+           references: list[list[torch.Tensor]] | None = None) -> torch.Tensor:
     """Sample ``len(prompts)`` images in one batch; returns final latents ``[B, h*w, 128]`` (fp32).
 
     ``seeds`` (default ``cfg.seed + i``) and ``prompt_indices`` (default ``0..B-1``) go into the
     :class:`RunState` that ``router.state`` is set to before every denoiser call.
     ``on_step(step, sigma, x, velocity)`` is called after each denoiser call (before the Euler update).
+    ``references``: per prompt, the same number of reference latents ``[h*w, 128]`` (ComfyUI's
+    ReferenceLatent; a teacher that samples itself only). A teacher with ``samples_itself`` runs the whole
+    call (same arguments, same result layout).
     """
     B = len(prompts)
     if B == 0:
@@ -109,6 +124,16 @@ def sample(teacher, prompts: list[str], cfg: SamplerConfig, *, router=None, seed
     prompt_indices = list(range(B)) if prompt_indices is None else [int(i) for i in prompt_indices]
     if len(seeds) != B or len(prompt_indices) != B:
         raise ValueError(f"{B} prompts but {len(seeds)} seeds and {len(prompt_indices)} prompt indices")
+    if getattr(teacher, "samples_itself", False):
+        return teacher.sample(list(prompts), cfg, router=router, seeds=seeds, prompt_indices=prompt_indices,
+                              on_step=on_step, references=references)
+    if cfg.true_cfg:
+        raise ConfigError(f"cfg = {cfg.cfg:g} (sampler.cfg / rollout.cfg): true CFG (cond and uncond batched) runs "
+                          "only with teacher.kind: comfyui; the tiny and diffusers teachers sample with the guidance "
+                          "embedding alone (sampler.guidance): set cfg to 1.0")
+    if references:
+        raise ConfigError("capture.reference_latents > 0 needs teacher.kind: comfyui (reference latents go through "
+                          "ComfyUI's FLUX.2 model); set capture.reference_latents: 0")
     h, w = cfg.latent_height, cfg.latent_width
     sigmas = flux2_sigmas(cfg.steps, h * w, cfg.mu)
     cond = teacher.encode_prompts(prompts)

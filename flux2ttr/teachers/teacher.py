@@ -12,6 +12,9 @@ Two kinds share one file format and one interface (:class:`Teacher`):
   encoder and a linear latent-to-RGB decoder complete it.
 * ``diffusers``: a real FLUX.2 (dev or Klein) transformer from a local single file or diffusers folder,
   its text encoder and VAE from local folders. Nothing is downloaded.
+* ``comfyui``: the user's three ComfyUI files (diffusion model, text encoder, VAE) through ComfyUI's own
+  loaders, conditioning, CFG guider and attention override (:mod:`flux2ttr.teachers.comfyui`, the only
+  module that imports ComfyUI, inside its functions).
 
 Shapes: latents are image tokens ``[B, h*w, 128]`` (row-major over the ``h x w`` latent grid, one token per
 16x16 pixels); conditioning is ``[B, 512, ctx]``, real prompt tokens last, zeros before (as ComfyUI).
@@ -53,6 +56,10 @@ IDENTITY_FILE_NAME = "identity.json"
 METADATA_KEY = "flux2ttr"
 
 
+TEACHER_KINDS = ("tiny", "diffusers", "comfyui")
+COMFYUI_DEFAULT_DTYPE = "default"  # comfyui kind: the weight dtype UNETLoader's "default" gives (fp8 files stay fp8)
+
+
 class TeacherError(ValueError, Flux2TTRError):
     """A teacher cannot be built or loaded; the message names the param and the path."""
 
@@ -61,9 +68,9 @@ class TeacherError(ValueError, Flux2TTRError):
 class TeacherConfig:
     """params.yaml section ``teacher``."""
 
-    kind: str = "tiny"  # "tiny" | "diffusers"
-    out_dir: str = "teachers/tiny"  # tiny: where the stage writes its files; diffusers: identity.json
-    dtype: str = "float32"
+    kind: str = "tiny"  # "tiny" | "diffusers" | "comfyui"
+    out_dir: str = "teachers/tiny"  # tiny: where the stage writes its files; diffusers, comfyui: identity.json
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | default (comfyui: ComfyUI's choice, as UNETLoader)
     device: str = "cpu"
     # --- tiny: architecture (head_dim 128 etc. are FLUX.2 constants) ---
     seed: int = 0
@@ -83,18 +90,24 @@ class TeacherConfig:
     rope_bands: tuple[int, ...] = (1, 2, 3, 4)  # RoPE pair indices (frequency 2000^(-i/16)) of that component
     text_affinity: float = 0.0  # text-key score above far image keys, in units of the positional peak
     vocab_size: int = 4096  # hashed prompt-token table
-    # --- diffusers ---
-    transformer: str = ""  # single .safetensors file or diffusers folder (with or without transformer/)
-    transformer_config: str = ""  # config folder for a single file (holds transformer/config.json)
-    text_encoder: str = ""  # folder of the text encoder (Mistral3 for dev, Qwen3 for Klein)
-    tokenizer: str = ""  # folder of its tokenizer/processor (default: text_encoder)
-    vae: str = ""  # folder of the AutoencoderKLFlux2
+    # --- diffusers and comfyui ---
+    transformer: str = ""  # single .safetensors (comfyui: the file in models/diffusion_models) or diffusers folder
+    transformer_config: str = ""  # diffusers, single file: config folder (holds transformer/config.json)
+    text_encoder: str = ""  # diffusers: folder (Mistral3 dev, Qwen3 Klein); comfyui: file in models/text_encoders
+    tokenizer: str = ""  # diffusers: its tokenizer/processor folder (default: text_encoder)
+    vae: str = ""  # diffusers: AutoencoderKLFlux2 folder; comfyui: the file in models/vae
+    comfyui_path: str = ""  # comfyui: the ComfyUI folder whose code loads and samples ("": $COMFYUI_PATH)
 
     def __post_init__(self) -> None:
         self.rope_bands = tuple(int(i) for i in self.rope_bands)
-        if self.kind not in ("tiny", "diffusers"):
-            raise ConfigError(f"teacher.kind must be 'tiny' or 'diffusers', got {self.kind!r}")
-        torch_dtype(self.dtype)  # teacher.dtype must be one of ... (checked before anything loads)
+        if self.kind not in TEACHER_KINDS:
+            raise ConfigError(f"teacher.kind must be one of {list(TEACHER_KINDS)}, got {self.kind!r}")
+        if self.dtype == COMFYUI_DEFAULT_DTYPE:  # UNETLoader's weight_dtype "default": ComfyUI picks
+            if self.kind != "comfyui":
+                raise ConfigError(f"teacher.dtype {COMFYUI_DEFAULT_DTYPE!r} (ComfyUI's choice) is for teacher.kind comfyui; "
+                                  "the tiny and diffusers kinds need float32, bfloat16 or float16")
+        else:
+            torch_dtype(self.dtype)  # teacher.dtype must be one of ... (checked before anything loads)
         check_range("teacher", self, "num_heads", "joint_attention_dim", "vocab_size", ge=1)
         check_range("teacher", self, "num_double", "num_single", ge=0)
         if self.num_double + self.num_single < 1:
@@ -551,6 +564,10 @@ class Teacher:
     def layer_keys(self) -> list[str]:
         return self.double_layer_keys + self.single_layer_keys
 
+    def attach_router(self, router) -> None:
+        """Route this teacher's attention through ``router`` from now on (installed into the transformer)."""
+        router.install(self.transformer)
+
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """``[B, 512, ctx]`` conditioning on the teacher's device/dtype."""
         if isinstance(prompts, str):
@@ -748,8 +765,13 @@ def load_diffusers_teacher(cfg: TeacherConfig) -> Teacher:
                    decoder=DiffusersDecoder(vae), device=cfg.device, dtype=dtype)
 
 
-def load_teacher(cfg: TeacherConfig) -> Teacher:
-    """The teacher named by ``cfg`` (tiny: from ``cfg.out_dir``, written by the ``teacher`` stage)."""
+def load_teacher(cfg: TeacherConfig):
+    """The teacher named by ``cfg`` (tiny: from ``cfg.out_dir``, written by the ``teacher`` stage; comfyui: a
+    :class:`~flux2ttr.teachers.comfyui.ComfyTeacher`, same interface)."""
     if cfg.kind == "tiny":
         return load_tiny_teacher(cfg)
+    if cfg.kind == "comfyui":
+        from flux2ttr.teachers.comfyui import load_comfyui_teacher  # noqa: PLC0415  (imports ComfyUI itself)
+
+        return load_comfyui_teacher(cfg)
     return load_diffusers_teacher(cfg)

@@ -11,6 +11,20 @@ it is complete. Each tuple's reservoir priority is a uniform draw keyed the same
 (:func:`tuple_priority`), so which tuples are kept depends neither on the order they are offered in nor on
 how the rollouts are split.
 
+**True CFG** (``sampler.cfg`` != 1, the ``comfyui`` teacher): every denoiser call holds the conditional and
+the unconditional rows of each prompt; both are captured, the tuple's ``uncond`` field says which half it is,
+and an unconditional tuple's query draw and priority are keyed by that flag too (the conditional ones keep
+the keys of a capture without CFG).
+
+**Reference latents** (``capture.reference_latents`` = ``N`` > 0, the ``comfyui`` teacher: FLUX.2's
+ReferenceLatent, the reference-image editing input): prompt ``i`` is sampled with ``N`` reference latents,
+its ``j``-th (``j = 1..N``) being the final latent of prompt ``(i + j) mod P`` (``P`` prompts) sampled alone
+(batch 1, no references, not captured) at seed ``sampler.seed + (i + j) mod P``: that prompt's own rollout-0
+latent of this capture, so the references are the teacher's own images of the same run. ComfyUI appends
+reference tokens after the image grid; the tuples store the sequence as the node hands it to a student,
+``[text, ref_1 .. ref_N, image grid]`` with ``n_cond = 512 + N * h * w`` (``h, w`` stay the image grid, and
+``q_idx`` indexes that order), so distill trains on them unchanged.
+
 **Under torchrun** (``torchrun --nproc-per-node N -m stages.capture``) the ranks split the sampler batches
 (the same batches one process samples, so every tuple is computed exactly as there): batch ``j`` goes to
 rank ``j mod N``. Each rank keeps its own reservoir under the whole budget and spills into one temporary
@@ -40,6 +54,7 @@ from flux2ttr.traces.store import STORAGE_DTYPES, TraceStore, TraceTuple, TraceW
 
 MIB = 2**20
 PRIORITY_STREAM = 0x9E1  # separates the reservoir priorities from the query draws of the same tuple
+UNCOND_STREAM = 0x5C1  # keys the unconditional half of a CFG call apart from its conditional half
 
 
 LAYER_SETS = ("all_single", "all")
@@ -59,6 +74,7 @@ class CaptureConfig:
     storage_dtype: str = "float16"  # float16 | bfloat16 | float32
     budget_mib: float = 800.0  # global budget: uncompressed bytes of all kept tuples
     batch_size: int = 4  # prompts per sampler batch
+    reference_latents: int = 0  # comfyui teacher: reference latents per prompt (ReferenceLatent; module doc); 0 = none
     seed: int = 0  # query draws and reservoir priorities
     shard_mib: float = 16.0  # target size of one shard file (k, v arrays)
     zstd_level: int = 3  # shard compression level
@@ -69,6 +85,7 @@ class CaptureConfig:
         for name in ("queries", "rollouts", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"capture.{name} must be >= 1, got {getattr(self, name)}")
+        check_range("capture", self, "reference_latents", ge=0)
         if self.budget_mib <= 0 or self.shard_mib <= 0:
             raise ConfigError("capture.budget_mib and capture.shard_mib must be positive")
         if isinstance(self.layers, str) and self.layers not in LAYER_SETS:
@@ -105,21 +122,27 @@ def resolve_steps(cfg: CaptureConfig, num_steps: int) -> list[int]:
     return steps
 
 
+def _half(uncond: int) -> list[int]:
+    """The extra key of an unconditional tuple (none for a conditional one: its keys are those without CFG)."""
+    return [UNCOND_STREAM] if int(uncond) else []
+
+
 def query_positions(n_tokens: int, queries: int, seed: int, prompt: int, sample_seed: int, step: int,
-                    layer: str) -> np.ndarray:
+                    layer: str, uncond: int = 0) -> np.ndarray:
     """``[min(queries, N)]`` sorted distinct token positions for one tuple (deterministic per tuple)."""
     lay_kind, lay_idx = layer_sort_key(layer)
-    rng = np.random.default_rng([int(seed), int(prompt), int(sample_seed), int(step), lay_kind, lay_idx])
+    rng = np.random.default_rng([int(seed), int(prompt), int(sample_seed), int(step), lay_kind, lay_idx,
+                                 *_half(uncond)])
     nq = min(int(queries), int(n_tokens))
     return np.sort(rng.choice(int(n_tokens), size=nq, replace=False))
 
 
-def tuple_priority(seed: int, prompt: int, sample_seed: int, step: int, layer: str) -> float:
+def tuple_priority(seed: int, prompt: int, sample_seed: int, step: int, layer: str, uncond: int = 0) -> float:
     """The reservoir priority of one tuple: uniform in ``[0, 1)``, a pure function of the tuple's identity
     (not of when or on which rank it is offered)."""
     lay_kind, lay_idx = layer_sort_key(layer)
     rng = np.random.default_rng([int(seed), PRIORITY_STREAM, int(prompt), int(sample_seed), int(step), lay_kind,
-                                 lay_idx])
+                                 lay_idx, *_half(uncond)])
     return float(rng.random())
 
 
@@ -142,13 +165,14 @@ class CaptureObserver:
         B, _, N, _ = q.shape
         for b in range(B):
             prompt, sample_seed = int(state.prompt_index[b]), int(state.seed[b])
-            idx = query_positions(N, self.cfg.queries, self.cfg.seed, prompt, sample_seed, state.step, key)
+            uncond = int(state.uncond[b]) if state.uncond else 0
+            idx = query_positions(N, self.cfg.queries, self.cfg.seed, prompt, sample_seed, state.step, key, uncond)
             idx_t = torch.from_numpy(idx).to(q.device)
-            priority = tuple_priority(self.cfg.seed, prompt, sample_seed, state.step, key)
+            priority = tuple_priority(self.cfg.seed, prompt, sample_seed, state.step, key, uncond)
             self.writer.offer(key, TraceTuple(
                 q_sub=q[b][:, idx_t], q_idx=idx_t, k=k[b], v=v[b], teacher_sub=out[b][:, idx_t],
                 sigma=float(state.sigma), cfg=float(state.cfg), n_cond=int(n_cond), h=int(state.height),
-                w=int(state.width), prompt=prompt, step=int(state.step), seed=sample_seed,
+                w=int(state.width), prompt=prompt, step=int(state.step), seed=sample_seed, uncond=uncond,
             ), priority=priority)
         self.seconds += time.perf_counter() - start
         self.cpu_seconds += time.process_time() - cpu_start
@@ -156,6 +180,35 @@ class CaptureObserver:
 
 def _sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class ReferencePlan:
+    """The reference latents of a capture (module doc, "Reference latents"): each reference rollout sampled once
+    per process when first needed, alone (batch 1, so its value does not depend on which batch or rank asks),
+    without references and without capture. ``sampled`` counts those rollouts."""
+
+    def __init__(self, teacher: Any, prompts: list[str], sampler_cfg: Any, count: int) -> None:
+        self.teacher, self.prompts, self.sampler_cfg, self.count = teacher, prompts, sampler_cfg, int(count)
+        self._latents: dict[int, torch.Tensor] = {}
+        self.sampled = 0
+
+    def latent(self, p: int) -> torch.Tensor:
+        """``[h*w, 128]`` final latent of prompt ``p`` at seed ``sampler.seed + p``."""
+        from flux2ttr.teachers.sampler import sample  # noqa: PLC0415
+
+        if p not in self._latents:
+            self._latents[p] = sample(self.teacher, [self.prompts[p]], self.sampler_cfg,
+                                      seeds=[int(self.sampler_cfg.seed) + p], prompt_indices=[p])[0].float().cpu()
+            self.sampled += 1
+        return self._latents[p]
+
+    def of(self, i: int) -> list[torch.Tensor]:
+        """The references of prompt ``i`` in order (``[h*w, 128]`` each)."""
+        return [self.latent((i + j) % len(self.prompts)) for j in range(1, self.count + 1)]
+
+    def for_prompts(self, indices: list[int]) -> list[list[torch.Tensor]] | None:
+        """Per prompt index, its references (``None`` when the capture takes none)."""
+        return [self.of(i) for i in indices] if self.count else None
 
 
 def split_batches(n_runs: int, batch_size: int, world: int) -> list[list[tuple[int, int]]]:
@@ -185,6 +238,9 @@ def capture(teacher: Any, prompts: list[str], cfg: CaptureConfig, sampler_cfg: A
     dist = dist if dist is not None else Dist()
     layers = resolve_layers(cfg, teacher.layer_keys, teacher.single_layer_keys)
     steps = resolve_steps(cfg, int(sampler_cfg.steps))
+    if cfg.reference_latents and not getattr(teacher, "samples_itself", False):
+        raise ConfigError(f"capture.reference_latents = {cfg.reference_latents} needs teacher.kind: comfyui (reference "
+                          "latents go through ComfyUI's FLUX.2 model); set capture.reference_latents: 0")
     runs = [(r, i) for r in range(cfg.rollouts) for i in range(len(prompts))]
     batches = [runs[s:s + cfg.batch_size] for s in range(0, len(runs), cfg.batch_size)]
     attrs = {
@@ -194,6 +250,14 @@ def capture(teacher: Any, prompts: list[str], cfg: CaptureConfig, sampler_cfg: A
         "prompts": {"file": str(prompts_file) if prompts_file else None, "count": len(prompts),
                     "sha256": _sha256_file(Path(prompts_file)) if prompts_file else None},
     }
+    if cfg.reference_latents:
+        grid = sampler_cfg.latent_height * sampler_cfg.latent_width
+        attrs["references"] = {
+            "count": int(cfg.reference_latents), "tokens_each": grid, "order": "text, references, image grid",
+            "rule": "reference j (1..count) of prompt i: the final latent of prompt (i + j) mod prompts, sampled "
+                    "alone without references at seed sampler.seed + that prompt index",
+        }
+    references = ReferencePlan(teacher, prompts, sampler_cfg, int(cfg.reference_latents))
     router = AttentionRouter(include_double=any(k.startswith("double_") for k in layers))
     t0, c0 = time.perf_counter(), time.process_time()
     sampled = 0
@@ -210,7 +274,7 @@ def capture(teacher: Any, prompts: list[str], cfg: CaptureConfig, sampler_cfg: A
                 batch = batches[j]
                 sample(teacher, [prompts[i] for _, i in batch], sampler_cfg, router=router,
                        seeds=[int(sampler_cfg.seed) + r * len(prompts) + i for r, i in batch],
-                       prompt_indices=[i for _, i in batch])
+                       prompt_indices=[i for _, i in batch], references=references.for_prompts([i for _, i in batch]))
                 sampled += len(batch)
             writer.sync()  # a collective: every rank, every round
             bar.update(sum(len(batches[j]) for j, _ in round_))
@@ -220,7 +284,8 @@ def capture(teacher: Any, prompts: list[str], cfg: CaptureConfig, sampler_cfg: A
         writer.close(progress=progress and dist.is_main)
     store = TraceStore.open(cfg.store)
     res = store.attrs["reservoir"]
-    mine = {"rollouts": sampled, "seconds_sampling": round(t_sample, 3), "seconds_observer": round(observer.seconds, 3),
+    mine = {"rollouts": sampled, "reference_rollouts": references.sampled, "seconds_sampling": round(t_sample, 3),
+            "seconds_observer": round(observer.seconds, 3),
             "seconds_write": round(writer.write_seconds, 3), "seconds_manifest": round(writer.manifest_seconds, 3),
             "cpu_seconds_observer": observer.cpu_seconds, "cpu_seconds_sampling": c_sample,
             "cpu_seconds_total": time.process_time() - c0}
@@ -235,6 +300,6 @@ def capture(teacher: Any, prompts: list[str], cfg: CaptureConfig, sampler_cfg: A
         "cpu_seconds_sampling": sum(r["cpu_seconds_sampling"] for r in ranks),
         "cpu_seconds_total": sum(r["cpu_seconds_total"] for r in ranks),
         "world_size": dist.world,
-        "ranks": [{k: r[k] for k in ("rollouts", "seconds_sampling", "seconds_observer", "seconds_write",
+        "ranks": [{k: r[k] for k in ("rollouts", "reference_rollouts", "seconds_sampling", "seconds_observer", "seconds_write",
                                      "seconds_manifest")} for r in ranks],
     }

@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from flux2ttr.traces.store import ARRAY_FIELDS, SCALAR_FIELDS, TraceStore, decode
+from flux2ttr.traces.store import ARRAY_FIELDS, TraceStore, decode
 
 # (n_tokens, row indices in that group)
 Groups = list[tuple[int, np.ndarray]]
@@ -111,8 +111,7 @@ def read_batch(store: TraceStore, layer: str, n_tokens: int, rows: list[int] | n
         out[name] = decode(data, store.storage_dtype)
     out["q_idx"] = torch.from_numpy(store.read_array(layer, n_tokens, "q_idx")[idx].astype(np.int64))
     table = store.read_array(layer, n_tokens, "scalars")[idx]
-    for i, name in enumerate(SCALAR_FIELDS):
-        col = table[:, i]
+    for name, col in store.scalar_columns(table).items():
         out[name] = torch.from_numpy(col.astype(np.float32) if name in ("sigma", "cfg") else col.astype(np.int64))
     return out
 

@@ -6,17 +6,20 @@ One *tuple* per (rollout, step, layer, batch row)::
     q_idx        [Nq]        token positions of those queries in the full sequence (int)
     k, v         [H, N, D]   all keys and values of the sequence (never subsampled)
     teacher_sub  [H, Nq, D]  the teacher's softmax attention output at q_idx
-    sigma, cfg, n_cond, h, w, prompt, step, seed   scalars (n_cond text tokens come first; h, w is the
-                             latent image-token grid; prompt is the index into the capture prompt list)
+    sigma, cfg, n_cond, h, w, prompt, step, seed, uncond   scalars (n_cond conditioning tokens come first;
+                             h, w is the latent image-token grid; prompt is the index into the capture prompt
+                             list; uncond is 1 for the unconditional half of a true-CFG call, else 0)
 
 Layout on disk (``N`` = token count, one group per layer and token count)::
 
     capture.zarr/zarr.json                 root attributes: format, schema, teacher, storage dtype, ...
     capture.zarr/single_blocks.0/n768/     q_sub [M,H,Nq,D], q_idx [M,Nq] int32, k, v [M,H,N,D],
-                                           teacher_sub [M,H,Nq,D], scalars [M, 8] float64
+                                           teacher_sub [M,H,Nq,D], scalars [M, 9] float64
 
-The eight scalars share one float64 array (columns :data:`SCALAR_FIELDS`; integers are exact below
-2**53) so that a group is a handful of files. Large arrays are chunked one tuple per chunk (a shuffled
+The nine scalars share one float64 array (columns :data:`SCALAR_FIELDS`, named in the root attribute
+``scalar_fields``; integers are exact below 2**53) so that a group is a handful of files. Stores written
+before the ``uncond`` column existed (eight columns, same schema 1: the column is additive) read with
+``uncond`` 0: they hold no unconditional tuples. Large arrays are chunked one tuple per chunk (a shuffled
 reader fetches single tuples) and those chunks are packed into zstd-compressed shards of about
 ``shard_bytes``, each shard one file written whole by the single writer, so a store is a few files
 per (layer, token count) group, not one per chunk.
@@ -120,7 +123,7 @@ STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 BF16_ENCODING = "bfloat16-bits-as-uint16"
 
 ARRAY_FIELDS = ("q_sub", "k", "v", "teacher_sub")
-SCALAR_FIELDS = ("sigma", "cfg", "n_cond", "h", "w", "prompt", "step", "seed")
+SCALAR_FIELDS = ("sigma", "cfg", "n_cond", "h", "w", "prompt", "step", "seed", "uncond")
 _FLOAT_SCALARS = ("sigma", "cfg")
 _MAX_EXACT_INT = 2**53  # float64 holds integers exactly below this
 _FP16_MAX = 65504.0  # largest finite float16
@@ -192,7 +195,8 @@ def build_manifest(root: Path, arrays: Mapping[str, Mapping[str, Any]], threads:
 class TraceTuple:
     """One captured attention tuple. Tensors may be torch tensors or numpy arrays, any float dtype.
 
-    ``q_sub``/``teacher_sub`` ``[H, Nq, D]``, ``q_idx`` ``[Nq]``, ``k``/``v`` ``[H, N, D]``.
+    ``q_sub``/``teacher_sub`` ``[H, Nq, D]``, ``q_idx`` ``[Nq]``, ``k``/``v`` ``[H, N, D]``; ``uncond`` 1 marks
+    the unconditional half of a true-CFG call (0: the conditional one, or no CFG).
     """
 
     q_sub: Any
@@ -208,6 +212,7 @@ class TraceTuple:
     prompt: int
     step: int
     seed: int
+    uncond: int = 0
 
 
 def group_name(n_tokens: int) -> str:
@@ -281,7 +286,7 @@ class _Kept:
     n_tokens: int
     nbytes: int
     spill: Path
-    scalars: np.ndarray  # [8] float64, SCALAR_FIELDS order
+    scalars: np.ndarray  # [9] float64, SCALAR_FIELDS order
     rank: int = 0  # whose spill folder holds it
 
 
@@ -488,6 +493,8 @@ class TraceWriter:
                 f"layer {layer}: tuple shapes q_sub {q}, q_idx {qi}, k {k}, v {v}, teacher_sub {ts} do not "
                 "match [H,Nq,D], [Nq], [H,N,D], [H,N,D], [H,Nq,D]"
             )
+        if int(t.uncond) not in (0, 1):
+            raise ValueError(f"tuple field uncond={t.uncond} must be 0 or 1")
         for name in ("n_cond", "h", "w", "prompt", "step", "seed"):
             value = int(getattr(t, name))
             if not 0 <= value < _MAX_EXACT_INT:
@@ -995,11 +1002,20 @@ class TraceStore:
 
     def scalars(self, layer: str, n_tokens: int) -> dict[str, np.ndarray]:
         """All scalar fields of a group as numpy arrays ``[count]`` (sigma/cfg float64, others int64)."""
-        table = self.read_array(layer, n_tokens, "scalars")
-        return {
-            name: table[:, i] if name in _FLOAT_SCALARS else table[:, i].astype(np.int64)
-            for i, name in enumerate(SCALAR_FIELDS)
-        }
+        return {name: col if name in _FLOAT_SCALARS else col.astype(np.int64)
+                for name, col in self.scalar_columns(self.read_array(layer, n_tokens, "scalars")).items()}
+
+    def scalar_columns(self, table: np.ndarray) -> dict[str, np.ndarray]:
+        """``{field: table[:, column]}`` for every field of :data:`SCALAR_FIELDS` from a raw ``scalars`` table
+        ``[M, columns]`` of this store, by the column names it records (``scalar_fields``); a field an older
+        store lacks (``uncond``) reads as zeros."""
+        names = list(self.attrs.get("scalar_fields") or SCALAR_FIELDS[:table.shape[1]])
+        if len(names) != table.shape[1]:
+            raise TraceStoreError(f"{self.path}: scalars have {table.shape[1]} columns but scalar_fields names "
+                                  f"{len(names)}; {RECAPTURE}")
+        col = {n: i for i, n in enumerate(names)}
+        return {name: table[:, col[name]] if name in col else np.zeros(table.shape[0], dtype=np.float64)
+                for name in SCALAR_FIELDS}
 
     def prompt_indices(self, layer: str) -> dict[int, np.ndarray]:
         """``{n_tokens: prompt index of every stored tuple [count]}`` for splitting by prompt."""
@@ -1010,7 +1026,7 @@ class TraceStore:
 
         ``q_sub``/``teacher_sub`` ``[B, H, Nq, D]`` float32, ``k``/``v`` ``[B, H, N, D]`` float32,
         ``q_idx`` ``[B, Nq]`` int64, ``sigma``/``cfg`` ``[B]`` float32, ``n_cond, h, w, prompt, step,
-        seed`` ``[B]`` int64.
+        seed, uncond`` ``[B]`` int64.
         """
         g = self._group(layer, n_tokens)
         count = g["scalars"].shape[0]
@@ -1029,8 +1045,7 @@ class TraceStore:
             out[name] = decode(data, self.storage_dtype)
         out["q_idx"] = torch.from_numpy(self.read_array(layer, n_tokens, "q_idx", uniq)[inverse].astype(np.int64))
         table = self.read_array(layer, n_tokens, "scalars", uniq)[inverse]
-        for i, name in enumerate(SCALAR_FIELDS):
-            col = table[:, i]
+        for name, col in self.scalar_columns(table).items():
             out[name] = torch.from_numpy(col.astype(np.float32) if name in _FLOAT_SCALARS else col.astype(np.int64))
         return out
 

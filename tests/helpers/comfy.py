@@ -11,12 +11,8 @@ folders live in a temp dir.
 from __future__ import annotations
 
 import asyncio
-import importlib.abc
-import importlib.machinery
-import importlib.util
 import os
 import sys
-import types
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +25,6 @@ PACK_DIR = REPO / "comfy_nodes"
 TEST_COND_NODE = "Flux2TTRTestConditioning"
 TEST_CAPTURE_NODE = "Flux2TTRTestCapture"
 
-# placeholders for packages ComfyUI imports at module level but FLUX.2 never uses (see COMFYUI.md)
-PLACEHOLDER_PACKAGES = ("torchaudio",)
-
 
 def comfyui_path() -> Path:
     """The ComfyUI tree to test against: ``$COMFYUI_PATH`` or ``<repo>/../shared/ComfyUI``."""
@@ -43,70 +36,12 @@ def comfyui_path() -> Path:
     return path
 
 
-class _Placeholder(types.ModuleType):
-    """A module that imports fine and fails only when something in it is used."""
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") and name.endswith("__"):
-            raise AttributeError(name)
-        raise ImportError(
-            f"{self.__name__}.{name}: '{self.__name__}' is not installed here (an import placeholder stands in "
-            "for it; FLUX.2 never uses it)"
-        )
-
-
-class _PlaceholderFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def __init__(self, names: tuple[str, ...]):
-        self.names = names
-
-    def find_spec(self, fullname, path, target=None):  # noqa: ANN001 - importlib protocol
-        if fullname.split(".")[0] in self.names:
-            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
-        return None
-
-    def create_module(self, spec):  # noqa: ANN001
-        module = _Placeholder(spec.name)
-        module.__path__ = []
-        return module
-
-    def exec_module(self, module):  # noqa: ANN001
-        pass
-
-
-def _comfy_kitchen_stand_in() -> types.ModuleType:
-    """A ``comfy_kitchen`` for machines where its wheel is not installed (the GPU device: too large to carry,
-    see DESIGN.md). ComfyUI uses it for quantized ops (none here) and FLUX.2's fused RoPE; the stand-in
-    reports no int8 attention and applies RoPE with ComfyUI's own eager functions."""
-    module = types.ModuleType("comfy_kitchen")
-
-    def apply_rope(xq, xk, freqs_cis):  # noqa: ANN001, ANN202 - ComfyUI's signature
-        from comfy.ldm.flux import math as flux_math
-
-        return flux_math._apply_rope(xq, xk, freqs_cis)
-
-    def apply_rope1(x, freqs_cis):  # noqa: ANN001, ANN202
-        from comfy.ldm.flux import math as flux_math
-
-        return flux_math._apply_rope1(x, freqs_cis)
-
-    module.int8_attention_is_available = lambda *a, **k: False
-    module.flash_attention_decode_is_available = lambda *a, **k: False
-    module.apply_rope, module.apply_rope1 = apply_rope, apply_rope1
-    return module
-
-
 def install_placeholders() -> list[str]:
-    """Register import placeholders for the packages in :data:`PLACEHOLDER_PACKAGES` that are missing,
-    and the :func:`_comfy_kitchen_stand_in` where ``comfy_kitchen`` is missing."""
-    import diffusers  # noqa: F401 - diffusers probes optional packages' versions: import it first
+    """Import placeholders for what ComfyUI imports but FLUX.2 never uses, where missing (torchaudio; a
+    ``comfy_kitchen`` stand-in): the library's own, which the comfyui teacher installs too."""
+    from flux2ttr.teachers.comfyui import install_import_placeholders
 
-    missing = [n for n in PLACEHOLDER_PACKAGES if importlib.util.find_spec(n) is None]
-    if missing and not any(isinstance(f, _PlaceholderFinder) for f in sys.meta_path):
-        sys.meta_path.append(_PlaceholderFinder(tuple(missing)))
-    if "comfy_kitchen" not in sys.modules and importlib.util.find_spec("comfy_kitchen") is None:
-        sys.modules["comfy_kitchen"] = _comfy_kitchen_stand_in()
-        missing.append("comfy_kitchen")
-    return missing
+    return install_import_placeholders()
 
 
 class _Server:

@@ -20,7 +20,7 @@ from flux2ttr.config import ConfigError
 from flux2ttr.teachers.prompts import PromptFileError
 from flux2ttr.teachers.sampler import SamplerConfig, flux2_sigmas
 from flux2ttr.traces.capture import CaptureConfig, capture, query_positions, split_batches, tuple_priority
-from flux2ttr.traces.store import TraceStore, TraceStoreError
+from flux2ttr.traces.store import SCALAR_FIELDS, TraceStore, TraceStoreError
 from helpers.outputs import check_metrics_file, details_of
 from helpers.torchrun import one_thread, torchrun, tree_bytes
 from stages.capture import run_stage
@@ -111,7 +111,7 @@ def test_layer_and_step_selection_and_budget(teacher, tmp_path):
 
     # budget of 2.5 tuples: 2 kept of all 3 prompts x 2 layers x 2 steps offered, never above the budget
     heads, d = teacher.num_heads, teacher.head_dim
-    per_tuple = 2 * heads * N * d * 2 + 2 * heads * 8 * d * 2 + 8 * 4 + 8 * 8
+    per_tuple = 2 * heads * N * d * 2 + 2 * heads * 8 * d * 2 + 8 * 4 + 8 * len(SCALAR_FIELDS)  # + the float64 scalars row
     budget_mib = 2.5 * per_tuple / 2**20
     cfg = CaptureConfig(store=str(tmp_path / "b.zarr"), queries=8, storage_dtype="float16",
                         budget_mib=budget_mib, batch_size=3, rollouts=2)

@@ -16,6 +16,7 @@ import torch
 
 from flux2ttr.traces.store import (
     FORMAT,
+    SCALAR_FIELDS,
     SCHEMA_VERSION,
     TraceStore,
     TraceStoreError,
@@ -475,7 +476,7 @@ def test_manifest_lists_every_file_with_size_and_sha256(tmp_path):
         assert size == len(data) and digest == hashlib.sha256(data).hexdigest(), rel
     assert man["arrays"]["single_blocks.1/n24/k"] == {"shape": [12, 2, 24, 8], "dtype": "float32",
                                                       "rows_per_file": 4}
-    assert man["arrays"]["single_blocks.0/n24/scalars"]["shape"] == [12, 8]
+    assert man["arrays"]["single_blocks.0/n24/scalars"]["shape"] == [12, len(SCALAR_FIELDS)]
     assert {f"single_blocks.1/n24/k/c/{i}/0/0/0" for i in range(3)} <= set(man["files"])
     # reserved: a caller cannot smuggle its own manifest in
     with pytest.raises(ValueError, match="reserved"):
@@ -607,3 +608,29 @@ def test_store_without_manifest_opens_with_a_warning_and_wraps_decode_errors(tmp
             rf"cannot decode array single_blocks\.1/n24/k from {re.escape(K_SHARD)} \(ValueError: Stored and "
             r"computed checksum do not match.*the store is damaged: recapture it \(`dvc repro capture`")):
         store.read("single_blocks.1", 24, [5])
+
+
+def test_uncond_column_round_trips_and_old_stores_read_zero(tmp_path):
+    """``uncond`` (the unconditional half of a true-CFG call) is a stored scalar; a store written before the
+    column existed (eight scalar columns, named in ``scalar_fields``) reads with ``uncond`` 0."""
+    gen = torch.Generator().manual_seed(0)
+    with TraceWriter(tmp_path / "s.zarr", attrs={}, budget_bytes=1 << 24, storage_dtype="float32", seed=0) as w:
+        for i, uncond in enumerate((0, 1, 1)):
+            t = make_tuple(gen, prompt=i)
+            t.uncond = uncond
+            w.offer("single_blocks.0", t)
+        bad = make_tuple(gen)
+        bad.uncond = 2
+        with pytest.raises(ValueError, match="uncond"):
+            w.offer("single_blocks.0", bad)
+    store = TraceStore.open(tmp_path / "s.zarr")
+    assert store.attrs["scalar_fields"] == list(SCALAR_FIELDS) and SCALAR_FIELDS[-1] == "uncond"
+    assert store.read("single_blocks.0", 24, [0, 1, 2])["uncond"].tolist() == [0, 1, 1]
+    assert store.scalars("single_blocks.0", 24)["uncond"].tolist() == [0, 1, 1]
+    table = store.read_array("single_blocks.0", 24, "scalars")
+    store.attrs["scalar_fields"] = list(SCALAR_FIELDS[:8])  # what an older store records, with its 8 columns
+    cols = store.scalar_columns(np.ascontiguousarray(table[:, :8]))
+    assert set(cols) == set(SCALAR_FIELDS) and cols["uncond"].tolist() == [0, 0, 0]
+    assert cols["prompt"].tolist() == [0, 1, 2]
+    with pytest.raises(TraceStoreError, match="columns"):
+        store.scalar_columns(table)  # 9 columns against 8 names: refused, never misread
