@@ -54,7 +54,7 @@ from typing import Any, Callable
 
 import torch
 
-from flux2ttr.contract import comfy_key, layer_sort_key, model_layer_keys
+from flux2ttr.contract import comfy_key, layer_sort_key, model_layer_keys, reference_token_order
 from flux2ttr.seeds import generator
 
 LOG = logging.getLogger("flux2ttr.comfy")
@@ -371,17 +371,33 @@ def attention_override(func: Callable, *args: Any, **kwargs: Any) -> torch.Tenso
     return res
 
 
+_ORDERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _orders(n_cond: int, n_grid: int, n_ref: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`~flux2ttr.contract.reference_token_order` on ``device`` and its inverse (made once per shape)."""
+    key = (n_cond, n_grid, n_ref, str(device))
+    hit = _ORDERS.get(key)
+    if hit is None:
+        if len(_ORDERS) > 64:
+            _ORDERS.clear()
+        idx = reference_token_order(n_cond, n_grid, n_ref)
+        inv = torch.empty_like(idx)
+        inv[idx] = torch.arange(idx.numel())
+        hit = _ORDERS[key] = (idx.to(device), inv.to(device))
+    return hit
+
+
 def reference_layout(t: torch.Tensor, n_cond: int, n_grid: int) -> torch.Tensor:
     """``t [B, H, N, D]`` in ComfyUI's order ``[conditioning, latent grid, references]`` -> the student's
     ``[conditioning, references, latent grid]`` (a copy; references are the ``N - n_cond - n_grid`` tokens
-    after the grid)."""
-    return torch.cat([t[:, :, :n_cond], t[:, :, n_cond + n_grid:], t[:, :, n_cond:n_cond + n_grid]], dim=2)
+    after the grid; the order the trace store keeps too, :func:`~flux2ttr.contract.reference_token_order`)."""
+    return t.index_select(2, _orders(n_cond, n_grid, t.shape[2] - n_cond - n_grid, t.device)[0])
 
 
 def comfy_layout(t: torch.Tensor, n_cond: int, n_grid: int) -> torch.Tensor:
     """The inverse of :func:`reference_layout`: ``[conditioning, references, grid]`` -> ComfyUI's order."""
-    n_ref = t.shape[2] - n_cond - n_grid
-    return torch.cat([t[:, :, :n_cond], t[:, :, n_cond + n_ref:], t[:, :, n_cond:n_cond + n_ref]], dim=2)
+    return t.index_select(2, _orders(n_cond, n_grid, t.shape[2] - n_cond - n_grid, t.device)[1])
 
 
 def reference_tokens(topts: dict) -> int:
