@@ -1,6 +1,7 @@
 """DVC stage ``teacher``: params section ``teacher``. The tiny teacher is written to ``teacher.out_dir``
-(single-file FLUX.2 transformer, config folder, prompt codec); a diffusers teacher is checked and its
-identity written to ``out_dir/identity.json``."""
+(single-file FLUX.2 transformer, config folder, prompt codec), the trained one unpacked there from
+``teacher.trained_file`` in the same layout; a diffusers teacher is checked and its identity written to
+``out_dir/identity.json``."""
 
 import json
 from pathlib import Path
@@ -14,6 +15,7 @@ from flux2ttr.teachers.teacher import (
     validate_diffusers_paths,
     write_tiny_teacher,
 )
+from flux2ttr.teachers.trained import write_trained_teacher
 from stages import main
 
 
@@ -24,6 +26,10 @@ def run_stage(params_path: Path) -> None:
     if cfg.kind == "tiny":
         out = write_tiny_teacher(cfg)
         print(f"tiny FLUX.2 teacher written to {out}")
+        return
+    if cfg.kind == "trained":
+        out = write_trained_teacher(cfg)
+        print(f"trained tiny FLUX.2 teacher ({cfg.trained_file}) written to {out}")
         return
     validate_diffusers_paths(cfg)
     out = Path(cfg.out_dir)

@@ -61,7 +61,7 @@ class TeacherError(ValueError, Flux2TTRError):
 class TeacherConfig:
     """params.yaml section ``teacher``."""
 
-    kind: str = "tiny"  # "tiny" | "diffusers"
+    kind: str = "tiny"  # "tiny" | "diffusers" | "trained"
     out_dir: str = "teachers/tiny"  # tiny: where the stage writes its files; diffusers: identity.json
     dtype: str = "float32"
     device: str = "cpu"
@@ -83,6 +83,8 @@ class TeacherConfig:
     rope_bands: tuple[int, ...] = (1, 2, 3, 4)  # RoPE pair indices (frequency 2000^(-i/16)) of that component
     text_affinity: float = 0.0  # text-key score above far image keys, in units of the positional peak
     vocab_size: int = 4096  # hashed prompt-token table
+    # --- trained: the shipped trained tiny teacher (flux2ttr/teachers/trained.py), pinned by <file>.sha256 ---
+    trained_file: str = "data/teachers/flux2_trained_fp16.safetensors"
     # --- diffusers ---
     transformer: str = ""  # single .safetensors file or diffusers folder (with or without transformer/)
     transformer_config: str = ""  # config folder for a single file (holds transformer/config.json)
@@ -92,8 +94,8 @@ class TeacherConfig:
 
     def __post_init__(self) -> None:
         self.rope_bands = tuple(int(i) for i in self.rope_bands)
-        if self.kind not in ("tiny", "diffusers"):
-            raise ConfigError(f"teacher.kind must be 'tiny' or 'diffusers', got {self.kind!r}")
+        if self.kind not in ("tiny", "diffusers", "trained"):
+            raise ConfigError(f"teacher.kind must be 'tiny', 'diffusers' or 'trained', got {self.kind!r}")
         torch_dtype(self.dtype)  # teacher.dtype must be one of ... (checked before anything loads)
         check_range("teacher", self, "num_heads", "joint_attention_dim", "vocab_size", ge=1)
         check_range("teacher", self, "num_double", "num_single", ge=0)
@@ -752,4 +754,8 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
     """The teacher named by ``cfg`` (tiny: from ``cfg.out_dir``, written by the ``teacher`` stage)."""
     if cfg.kind == "tiny":
         return load_tiny_teacher(cfg)
+    if cfg.kind == "trained":
+        from flux2ttr.teachers.trained import load_trained_teacher  # noqa: PLC0415
+
+        return load_trained_teacher(cfg)
     return load_diffusers_teacher(cfg)
