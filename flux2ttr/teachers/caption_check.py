@@ -6,8 +6,8 @@ The image is averaged to a 128x128 analysis grid and every cell classified as it
 
 * background: its colour is the most common class and covers at least :data:`MIN_BACKGROUND` of the image;
 * group ("two small red circles top left"): the named colour is the most common non-background colour in
-  the named cell, and exactly the named number of its blobs (4-connected components of at least
-  :data:`MIN_BLOB` of the expected shape area) have their centroid in that cell;
+  the named cell, and exactly the named number of its blobs (4-connected components, after a one-cell
+  closing, of at least :data:`MIN_BLOB` of the expected shape area) have their centroid in that cell;
 * overlap ("a small red circle on a large blue square top left"): the large shape's colour is the most
   common non-background colour in the cell, one blob of each colour is centred there, and the small
   blob's bounding box lies inside the large one's;
@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from flux2ttr.teachers import scenes as sc
@@ -100,33 +101,74 @@ def classify(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``image [3, H, W]`` in [0, 1] -> ``(classes [G, G] long, grid [3, G, G])``: each analysis cell's palette
     index (order of :data:`scenes.PALETTE`) or -1 when no colour is within :data:`COLOUR_TOL`."""
     grid = torch.nn.functional.adaptive_avg_pool2d(image.float().clamp(0, 1).unsqueeze(0), GRID)[0].cpu()
-    dist = (grid.permute(1, 2, 0).unsqueeze(2) - _RGB.view(1, 1, -1, 3)).norm(dim=-1)  # [G, G, K]
-    best, idx = dist.min(dim=-1)
-    return torch.where(best <= COLOUR_TOL, idx, torch.full_like(idx, -1)), grid
+    px = grid.permute(1, 2, 0).reshape(-1, 3)
+    dist2 = px.pow(2).sum(1, keepdim=True) - 2 * px @ _RGB.t() + _RGB.pow(2).sum(1).view(1, -1)  # [G*G, K]
+    best, idx = dist2.min(dim=-1)
+    idx = torch.where(best <= COLOUR_TOL**2, idx, torch.full_like(idx, -1))
+    return idx.view(grid.shape[1], grid.shape[2]), grid
 
 
 def components(mask: torch.Tensor) -> torch.Tensor:
-    """4-connected component labels of a bool ``mask [G, G]``: each component's smallest flat index, -1 off
-    the mask (min-label propagation with pointer jumping)."""
-    G0, G1 = mask.shape
-    n = G0 * G1
-    flat_mask = mask.reshape(-1)
-    big = torch.tensor(n)
-    lab = torch.where(flat_mask, torch.arange(n), big)
-    while True:
-        grid = lab.view(G0, G1)
-        nb = grid.clone()
-        nb[1:] = torch.minimum(nb[1:], grid[:-1])
-        nb[:-1] = torch.minimum(nb[:-1], grid[1:])
-        nb[:, 1:] = torch.minimum(nb[:, 1:], grid[:, :-1])
-        nb[:, :-1] = torch.minimum(nb[:, :-1], grid[:, 1:])
-        new = torch.where(flat_mask, nb.reshape(-1), big)
-        for _ in range(3):  # pointer jumping: the label of a label is in the same component and no larger
-            new = torch.where(flat_mask, torch.minimum(new, new[new.clamp(max=n - 1)]), big)
-        if torch.equal(new, lab):
-            break
-        lab = new
-    return torch.where(flat_mask, lab, torch.tensor(-1)).view(G0, G1)
+    """4-connected component labels of a bool ``mask [G0, G1]``: each component's smallest flat index, -1 off
+    the mask. Runs of each row are joined to the overlapping runs of the row above (union-find over runs)."""
+    m = mask.cpu().numpy().astype(bool)
+    G0, G1 = m.shape
+    edges = np.diff(np.pad(m, ((0, 0), (1, 1))).astype(np.int8), axis=1)  # +1 at run starts, -1 after run ends
+    runs: list[tuple[int, int, int]] = []  # (row, start, end) with end exclusive
+    parent: list[int] = []
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    prev: list[int] = []  # run indices of the row above
+    for r in range(G0):
+        starts, ends = np.flatnonzero(edges[r] == 1), np.flatnonzero(edges[r] == -1)
+        cur = []
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            idx = len(runs)
+            runs.append((r, a, b))
+            parent.append(idx)
+            for j in prev:
+                _, pa, pb = runs[j]
+                if a < pb and pa < b:  # column intervals overlap: 4-connected
+                    ri, rj = root(idx), root(j)
+                    parent[max(ri, rj)] = min(ri, rj)
+            cur.append(idx)
+        prev = cur
+    labels = np.full((G0, G1), -1, dtype=np.int64)
+    first: dict[int, int] = {}
+    for i, (r, a, _) in enumerate(runs):  # runs come in flat-index order: a root's first run is its minimum
+        first.setdefault(root(i), r * G1 + a)
+    for i, (r, a, b) in enumerate(runs):
+        labels[r, a:b] = first[root(i)]
+    return torch.from_numpy(labels)
+
+
+def _shift_all(mask: torch.Tensor, op, pad: bool) -> torch.Tensor:  # noqa: ANN001 - torch.logical_or / _and
+    """``op`` of ``mask`` with its four 4-neighbour shifts (``pad`` outside the grid)."""
+    p = torch.nn.functional.pad(mask, (1, 1, 1, 1), value=pad)
+    out = mask.clone()
+    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+        out = op(out, p[dy:dy + mask.shape[0], dx:dx + mask.shape[1]])
+    return out
+
+
+def close(mask: torch.Tensor) -> torch.Tensor:
+    """Morphological closing with the 4-neighbour cross: bridges one-cell gaps (mixed-colour cells inside a thin
+    shape, where the latent map's 2x4 chroma blocks straddle its edge) without joining shapes, which keep
+    :data:`scenes.SHAPE_GAP` (4 grid cells) apart."""
+    return _shift_all(_shift_all(mask, torch.logical_or, False), torch.logical_and, True)
+
+
+def fill_holes(mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` with every region it encloses (background not connected to the border) filled."""
+    outside = components(~mask)
+    border = set(torch.cat([outside[0], outside[-1], outside[:, 0], outside[:, -1]]).tolist()) - {-1}
+    enclosed = (outside >= 0) & ~torch.isin(outside, torch.tensor(sorted(border), dtype=outside.dtype))
+    return mask | enclosed
 
 
 def blobs(mask: torch.Tensor, min_area: float = 0.0) -> list[Blob]:
@@ -233,7 +275,7 @@ def check_image(image: torch.Tensor, caption: str) -> CheckResult:
     def colour_blobs(colour: str, min_area: float) -> list[Blob]:
         key = (colour, min_area)
         if key not in cache:
-            cache[key] = blobs(classes == _NAMES.index(colour), min_area)
+            cache[key] = blobs(close(classes == _NAMES.index(colour)), min_area)
         return cache[key]
 
     for clause in clauses:
@@ -261,9 +303,9 @@ def check_image(image: torch.Tensor, caption: str) -> CheckResult:
             if len(top) == 1:
                 kind_ok = kind_of(top[0]) == clause.kind
                 size_ok = size_of(top[0], clause.kind) == "small"
-            if len(base) == 1:  # judge the large shape with the small one filled in
-                union = blobs((classes == _NAMES.index(clause.base_colour)) | (classes == _NAMES.index(clause.colour)),
-                              _min_area("large"))
+            if len(base) == 1:  # judge the large shape with the small one (and the fringe between) filled in
+                union = blobs(fill_holes(close((classes == _NAMES.index(clause.base_colour))
+                                               | (classes == _NAMES.index(clause.colour)))), _min_area("large"))
                 union = [b for b in union if _cell_of(b) == clause.cell]
                 if len(union) == 1:
                     kind_ok = kind_ok and kind_of(union[0]) == clause.base_kind

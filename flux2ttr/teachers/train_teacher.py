@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", help="override train_teacher.device (e.g. cuda)")
     p.add_argument("--amp", choices=("none", "bf16"), help="override train_teacher.amp")
     p.add_argument("--batch-size", type=int, help="override train_teacher.batch_size (changes the run: no resume)")
-    p.add_argument("--steps", type=int, help="override train_teacher.steps")
+    p.add_argument("--steps", type=int, help="override train_teacher.steps (changes the run: no resume)")
     p.add_argument("--max-seconds", type=float, help="override train_teacher.max_seconds")
     p.add_argument("--stop-after", type=int, help="stop after this many steps of this run")
     p.add_argument("--checkpoint", help="override train_teacher.checkpoint")
