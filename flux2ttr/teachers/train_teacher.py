@@ -38,6 +38,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,11 +193,16 @@ class Batch:
     distill_rows: int  # the first rows train towards the guided velocity
 
 
+def batch_scenes(cfg: TrainTeacherConfig, scfg: scenes.SceneConfig, step: int) -> list[scenes.Scene]:
+    """The scenes of batch ``step``: training scenes ``step*B .. step*B+B-1``."""
+    return [scenes.training_scene(scfg, step * cfg.batch_size + b) for b in range(cfg.batch_size)]
+
+
 def make_batch(cfg: TrainTeacherConfig, scfg: scenes.SceneConfig, lmap: LatentMap, step: int,
-               device: torch.device) -> Batch:
-    """Batch ``step`` (deterministic in ``(seed, step)``; scenes ``step*B ..`` of the training split)."""
+               device: torch.device, drawn: list[scenes.Scene] | None = None) -> Batch:
+    """Batch ``step`` (deterministic in ``(seed, step)``; ``drawn``: its :func:`batch_scenes` if already made)."""
     B = cfg.batch_size
-    drawn = [scenes.training_scene(scfg, step * B + b) for b in range(B)]
+    drawn = batch_scenes(cfg, scfg, step) if drawn is None else drawn
     x0 = lmap.encode(scenes.render(drawn, cfg.height, cfg.width, device))
     g = torch.Generator().manual_seed(derive_seed(cfg.seed, 3, step))  # small draws on the CPU
     t = torch.sigmoid(torch.randn(B, generator=g) * cfg.logit_std + cfg.logit_mean)
@@ -233,6 +239,9 @@ class Trainer:
         self.commands: list[str] = []
         self.wall_s = 0.0
         self.h, self.w = cfg.height // 16, cfg.width // 16
+        # the next batch's scenes (pure Python) are drawn on a thread while this step runs on the device
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._ahead: tuple[int, Future] | None = None
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.cfg.amp == "bf16" and self.device.type == "cuda":
@@ -262,7 +271,12 @@ class Trainer:
     def step(self) -> float:
         """One optimiser step on batch ``step_done``; returns its loss."""
         cfg = self.cfg
-        batch = make_batch(cfg, self.scfg, self.lmap, self.step_done, self.device)
+        if self._ahead is not None and self._ahead[0] == self.step_done:
+            drawn = self._ahead[1].result()
+        else:
+            drawn = batch_scenes(cfg, self.scfg, self.step_done)
+        self._ahead = (self.step_done + 1, self._pool.submit(batch_scenes, cfg, self.scfg, self.step_done + 1))
+        batch = make_batch(cfg, self.scfg, self.lmap, self.step_done, self.device, drawn)
         for group in self.opt.param_groups:
             group["lr"] = lr_at(cfg, self.step_done)
         loss = self.loss_on(batch)
