@@ -377,23 +377,23 @@ def held_out_scenes(cfg: SceneConfig, n: int) -> list[Scene]:
 _KIND_IDS = {"circle": 0, "square": 1, "triangle": 2, "ring": 3, "hstripe": 4, "vstripe": 5}
 
 
-def _background(scenes: list[Scene], height: int, width: int) -> torch.Tensor:
-    """``[B, 3, H, W]`` background colour with its texture (CPU, fp32)."""
+def _background(scenes: list[Scene], height: int, width: int, device: torch.device) -> torch.Tensor:
+    """``[B, 3, H, W]`` background colour with its texture, built on ``device`` (only the 64x64 speckle noise
+    is drawn on the CPU, from each scene's ``texture_seed``)."""
     B = len(scenes)
-    out = torch.empty(B, 3, height, width)
-    ys = (torch.arange(height, dtype=torch.float32) + 0.5) / height
+    base = torch.tensor([PALETTE[s.background.colour] for s in scenes]).view(B, 3, 1, 1).to(device)
+    noise = torch.zeros(B, 1, SPECKLE_CELLS, SPECKLE_CELLS)
+    gradient = torch.zeros(B, 1, 1, 1)
     for b, s in enumerate(scenes):
-        base = torch.tensor(PALETTE[s.background.colour]).view(3, 1, 1)
         if s.background.texture == "speckled":
             g = torch.Generator().manual_seed(s.texture_seed)
-            noise = (torch.rand(1, 1, SPECKLE_CELLS, SPECKLE_CELLS, generator=g) * 2 - 1) * TEXTURE_AMPLITUDE
-            tex = torch.nn.functional.interpolate(noise, size=(height, width), mode="nearest")[0]
-        elif s.background.texture == "gradient":  # lighter at the top
-            tex = (TEXTURE_AMPLITUDE * (1 - 2 * ys)).view(1, height, 1).expand(1, height, width)
-        else:
-            tex = torch.zeros(1, height, width)
-        out[b] = (base + tex).clamp(0.0, 1.0)
-    return out
+            noise[b, 0] = (torch.rand(SPECKLE_CELLS, SPECKLE_CELLS, generator=g) * 2 - 1) * TEXTURE_AMPLITUDE
+        elif s.background.texture == "gradient":
+            gradient[b] = 1.0
+    speckle = torch.nn.functional.interpolate(noise.to(device), size=(height, width), mode="nearest")
+    ys = (torch.arange(height, dtype=torch.float32, device=device) + 0.5) / height
+    ramp = (TEXTURE_AMPLITUDE * (1 - 2 * ys)).view(1, 1, height, 1)  # lighter at the top
+    return (base + speckle + gradient.to(device) * ramp).clamp(0.0, 1.0)
 
 
 def _sdf(kind: str, dx: torch.Tensor, dy: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -420,7 +420,7 @@ def render(scenes: list[Scene], height: int = 256, width: int = 256, device: str
     edge anti-aliased over one pixel: coverage = clamp(0.5 - signed distance in px, 0, 1))."""
     B = len(scenes)
     device = torch.device(device)
-    img = _background(scenes, height, width).to(device)
+    img = _background(scenes, height, width, device)
     S = max((len(s.shapes) for s in scenes), default=0)
     if S == 0:
         return img
