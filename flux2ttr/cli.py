@@ -1,4 +1,5 @@
-"""The ``flux2ttr`` command line: every DVC stage, plus ``inspect``, ``comfy-install`` and ``offline-plots``.
+"""The ``flux2ttr`` command line: every DVC stage, plus ``inspect``, ``train-teacher``, ``comfy-install`` and
+``offline-plots``.
 
 Each stage command calls ``run_stage(params_path)`` of the project's ``stages/<name>.py`` (imported
 lazily so that ``flux2ttr --help`` stays fast), the same function ``dvc repro`` runs. A config or input
@@ -156,6 +157,20 @@ def inspect_cmd(ctx: click.Context, store: Path, as_json: bool, heatmap_layer: s
         inspect_mod.run_inspect(store, as_json=as_json, heatmap_layer=heatmap_layer, out_path=out_path,
                                 queries=queries, tile=tile, radius=radius, mass_tuples=mass_tuples,
                                 mass_plot=mass_plot, prompt=prompt, step=step, token=token)
+
+
+@main.command("train-teacher", context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@_DEBUG
+@click.pass_context
+def train_teacher_cmd(ctx: click.Context, args: tuple[str, ...], debug: bool) -> None:
+    """Train the tiny FLUX.2 teacher on procedural captioned scenes (params sections train_teacher and scenes;
+    resumable); writes train_teacher.out_file, the trained teacher's shipped file. `flux2ttr train-teacher
+    --help` lists the options (the same as `python -m flux2ttr.teachers.train_teacher`)."""
+    with pipeline_needed(), report_input_errors("train-teacher", debug=_debug(ctx, debug)):
+        from flux2ttr.teachers import train_teacher  # noqa: PLC0415
+
+        raise SystemExit(train_teacher.main(list(args)))
 
 
 @main.command("comfy-install")

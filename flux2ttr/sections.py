@@ -16,6 +16,8 @@ SECTIONS: dict[str, str] = {
     "quality": "flux2ttr.routing.quality:QualityConfig",
     "evaluate": "flux2ttr.routing.evaluate:EvaluateConfig",
     "comet": "flux2ttr.comet_log:CometConfig",
+    "scenes": "flux2ttr.teachers.scenes:SceneConfig",
+    "train_teacher": "flux2ttr.teachers.train_teacher:TrainTeacherConfig",
 }
 
 

@@ -1,6 +1,7 @@
 """DVC stage ``teacher``: params section ``teacher``. The tiny teacher is written to ``teacher.out_dir``
-(single-file FLUX.2 transformer, config folder, prompt codec); a diffusers or comfyui teacher is checked and
-its identity (the files' sha256; comfyui: also ComfyUI's version) written to ``out_dir/identity.json``."""
+(single-file FLUX.2 transformer, config folder, prompt codec), the trained one unpacked there from
+``teacher.trained_file`` in the same layout; a diffusers or comfyui teacher is checked and its identity (the
+files' sha256; comfyui: also ComfyUI's version) written to ``out_dir/identity.json``."""
 
 import json
 from pathlib import Path
@@ -15,16 +16,21 @@ from flux2ttr.teachers.teacher import (
     validate_diffusers_paths,
     write_tiny_teacher,
 )
+from flux2ttr.teachers.trained import write_trained_teacher
 from stages import main
 
 
 def run_stage(params_path: Path) -> None:
-    """DVC stage ``teacher``: tiny -> write the teacher folder; diffusers, comfyui -> validate paths, write
+    """DVC stage ``teacher``: tiny, trained -> write the teacher folder; diffusers, comfyui -> validate paths, write
     ``out_dir/identity.json`` (comfyui: an unchanged file keeps the sha256 the old identity recorded)."""
     cfg = load_section(TeacherConfig, "teacher", params_path)
     if cfg.kind == "tiny":
         out = write_tiny_teacher(cfg)
         print(f"tiny FLUX.2 teacher written to {out}")
+        return
+    if cfg.kind == "trained":
+        out = write_trained_teacher(cfg)
+        print(f"trained tiny FLUX.2 teacher ({cfg.trained_file}) written to {out}")
         return
     out = Path(cfg.out_dir)
     if cfg.kind == "comfyui":

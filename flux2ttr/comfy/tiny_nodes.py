@@ -10,6 +10,9 @@ encoder or VAE: its prompt encoder and latent decoder live in ``tiny_codec.safet
   conditioning the pipeline's tiny teacher sees (real tokens last, zeros before: ComfyUI's left padding);
 - :func:`decode`: a FLUX.2 LATENT ``[B, 128, h, w]`` -> IMAGE ``[B, 16h, 16w, 3]`` in [0, 1].
 
+The trained tiny teacher (``teacher.kind: trained``) writes the same two files; its codec's metadata
+(``flux2ttr_codec``) selects its vocabulary tokenizer and exact latent map (:mod:`flux2ttr.teachers.trained`).
+
 ComfyUI's FLUX.2 latent format passes latents through unchanged (``process_in``/``process_out`` are the
 identity), so a KSampler's output is the latent-token grid the pipeline's sampler produces: row-major
 flattening gives the ``[B, h*w, 128]`` tokens :class:`TinyDecoder` expects.
@@ -17,6 +20,7 @@ flattening gives the ``[B, h*w, 128]`` tokens :class:`TinyDecoder` expects.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
@@ -43,6 +47,7 @@ TEACHER_FILE = SINGLE_FILE_NAME    # flux2_tiny.safetensors, in models/diffusion
 DEFAULT_GUIDANCE = 4.0             # the pipeline's sampler.guidance / rollout.guidance
 MAX_GUIDANCE = 100.0               # FluxGuidance's range
 _KEYS = ("prompt_encoder.token", "prompt_encoder.position", "decoder.weight", "decoder.bias")
+TRAINED_CODEC_KEY = "flux2ttr_codec"  # = flux2ttr.teachers.trained.CODEC_METADATA_KEY (the trained teacher's codec)
 
 
 class TinyCodecError(ValueError, Flux2TTRError):
@@ -54,8 +59,8 @@ class TinyCodec:
     """The tiny teacher's prompt encoder and latent decoder, loaded from one codec file."""
 
     path: Path
-    encoder: TinyPromptEncoder
-    decoder: TinyDecoder
+    encoder: TinyPromptEncoder  # the trained teacher's: a VocabPromptEncoder (a TinyPromptEncoder)
+    decoder: Any  # TinyDecoder, or the trained teacher's LatentMap: (tokens, h, w) -> images in [0, 1]
 
     @property
     def context_dim(self) -> int:
@@ -91,8 +96,7 @@ def _check(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 def load_codec(path: str | Path) -> TinyCodec:
     """The codec in ``path``, cached while the file is unchanged (path, size and mtime)."""
-    from safetensors import SafetensorError  # noqa: PLC0415
-    from safetensors.torch import load_file  # noqa: PLC0415
+    from safetensors import SafetensorError, safe_open  # noqa: PLC0415
 
     path = Path(path)
     try:
@@ -109,15 +113,27 @@ def load_codec(path: str | Path) -> TinyCodec:
         # ordinary ones whichever mode a later run reads them in
         with torch.inference_mode(False):
             try:
-                tensors = load_file(str(path))
+                with safe_open(str(path), framework="pt") as f:
+                    meta = f.metadata() or {}
+                    tensors = {k: f.get_tensor(k) for k in f.keys()}
             except (SafetensorError, OSError, ValueError) as e:
                 raise TinyCodecError(f"{path} cannot be read as safetensors ({e}); copy {CODEC_FILE} again "
                                      "from the project's teachers/tiny") from None
             _check(path, tensors)
             tensors = {k: tensors[k].float().contiguous() for k in _KEYS}
-        codec = TinyCodec(path=path,
-                          encoder=TinyPromptEncoder(tensors["prompt_encoder.token"], tensors["prompt_encoder.position"]),
-                          decoder=TinyDecoder(tensors["decoder.weight"], tensors["decoder.bias"]))
+            if TRAINED_CODEC_KEY in meta:  # the trained teacher's codec: vocabulary tokens, the exact latent map
+                from flux2ttr.teachers.trained import codec_parts  # noqa: PLC0415
+
+                try:
+                    encoder, decoder = codec_parts(tensors, json.loads(meta[TRAINED_CODEC_KEY]))
+                except (ValueError, KeyError) as e:
+                    raise TinyCodecError(f"{path}: its trained-teacher metadata is unusable ({e}); write it again with "
+                                         "`flux2ttr teacher` (teacher.kind: trained)") from None
+                codec = TinyCodec(path=path, encoder=encoder, decoder=decoder)
+            else:
+                codec = TinyCodec(path=path, encoder=TinyPromptEncoder(tensors["prompt_encoder.token"],
+                                                                       tensors["prompt_encoder.position"]),
+                                  decoder=TinyDecoder(tensors["decoder.weight"], tensors["decoder.bias"]))
         for old in [k for k in _CACHE if k[0] == key[0]]:  # an older version of the same file
             del _CACHE[old]
         _CACHE[key] = codec

@@ -56,7 +56,7 @@ IDENTITY_FILE_NAME = "identity.json"
 METADATA_KEY = "flux2ttr"
 
 
-TEACHER_KINDS = ("tiny", "diffusers", "comfyui")
+TEACHER_KINDS = ("tiny", "diffusers", "comfyui", "trained")
 COMFYUI_DEFAULT_DTYPE = "default"  # comfyui kind: the weight dtype UNETLoader's "default" gives (fp8 files stay fp8)
 
 
@@ -68,8 +68,8 @@ class TeacherError(ValueError, Flux2TTRError):
 class TeacherConfig:
     """params.yaml section ``teacher``."""
 
-    kind: str = "tiny"  # "tiny" | "diffusers" | "comfyui"
-    out_dir: str = "teachers/tiny"  # tiny: where the stage writes its files; diffusers, comfyui: identity.json
+    kind: str = "tiny"  # "tiny" | "diffusers" | "comfyui" | "trained"
+    out_dir: str = "teachers/tiny"  # tiny, trained: where the stage writes its files; diffusers, comfyui: identity.json
     dtype: str = "float32"  # float32 | bfloat16 | float16 | default (comfyui: ComfyUI's choice, as UNETLoader)
     device: str = "cpu"
     # --- tiny: architecture (head_dim 128 etc. are FLUX.2 constants) ---
@@ -90,6 +90,8 @@ class TeacherConfig:
     rope_bands: tuple[int, ...] = (1, 2, 3, 4)  # RoPE pair indices (frequency 2000^(-i/16)) of that component
     text_affinity: float = 0.0  # text-key score above far image keys, in units of the positional peak
     vocab_size: int = 4096  # hashed prompt-token table
+    # --- trained: the shipped trained tiny teacher (flux2ttr/teachers/trained.py), pinned by <file>.sha256 ---
+    trained_file: str = "data/teachers/flux2_trained_fp16.safetensors"
     # --- diffusers and comfyui ---
     transformer: str = ""  # single .safetensors (comfyui: the file in models/diffusion_models) or diffusers folder
     transformer_config: str = ""  # diffusers, single file: config folder (holds transformer/config.json)
@@ -774,4 +776,8 @@ def load_teacher(cfg: TeacherConfig):
         from flux2ttr.teachers.comfyui import load_comfyui_teacher  # noqa: PLC0415  (imports ComfyUI itself)
 
         return load_comfyui_teacher(cfg)
+    if cfg.kind == "trained":
+        from flux2ttr.teachers.trained import load_trained_teacher  # noqa: PLC0415
+
+        return load_trained_teacher(cfg)
     return load_diffusers_teacher(cfg)

@@ -42,6 +42,7 @@ CORE_MODULES = (
     "flux2ttr.students.landmarks", "flux2ttr.routing.controller", "flux2ttr.checkpoint", "flux2ttr.config",
     "flux2ttr.contract", "flux2ttr.seeds", "flux2ttr.atomic", "flux2ttr.comfy.tiny_nodes", "flux2ttr.teachers.teacher",
     "flux2ttr.students.window", "flux2ttr.students.window_fast", "flux2ttr.students.build", "flux2ttr.versioned_file",
+    "flux2ttr.teachers.trained", "flux2ttr.teachers.caption_encoder", "flux2ttr.teachers.latent_map",
 )
 CHILD_TIMEOUT_S = 240
 CLI_MESSAGE = ('flux2ttr: the command line needs the pipeline extra (click is not installed): '
