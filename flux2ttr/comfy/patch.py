@@ -516,11 +516,24 @@ def checked_denoiser_call(holder: RoutingHolder, executor: Callable, args: tuple
     on an H200 in bf16 with 6144 channels 0.04 / 0.2 ms at 4,608 / 66,048 tokens); here one more host read
     per denoiser call.
     """
+    counts = (Counter(holder.routed_calls), Counter(holder.fallbacks))
+
+    def roll_back() -> None:
+        holder.routed_calls, holder.fallbacks = Counter(counts[0]), Counter(counts[1])
+
+    return _until_finite(holder, lambda: executor(*args, **kwargs), roll_back, "denoiser call computed again")
+
+
+def _until_finite(holder: RoutingHolder, attempt: Callable[[], Any], before_retry: Callable[[], None],
+                  how: str) -> Any:
+    """``attempt()`` with ``holder.finite_flags`` collecting its student outputs' flags, read once after it;
+    while one was not finite: disable the first such layer (``how`` goes into the log line), call
+    ``before_retry()`` and attempt again. The flags the caller had are restored afterwards."""
+    outer = holder.finite_flags
     while True:
-        counts = (Counter(holder.routed_calls), Counter(holder.fallbacks))
-        outer, holder.finite_flags = holder.finite_flags, []
+        holder.finite_flags = []
         try:
-            out = executor(*args, **kwargs)
+            out = attempt()
             bad = _first_nonfinite(holder.finite_flags)
         finally:
             holder.finite_flags = outer
@@ -528,9 +541,9 @@ def checked_denoiser_call(holder: RoutingHolder, executor: Callable, args: tuple
             return out
         if bad[0] in holder.disabled:  # cannot happen (a disabled layer never runs its student): never loop
             raise RuntimeError(f"flux2ttr: {bad[0]} ran its student after it was disabled")
-        holder.routed_calls, holder.fallbacks = counts
+        before_retry()
         holder.reruns += 1
-        holder.disable(*bad, "denoiser call computed again")
+        holder.disable(*bad, how)
 
 
 def checked_run(holder: RoutingHolder, executor: Callable, args: tuple, kwargs: dict) -> Any:
@@ -555,22 +568,14 @@ def checked_run(holder: RoutingHolder, executor: Callable, args: tuple, kwargs: 
     # the sampler must see the same inputs again if a run has to be repeated
     pristine = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
     inputs = args
-    while True:
-        holder.finite_flags = []
-        try:
-            out = executor(*inputs, **kwargs)
-            bad = _first_nonfinite(holder.finite_flags)
-        finally:
-            holder.finite_flags = None
-        if bad is None:
-            return out
-        if bad[0] in holder.disabled:  # cannot happen (a disabled layer never runs its student): never loop
-            raise RuntimeError(f"flux2ttr: {bad[0]} ran its student after it was disabled")
+
+    def reset() -> None:
+        nonlocal inputs
         inputs = [a.clone() if isinstance(a, torch.Tensor) else a for a in pristine]
         holder.routed_calls, holder.fallbacks = Counter(), Counter()
         holder.cosine.clear()
-        holder.reruns += 1
-        holder.disable(*bad, "sampling run computed again")
+
+    return _until_finite(holder, lambda: executor(*inputs, **kwargs), reset, "sampling run computed again")
 
 
 def outer_sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
