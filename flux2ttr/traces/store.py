@@ -112,6 +112,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from flux2ttr.atomic import pid_alive
 from flux2ttr.config import Flux2TTRError
 from flux2ttr.distributed import Dist
 
@@ -294,16 +295,6 @@ def _temp_prefix(target: Path) -> str:
     return f".{target.name}.tmp-"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_temps(target: Path) -> list[Path]:
     """Remove leftovers of interrupted writers of ``target`` (temporary and replaced-old folders whose
     writer process is gone). Returns what was removed."""
@@ -314,7 +305,7 @@ def remove_stale_temps(target: Path) -> list[Path]:
     pattern = re.compile(re.escape(f".{target.name}.") + r"(tmp|old)-(\d+)-[0-9a-f]+$")
     for p in target.parent.iterdir():
         m = pattern.match(p.name)
-        if m and (int(m.group(2)) == os.getpid() or not _pid_alive(int(m.group(2)))):
+        if m and (int(m.group(2)) == os.getpid() or not pid_alive(int(m.group(2)))):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
