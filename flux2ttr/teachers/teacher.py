@@ -624,23 +624,33 @@ class Teacher:
         return self._decoder(latents, height, width)
 
 
-def load_tiny_teacher(cfg: TeacherConfig, folder: str | Path | None = None) -> Teacher:
-    """Load the tiny teacher written by :func:`write_tiny_teacher` through ``from_single_file``."""
-    from safetensors.torch import load_file  # noqa: PLC0415
-
+def load_teacher_folder(cfg: TeacherConfig, folder: str | Path | None, label: str, identity: dict[str, Any]
+                        ) -> tuple[Any, dict[str, Any], torch.dtype, Path]:
+    """The parts of a teacher folder the ``teacher`` stage wrote (default ``cfg.out_dir``): its transformer
+    (``from_single_file``, in ``cfg.dtype``), its identity (``identity.json``, else ``identity``) with the
+    transformer file's sha256, the dtype and the codec file's path. A missing file is a :class:`TeacherError`
+    naming it (``label``: "tiny " or "") and the stage that writes it."""
     folder = Path(folder or cfg.out_dir)
     single = folder / SINGLE_FILE_NAME
-    for p, what in ((single, "the tiny transformer file"), (folder / EXTRAS_FILE_NAME, "the tiny codec file"),
+    for p, what in ((single, f"the {label}transformer file"), (folder / EXTRAS_FILE_NAME, f"the {label}codec file"),
                     (folder / "transformer" / "config.json", "the transformer config")):
         if not p.is_file():
             raise TeacherError(f"teacher.out_dir: {p} ({what}) not found; run `flux2ttr teacher` "
                                "(or `dvc repro teacher`) first")
     dtype = torch_dtype(cfg.dtype)
     model = load_transformer(single, folder, dtype=dtype)
-    codec = load_file(str(folder / EXTRAS_FILE_NAME))
-    identity = json.loads((folder / IDENTITY_FILE_NAME).read_text()) if (folder / IDENTITY_FILE_NAME).is_file() \
-        else {"kind": "tiny", "config": to_dict(cfg)}
+    ident_path = folder / IDENTITY_FILE_NAME
+    identity = json.loads(ident_path.read_text()) if ident_path.is_file() else dict(identity)
     identity["sha256"] = file_sha256(single)
+    return model, identity, dtype, folder / EXTRAS_FILE_NAME
+
+
+def load_tiny_teacher(cfg: TeacherConfig, folder: str | Path | None = None) -> Teacher:
+    """Load the tiny teacher written by :func:`write_tiny_teacher` through ``from_single_file``."""
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    model, identity, dtype, extras = load_teacher_folder(cfg, folder, "tiny ", {"kind": "tiny", "config": to_dict(cfg)})
+    codec = load_file(str(extras))
     encoder = TinyPromptEncoder(codec["prompt_encoder.token"], codec["prompt_encoder.position"])
     decoder = TinyDecoder(codec["decoder.weight"], codec["decoder.bias"])
     return Teacher(model, identity, encoder=encoder, decoder=decoder, device=cfg.device, dtype=dtype)

@@ -36,9 +36,8 @@ from flux2ttr.teachers.teacher import (
     Teacher,
     TeacherConfig,
     TeacherError,
-    load_transformer,
+    load_teacher_folder,
     tiny_model_config,
-    torch_dtype,
 )
 from flux2ttr.versioned_file import VersionedFile
 
@@ -180,18 +179,6 @@ def codec_parts(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> tuple
 
 def load_trained_teacher(cfg: TeacherConfig, folder: str | Path | None = None) -> Teacher:
     """The trained teacher from the folder :func:`write_trained_teacher` wrote (default ``cfg.out_dir``)."""
-    folder = Path(folder or cfg.out_dir)
-    single = folder / SINGLE_FILE_NAME
-    for p, what in ((single, "the transformer file"), (folder / EXTRAS_FILE_NAME, "the codec file"),
-                    (folder / "transformer" / "config.json", "the transformer config")):
-        if not p.is_file():
-            raise TeacherError(f"teacher.out_dir: {p} ({what}) not found; run `flux2ttr teacher` "
-                               "(or `dvc repro teacher`) first")
-    dtype = torch_dtype(cfg.dtype)
-    model = load_transformer(single, folder, dtype=dtype)
-    tensors, meta = read_codec(folder / EXTRAS_FILE_NAME)
-    encoder, decoder = codec_parts(tensors, meta)
-    ident_path = folder / IDENTITY_FILE_NAME
-    identity = json.loads(ident_path.read_text()) if ident_path.is_file() else {"kind": "trained"}
-    identity["sha256"] = file_sha256(single)
+    model, identity, dtype, extras = load_teacher_folder(cfg, folder, "", {"kind": "trained"})
+    encoder, decoder = codec_parts(*read_codec(extras))
     return Teacher(model, identity, encoder=encoder, decoder=decoder, device=cfg.device, dtype=dtype)
