@@ -445,19 +445,35 @@ def _text_rows_beside(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: to
     return side
 
 
+_SPLITS: dict[int, tuple[tuple[str, ...], tuple[str, ...]] | None] = {}
+
+
+def _signature_split(fn) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """``fn``'s argument names split into the runtime ones and the trailing constexprs (what the direct
+    relaunch takes positionally and by name), or ``None`` when its constexprs are not all last; worked out
+    once per kernel, not on every launch."""
+    key = id(fn)
+    if key not in _SPLITS:
+        names = tuple(fn.arg_names)
+        const = set(getattr(fn, "constexprs", ()))
+        first = min(const) if const else len(names)
+        ok = sorted(const) == list(range(first, len(names)))
+        _SPLITS[key] = (names[:first], names[first:]) if ok else None
+    return _SPLITS[key]
+
+
 def _launch(fn, grid: int, args: dict, num_warps: int, num_stages: int):
     """Launch ``fn`` on a 1-D grid with keyword arguments (through the HKR fast path's direct relaunch of
     compiled kernels: Triton's per-call binding of ~60 arguments costs more host time than the whole layer
     at 1024²); a kernel out of shared memory at ``num_stages`` is retried with one stage less at a time
     before giving up."""
-    names = list(fn.arg_names)
-    const = set(getattr(fn, "constexprs", ()))
-    first_const = min(const) if const else len(names)
-    if sorted(const) != list(range(first_const, len(names))):  # constexprs not last: plain keyword launch
+    split = _signature_split(fn)
+    if split is None:
         pos, meta = None, None
     else:
-        pos = [args[n] for n in names[:first_const]]
-        meta = {n: args[n] for n in names[first_const:]}
+        runtime, constants = split
+        pos = [args[n] for n in runtime]
+        meta = {n: args[n] for n in constants}
     while True:
         try:
             if pos is None:
