@@ -80,6 +80,8 @@ RING_INNER = 0.5          # ring inner radius = 0.5 r
 STRIPE_HALF = (0.035, 0.05)  # stripe half thickness range (18-26 px at 256)
 SHAPE_GAP = 0.03          # free space between shapes of a group (8 px at 256)
 CELL_MARGIN = 0.012       # shapes stay this far inside their cell
+PLACE_TRIES = 1000        # random placements tried before a group falls back to SPREAD_LAYOUTS
+SPREAD_LAYOUTS = {1: ((0.5, 0.5),), 2: ((0.0, 0.0), (1.0, 1.0)), 3: ((0.0, 0.0), (1.0, 0.0), (0.5, 1.0))}  # in spans
 TEXTURE_AMPLITUDE = 0.07  # luma change of a texture (per RGB channel)
 SPECKLE_CELLS = 64        # speckle noise is constant on a 64x64 grid (4 px cells at 256)
 
@@ -285,11 +287,18 @@ def _place_group(rng: np.random.Generator, cell: tuple[int, int], size: str, cou
     reach = 1.2 * SMALL_RADIUS * (1 + RADIUS_JITTER)  # the triangle's circumradius bounds every kind
     lo_y, lo_x = cell[0] / 3 + reach + CELL_MARGIN, cell[1] / 3 + reach + CELL_MARGIN
     span = 1 / 3 - 2 * (reach + CELL_MARGIN)
-    for _ in range(1000):
+    gap = 2 * reach + SHAPE_GAP
+    for _ in range(PLACE_TRIES):
         pts = [(lo_x + rng.uniform(0, span), lo_y + rng.uniform(0, span)) for _ in range(count)]
-        if all(math.dist(a, b) >= 2 * reach + SHAPE_GAP for i, a in enumerate(pts) for b in pts[i + 1:]):
+        if all(math.dist(a, b) >= gap for i, a in enumerate(pts) for b in pts[i + 1:]):
             return pts
-    raise RuntimeError(f"cannot place {count} {size} shapes in a cell")  # geometry constants are off
+    # rare for 3 small shapes (pairwise gap 0.71 of the span): a fixed spread layout, randomly mirrored
+    flip_x, flip_y = rng.random() < 0.5, rng.random() < 0.5
+    pts = [(lo_x + span * (1 - u if flip_x else u), lo_y + span * (1 - v if flip_y else v))
+           for u, v in SPREAD_LAYOUTS[count]]
+    if any(math.dist(a, b) < gap for i, a in enumerate(pts) for b in pts[i + 1:]):
+        raise RuntimeError(f"cannot place {count} {size} shapes in a cell")  # geometry constants are off
+    return pts
 
 
 def _radius(rng: np.random.Generator, size: str) -> float:

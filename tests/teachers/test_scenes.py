@@ -135,3 +135,17 @@ def test_config_checks():
         sc.SceneConfig(holdout_percent=80)
     with pytest.raises(ConfigError, match="holdout_percent is 0"):
         sc.held_out_scenes(sc.SceneConfig(holdout_percent=0), 1)
+
+
+def test_crowded_group_falls_back_to_a_spread_layout():
+    """Training scene 58138 draws three small shapes that 1000 random placements do not fit (it stopped the
+    first GPU training run); the spread layout places them apart and inside their cell."""
+    s = sc.training_scene(CFG, 58138)
+    group = next(c for c in s.clauses if c.type == "group" and c.count == 3)
+    mine = [sh for sh in s.shapes if sh.colour == group.colour]
+    assert len(mine) == 3
+    for i, a in enumerate(mine):
+        r, c = group.cell
+        assert c / 3 < a.x - a.r and a.x + a.r < (c + 1) / 3 and r / 3 < a.y - a.r and a.y + a.r < (r + 1) / 3
+        for b in mine[i + 1:]:
+            assert math.dist((a.x, a.y), (b.x, b.y)) >= 1.2 * (a.r + b.r) + sc.SHAPE_GAP * 0.9
