@@ -77,7 +77,8 @@ class CaptionEncoder(nn.Module):
         n = real.sum(dim=1, keepdim=True)  # [B, 1] real tokens per prompt
         slot = torch.arange(ids.shape[1], device=ids.device).view(1, -1)
         pos = (slot - (ids.shape[1] - n)).clamp(min=0)  # position index of a real token: 0 for the first
-        out = self.token[ids.clamp(min=0)] + self.position[pos]
+        # F.embedding, not table[ids]: its backward reduces the repeated padding ids without index_put's atomics
+        out = nn.functional.embedding(ids.clamp(min=0), self.token) + nn.functional.embedding(pos, self.position)
         return out * real.unsqueeze(-1).to(out.dtype)
 
     def forward(self, prompts: list[str]) -> torch.Tensor:

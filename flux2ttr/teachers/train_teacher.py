@@ -76,10 +76,10 @@ class TrainTeacherConfig:
     width: int = 256
     # optimisation
     steps: int = 20000            # total optimiser steps of the run (resumed runs continue to it)
-    batch_size: int = 128
-    lr: float = 3.0e-4            # AdamW peak learning rate
+    batch_size: int = 256
+    lr: float = 5.0e-4            # AdamW peak learning rate
     lr_min_ratio: float = 0.1     # cosine decay to lr x this at `steps`
-    warmup_steps: int = 500       # linear warm-up
+    warmup_steps: int = 200       # linear warm-up
     weight_decay: float = 0.0
     grad_clip: float = 1.0        # max grad norm (0 = off)
     ema_decay: float = 0.999      # EMA of the weights (what is exported and distils guidance)
