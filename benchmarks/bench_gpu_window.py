@@ -52,7 +52,7 @@ SWEEP = {  # KernelConfig overrides timed with --sweep (on the first config)
     "unfused sums": {"fuse_sums": False},
     "feat s2": {"feature_stages": 2},
     "feat bn64 w4": {"feature_block_n": 64, "feature_warps": 4},
-    "text rows by SDPA": {"text_sdpa": True},
+    "text rows in the kernel": {"text_sdpa": False},
 }
 
 

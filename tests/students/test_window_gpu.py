@@ -108,20 +108,21 @@ def test_inference_mode_students_and_eager_fallbacks():
     assert rel(eager.detach(), a) < 1e-2
 
 
+@pytest.mark.parametrize("text_sdpa", [True, False])
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
-def test_text_rows_by_sdpa_on_a_side_stream(layout):
+def test_text_rows_by_sdpa_on_a_side_stream_or_in_the_kernel(layout, text_sdpa):
     """KernelConfig.text_sdpa: the text rows (every key, plain softmax) come from SDPA on a side stream while
-    the kernels write the image rows: the same output as the formula, text rows and image rows alike, also
-    on strided views (ComfyUI's q, k, v are)."""
+    the kernels write the image rows (the default), or from the kernel's own text programs: the same output
+    as the formula, text rows and image rows alike, also on strided views (ComfyUI's q, k, v are)."""
     import dataclasses
 
     layer = gpu_layer(window_radius=4)
     q, k, v = gpu_inputs(torch.bfloat16, layout=layout)
-    kc = dataclasses.replace(window_fast.KERNEL, text_sdpa=True)
+    kc = dataclasses.replace(window_fast.KERNEL, text_sdpa=text_sdpa)
     window_fast.LAST_LAUNCH.clear()
     with torch.inference_mode():
         out = window_fast.fast_forward(layer, q, k, v, N_COND, 0.5, 3.5, height=HEIGHT, width=WIDTH, kernel=kc)
-    assert window_fast.LAST_LAUNCH["text_sdpa"] is True
+    assert window_fast.LAST_LAUNCH["text_sdpa"] is text_sdpa
     ref = formula(layer, q, k, v, N_COND, HEIGHT, WIDTH, landmarks=layer.landmarks(N_COND, HEIGHT, WIDTH),
                   explicit=False)
     assert rel(out[:, :, :N_COND], ref[:, :, :N_COND]) < 1e-2 and rel(out[:, :, N_COND:], ref[:, :, N_COND:]) < 1e-2
