@@ -34,11 +34,12 @@ import contextlib
 import copy
 import json
 import math
+import multiprocessing
 import shlex
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ from flux2ttr.teachers.trained import arch_config, write_trained_file
 
 # config fields that may change between a run and its resumption (how, not what, is trained)
 RESUMABLE_CHANGES = ("out_file", "checkpoint", "log_every", "checkpoint_every", "device", "amp", "torch_threads",
+                     "scene_workers",
                      "max_seconds", "eval_captions", "eval_steps", "eval_guidance", "eval_seed", "eval_batch")
 
 
@@ -100,6 +102,7 @@ class TrainTeacherConfig:
     device: str = "cpu"
     amp: str = "none"             # none | bf16 (autocast on CUDA)
     torch_threads: int = 1        # CPU threads (0 = torch's default)
+    scene_workers: int = 0        # processes drawing the next batches' scenes (0: one thread of this process)
     max_seconds: float = 0.0      # stop, checkpoint and export after this wall time (0 = no limit)
     # evaluation on held-out captions (the caption checker, flux2ttr/teachers/caption_check.py)
     eval_captions: int = 64       # 0 = no evaluation at the end of a run
@@ -109,7 +112,8 @@ class TrainTeacherConfig:
     eval_batch: int = 16
 
     def __post_init__(self) -> None:
-        check_range("train_teacher", self, "seed", "eval_seed", "warmup_steps", "eval_captions", "torch_threads", ge=0)
+        check_range("train_teacher", self, "seed", "eval_seed", "warmup_steps", "eval_captions", "torch_threads",
+                    "scene_workers", ge=0)
         check_range("train_teacher", self, "num_heads", "context_dim", "steps", "batch_size", "schedule_steps",
                     "checkpoint_every", "log_every", "eval_steps", "eval_batch", ge=1)
         check_range("train_teacher", self, "num_double", "num_single", ge=0)
@@ -239,9 +243,13 @@ class Trainer:
         self.commands: list[str] = []
         self.wall_s = 0.0
         self.h, self.w = cfg.height // 16, cfg.width // 16
-        # the next batch's scenes (pure Python) are drawn on a thread while this step runs on the device
-        self._pool = ThreadPoolExecutor(max_workers=1)
-        self._ahead: tuple[int, Future] | None = None
+        # the next batches' scenes (pure Python) are drawn while this step runs on the device: on a thread, or
+        # in worker processes, which keep the GIL free for launching this step's kernels (spawned: CUDA-safe)
+        if cfg.scene_workers:
+            self._pool: Executor = ProcessPoolExecutor(cfg.scene_workers, mp_context=multiprocessing.get_context("spawn"))
+        else:
+            self._pool = ThreadPoolExecutor(max_workers=1)
+        self._ahead: dict[int, Future] = {}
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.cfg.amp == "bf16" and self.device.type == "cuda":
@@ -271,11 +279,11 @@ class Trainer:
     def step(self) -> float:
         """One optimiser step on batch ``step_done``; returns its loss."""
         cfg = self.cfg
-        if self._ahead is not None and self._ahead[0] == self.step_done:
-            drawn = self._ahead[1].result()
-        else:
-            drawn = batch_scenes(cfg, self.scfg, self.step_done)
-        self._ahead = (self.step_done + 1, self._pool.submit(batch_scenes, cfg, self.scfg, self.step_done + 1))
+        ahead = self._ahead.pop(self.step_done, None)
+        drawn = batch_scenes(cfg, self.scfg, self.step_done) if ahead is None else ahead.result()
+        for s in range(self.step_done + 1, self.step_done + 1 + max(1, cfg.scene_workers)):
+            if s not in self._ahead:
+                self._ahead[s] = self._pool.submit(batch_scenes, cfg, self.scfg, s)
         batch = make_batch(cfg, self.scfg, self.lmap, self.step_done, self.device, drawn)
         for group in self.opt.param_groups:
             group["lr"] = lr_at(cfg, self.step_done)
@@ -291,6 +299,11 @@ class Trainer:
             torch._foreach_lerp_(ema, [p.detach() for p in self.params], 1.0 - decay)
         self.step_done += 1
         return float(loss.detach())
+
+    def close(self) -> None:
+        """Stop drawing scenes ahead (ends the worker processes)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._ahead.clear()
 
     # --- checkpoint -------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -410,22 +423,25 @@ def train(cfg: TrainTeacherConfig, scfg: scenes.SceneConfig, *, command: str = "
     trainer.commands.append(command or shlex.join(sys.argv))
     start, t0, wall0 = trainer.step_done, time.monotonic(), trainer.wall_s
     window: list[float] = []
-    while trainer.step_done < cfg.steps:
-        window.append(trainer.step())
-        done = trainer.step_done
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            trainer.losses.append([done, sum(window) / len(window)])
-            log(f"step {done}/{cfg.steps} loss {trainer.losses[-1][1]:.4f} lr {lr_at(cfg, done - 1):.2e} "
-                f"{(time.monotonic() - t0) / (done - start):.3f} s/step")
-            window = []
-        if done % cfg.checkpoint_every == 0:
-            trainer.wall_s = wall0 + time.monotonic() - t0
-            trainer.save(ckpt)
-        if stop_after is not None and done - start >= stop_after:
-            break
-        if cfg.max_seconds and time.monotonic() - t0 >= cfg.max_seconds:
-            log(f"stopping after {cfg.max_seconds:.0f} s at step {done}")
-            break
+    try:
+        while trainer.step_done < cfg.steps:
+            window.append(trainer.step())
+            done = trainer.step_done
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                trainer.losses.append([done, sum(window) / len(window)])
+                log(f"step {done}/{cfg.steps} loss {trainer.losses[-1][1]:.4f} lr {lr_at(cfg, done - 1):.2e} "
+                    f"{(time.monotonic() - t0) / (done - start):.3f} s/step")
+                window = []
+            if done % cfg.checkpoint_every == 0:
+                trainer.wall_s = wall0 + time.monotonic() - t0
+                trainer.save(ckpt)
+            if stop_after is not None and done - start >= stop_after:
+                break
+            if cfg.max_seconds and time.monotonic() - t0 >= cfg.max_seconds:
+                log(f"stopping after {cfg.max_seconds:.0f} s at step {done}")
+                break
+    finally:
+        trainer.close()
     if window:
         trainer.losses.append([trainer.step_done, sum(window) / len(window)])
     trainer.wall_s = wall0 + time.monotonic() - t0
@@ -454,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, help="override train_teacher.batch_size (changes the run: no resume)")
     p.add_argument("--steps", type=int, help="override train_teacher.steps (changes the run: no resume)")
     p.add_argument("--max-seconds", type=float, help="override train_teacher.max_seconds")
+    p.add_argument("--scene-workers", type=int, help="override train_teacher.scene_workers")
     p.add_argument("--stop-after", type=int, help="stop after this many steps of this run")
     p.add_argument("--checkpoint", help="override train_teacher.checkpoint")
     p.add_argument("--out", help="override train_teacher.out_file")
@@ -463,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_section(TrainTeacherConfig, "train_teacher", args.params)
     scfg = load_section(scenes.SceneConfig, "scenes", args.params)
     for name, value in (("device", args.device), ("amp", args.amp), ("batch_size", args.batch_size),
-                        ("steps", args.steps), ("max_seconds", args.max_seconds), ("checkpoint", args.checkpoint),
+                        ("steps", args.steps), ("max_seconds", args.max_seconds), ("scene_workers", args.scene_workers),
+                        ("checkpoint", args.checkpoint),
                         ("out_file", args.out), ("eval_captions", args.eval_captions)):
         if value is not None:
             setattr(cfg, name, value)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,20 @@ def test_resume_is_the_uninterrupted_run(tmp_path):
 
     with pytest.raises(CheckpointError, match="another training config"):
         tt.train(dataclasses.replace(parts, lr=1e-4, steps=6), SCENES, log=lambda _: None)
+
+
+def test_scene_worker_processes_train_the_same_run(tmp_path):
+    """scene_workers draws the batches ahead in spawned processes (the GIL stays free for launching kernels):
+    the run, weights and EMA and AdamW moments, is the one the in-process thread trains; the workers end with it."""
+    thread = small(tmp_path / "t", steps=3, checkpoint_every=100)
+    procs = small(tmp_path / "p", steps=3, checkpoint_every=100, scene_workers=2)
+    a = tt.train(thread, SCENES, log=lambda _: None)
+    b = tt.train(procs, SCENES, log=lambda _: None)
+    assert a.losses == b.losses
+    with safe_open(thread.checkpoint, "pt") as fa, safe_open(procs.checkpoint, "pt") as fb:
+        for k in fa.keys():
+            assert torch.equal(fa.get_tensor(k), fb.get_tensor(k)), k
+    assert not multiprocessing.active_children()
 
 
 def test_exported_file_is_the_trained_teacher(tmp_path):
