@@ -58,7 +58,7 @@ from flux2ttr.teachers.trained import arch_config, write_trained_file
 
 # config fields that may change between a run and its resumption (how, not what, is trained)
 RESUMABLE_CHANGES = ("out_file", "checkpoint", "log_every", "checkpoint_every", "device", "amp", "torch_threads",
-                     "scene_workers",
+                     "scene_workers", "compile",
                      "max_seconds", "eval_captions", "eval_steps", "eval_guidance", "eval_seed", "eval_batch")
 
 
@@ -103,6 +103,7 @@ class TrainTeacherConfig:
     amp: str = "none"             # none | bf16 (autocast on CUDA)
     torch_threads: int = 1        # CPU threads (0 = torch's default)
     scene_workers: int = 0        # processes drawing the next batches' scenes (0: one thread of this process)
+    compile: str = ""             # torch.compile backend of the training forwards ("" = eager; inductor on a GPU)
     max_seconds: float = 0.0      # stop, checkpoint and export after this wall time (0 = no limit)
     # evaluation on held-out captions (the caption checker, flux2ttr/teachers/caption_check.py)
     eval_captions: int = 64       # 0 = no evaluation at the end of a run
@@ -234,6 +235,11 @@ class Trainer:
         self.model = build_model(cfg).to(self.device).train()
         self.encoder = build_encoder(cfg).to(self.device)
         self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        # compiled callables over the same modules (their state dicts keep the plain keys)
+        self.fwd, self.ema_fwd = self.model, self.ema_model
+        if cfg.compile:
+            self.fwd = torch.compile(self.model, backend=cfg.compile)
+            self.ema_fwd = torch.compile(self.ema_model, backend=cfg.compile)
         self.ema_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
         self.lmap = LatentMap.build(scfg.latent_seed, scfg.latent_scale)
         self.params = list(self.model.parameters()) + list(self.encoder.parameters())
@@ -267,13 +273,13 @@ class Trainer:
                 xk, sk = x[:k], batch.sigma[:k]
                 cond_k = self.ema_encoder(batch.captions[:k])
                 ones = torch.ones(k, device=self.device)
-                v_c = velocity(self.ema_model, xk, sk, cond_k, ones, self.h, self.w).float()
-                v_u = velocity(self.ema_model, xk, sk, torch.zeros_like(cond_k), ones, self.h, self.w).float()
+                v_c = velocity(self.ema_fwd, xk, sk, cond_k, ones, self.h, self.w).float()
+                v_u = velocity(self.ema_fwd, xk, sk, torch.zeros_like(cond_k), ones, self.h, self.w).float()
             target = target.clone()
             target[:k] = v_u + batch.guidance[:k].view(-1, 1, 1) * (v_c - v_u)
         with self._autocast():
             cond = self.encoder(batch.captions)
-            v = velocity(self.model, x, batch.sigma, cond, batch.guidance, self.h, self.w)
+            v = velocity(self.fwd, x, batch.sigma, cond, batch.guidance, self.h, self.w)
         return torch.nn.functional.mse_loss(v.float(), target)
 
     def step(self) -> float:
@@ -471,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="override train_teacher.steps (changes the run: no resume)")
     p.add_argument("--max-seconds", type=float, help="override train_teacher.max_seconds")
     p.add_argument("--scene-workers", type=int, help="override train_teacher.scene_workers")
+    p.add_argument("--compile", help="override train_teacher.compile (a torch.compile backend, e.g. inductor)")
     p.add_argument("--stop-after", type=int, help="stop after this many steps of this run")
     p.add_argument("--checkpoint", help="override train_teacher.checkpoint")
     p.add_argument("--out", help="override train_teacher.out_file")
@@ -481,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     scfg = load_section(scenes.SceneConfig, "scenes", args.params)
     for name, value in (("device", args.device), ("amp", args.amp), ("batch_size", args.batch_size),
                         ("steps", args.steps), ("max_seconds", args.max_seconds), ("scene_workers", args.scene_workers),
-                        ("checkpoint", args.checkpoint),
+                        ("compile", args.compile), ("checkpoint", args.checkpoint),
                         ("out_file", args.out), ("eval_captions", args.eval_captions)):
         if value is not None:
             setattr(cfg, name, value)

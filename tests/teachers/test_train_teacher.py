@@ -159,6 +159,26 @@ def test_scene_worker_processes_train_the_same_run(tmp_path):
     assert not multiprocessing.active_children()
 
 
+def test_compiled_forwards_train_the_same_run(tmp_path):
+    """train_teacher.compile: the training and distillation forwards go through torch.compile (aot_eager here:
+    the graph capture and autograd of the GPU's inductor, without a C++ toolchain); the losses and weights match
+    the eager run to float32 rounding, and the checkpoint keeps the plain keys."""
+    eager = small(tmp_path / "e", steps=4, checkpoint_every=100, distill_start=0.5)
+    comp = small(tmp_path / "c", steps=4, checkpoint_every=100, distill_start=0.5, compile="aot_eager")
+    from torch._dynamo.utils import counters
+
+    a = tt.train(eager, SCENES, log=lambda _: None)
+    counters.clear()
+    b = tt.train(comp, SCENES, log=lambda _: None)
+    assert counters["stats"]["unique_graphs"] >= 2  # the model's and the EMA's (distillation) forwards compiled
+    assert [s for s, _ in a.losses] == [s for s, _ in b.losses]
+    assert max(abs(x - y) for (_, x), (_, y) in zip(a.losses, b.losses)) < 1e-4
+    with safe_open(eager.checkpoint, "pt") as fa, safe_open(comp.checkpoint, "pt") as fb:
+        assert set(fa.keys()) == set(fb.keys())
+        worst = max(float((fa.get_tensor(k) - fb.get_tensor(k)).abs().max()) for k in fa.keys())
+    assert worst < 1e-4
+
+
 def test_exported_file_is_the_trained_teacher(tmp_path):
     cfg = small(tmp_path, steps=2)
     trainer = tt.Trainer(cfg, SCENES)
