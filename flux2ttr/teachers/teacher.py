@@ -29,7 +29,6 @@ import logging
 import math
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -37,7 +36,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from flux2ttr.atomic import atomic_save_safetensors, atomic_write_text, file_sha256, replace_dir
+from flux2ttr.atomic import atomic_save_safetensors, atomic_write_text, file_sha256, make_temp_dir, replace_dir
 from flux2ttr.config import ConfigError, Flux2TTRError, check_range, to_dict
 from flux2ttr.contract import FLUX2_COND_TOKENS, RunState, block_layer_keys
 
@@ -397,8 +396,7 @@ def write_tiny_teacher(cfg: TeacherConfig, out_dir: str | Path | None = None) ->
     from safetensors.torch import save_file  # noqa: PLC0415
 
     final = Path(out_dir or cfg.out_dir)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = make_temp_dir(final)  # pid-named: a killed writer's folder is removed by the next one
     try:
         model = build_tiny_transformer(cfg)
         model.save_config(tmp / "transformer")

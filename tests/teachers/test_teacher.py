@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -280,9 +281,12 @@ def test_write_is_atomic(tmp_path, monkeypatch):
     assert file_sha256(tmp_path / "tiny" / SINGLE_FILE_NAME) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
     monkeypatch.undo()
+    # a writer killed mid-way (a dead pid's temp folder) is cleaned up by the next write; a live one's is kept
+    (tmp_path / ".tiny.tmp-999999999-x").mkdir()
+    (tmp_path / f".tiny.tmp-{os.getppid()}-y").mkdir()
     write_tiny_teacher(TeacherConfig(out_dir=str(tmp_path / "tiny"), num_single=1, seed=9))
     assert file_sha256(tmp_path / "tiny" / SINGLE_FILE_NAME) != before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".tiny.tmp-{os.getppid()}-y", "tiny"]
 
 
 def test_comfyui_detects_and_runs_the_file(comfy, written, teacher):
