@@ -384,8 +384,9 @@ def store_figures(store_path: Path) -> dict[str, Any]:
         per_layer[layer] = store.count(layer)
         for n, count in store.groups(layer):
             sh = store.shapes(layer, n)
-            stored = item * (int(np.prod(sh["q_sub"])) + int(np.prod(sh["teacher_sub"])) + int(np.prod(sh["k"]))
-                             + int(np.prod(sh["v"]))) + 4 * int(np.prod(sh["q_idx"])) + 8 * len(SCALAR_FIELDS)
+            stored = (item * (int(np.prod(sh["q_sub"])) + int(np.prod(sh["teacher_sub"])) + int(np.prod(sh["k"]))
+                              + int(np.prod(sh["v"]))) + 4 * int(np.prod(sh["q_idx"])) + 8 * len(SCALAR_FIELDS)
+                      + 4 * int(np.prod(sh.get("heads", (0,)))))
             groups.append({"layer": layer, "tokens": n, "count": count, "shapes": {k: list(v) for k, v in sh.items()},
                            "bytes_per_tuple": stored})
     heads = sorted({g["shapes"]["k"][0] for g in groups})
@@ -394,10 +395,11 @@ def store_figures(store_path: Path) -> dict[str, Any]:
             "tuple_heads": (store.attrs.get("capture") or {}).get("tuple_heads", 0)}
 
 
-def tuple_formula(heads: int, tokens: int, queries: int, head_dim: int, item: int) -> int:
+def tuple_formula(heads: int, tokens: int, queries: int, head_dim: int, item: int, subset: bool = False) -> int:
     """Bytes of one stored tuple: k, v ``[H, N, D]`` and q_sub, teacher_sub ``[H, Nq, D]`` at ``item`` bytes, q_idx
-    int32, the 9 scalars as 8 bytes each (:meth:`flux2ttr.traces.store.TraceWriter.tuple_nbytes`)."""
-    return item * heads * head_dim * (2 * tokens + 2 * queries) + 4 * queries + 8 * 9
+    int32, the 9 scalars as 8 bytes each, and a head subset's ``heads`` int32
+    (:meth:`flux2ttr.traces.store.TraceWriter.tuple_nbytes`)."""
+    return item * heads * head_dim * (2 * tokens + 2 * queries) + 4 * queries + 8 * 9 + (4 * heads if subset else 0)
 
 
 def fmt_bytes(n: float | None) -> str:
@@ -414,8 +416,9 @@ def fmt(x: float | None, spec: str = ".1f") -> str:
 
 
 def report(res: dict[str, Any]) -> str:
+    th = res["store"]["tuple_heads"]
     lines = [f"## bench_pipeline_gpu: {res['model']} at {res['size']}², {res['prompts']} prompts x {res['steps']} steps, "
-             f"{res['device_name']}", ""]
+             f"tuple_heads {th or 'all'}, {res['device_name']}", ""]
     lines += ["| stage | wall s | GPU busy | peak GPU GiB | peak host RSS GiB | disk written | work folder growth (peak) |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in res["stages"]:
