@@ -1,7 +1,8 @@
 """Capture stage on the tiny teacher: stored tuples are the teacher's softmax attention of the stored
 q_sub, k, v (fp64 reference), layer/step selection, budget, batch-size independence, atomicity, the
-params-driven stage, keyed reservoir priorities and the stage under torchrun (2 gloo ranks: the store one
-process writes, byte for byte; a rank that fails leaves no store)."""
+params-driven stage, keyed reservoir priorities, head subsets (capture.tuple_heads: the all-heads tuples cut to
+the recorded heads, the smaller bytes in the budget) and the stage under torchrun (2 gloo ranks: the store one
+process writes, byte for byte, with and without head subsets; a rank that fails leaves no store)."""
 
 from __future__ import annotations
 
@@ -378,3 +379,27 @@ def test_torchrun_two_ranks_write_the_single_process_store(teacher_dir, tmp_path
     details = details_of("metrics/capture.json")
     assert details["world_size"] == 2 and [r["rollouts"] for r in details["ranks"]] == [3, 2]
     assert details["kept"] == 11 and details["offered"] == 30
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_write_the_single_process_head_subset_store(teacher_dir, tmp_path, monkeypatch):
+    """capture.tuple_heads under torchrun: the head draws are keyed by the tuple, not the rank, so 2 gloo ranks
+    write the single-process store byte for byte, with a budget that makes the reservoir choose."""
+    monkeypatch.chdir(tmp_path)
+    Path("p.json").write_text(json.dumps(["a red fox", "a neon market", "a bowl of ramen", "a blue car"]))
+    Path("params.yaml").write_text(yaml.safe_dump({
+        "teacher": {"num_single": 2, "out_dir": str(teacher_dir)},
+        "sampler": {"steps": 2, "height": 64, "width": 64},
+        "capture": {"prompts": "p.json", "store": "traces/c.zarr", "metrics": "", "queries": 8,
+                    "budget_mib": 2, "batch_size": 1, "tuple_heads": 1},
+    }))
+    with one_thread():
+        run_stage(Path("params.yaml"))
+    shutil.move("traces/c.zarr", "ref.zarr")
+    ref = TraceStore.open("ref.zarr")
+    res = ref.attrs["reservoir"]
+    assert res["offered"] == 16 and 0 < res["kept"] < 16 and ref.shapes("single_blocks.0", N)["heads"] == (1,)
+    proc = torchrun(["-m", "stages.capture", "params.yaml"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got, want = tree_bytes(Path("traces/c.zarr")), tree_bytes(Path("ref.zarr"))
+    assert sorted(got) == sorted(want) and [f for f in want if got[f] != want[f]] == []
