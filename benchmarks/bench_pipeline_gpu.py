@@ -274,6 +274,10 @@ def internal_write_model(args: Any) -> None:
     cuda = args.device == "cuda"
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     import_comfyui(comfyui_root(TeacherConfig(kind="comfyui")), device=str(device))
+    if cuda:  # as bench_e2e_gpu runs its builder: the model is built and stays on the GPU, no offload device
+        import comfy.model_management as mm
+
+        mm.vram_state = mm.VRAMState.HIGH_VRAM
     bench_e2e_gpu.write_model_file(bench_e2e_gpu.SHAPES[args.model], args.work / MODEL_FILE, device,
                                    torch.bfloat16 if cuda else torch.float32, args.seed)
 
@@ -517,7 +521,8 @@ def parse(argv: list[str] | None) -> Any:
     ap.add_argument("--distill-steps-per-layer", type=int, default=30)
     ap.add_argument("--swap-layers", type=int, default=4, help="distill.min/max_swap_layers")
     ap.add_argument("--distill-batch", type=int, default=2, help="distill.batch_size")
-    ap.add_argument("--cache-mib", type=int, default=1024, help="distill.cache_mib")
+    ap.add_argument("--cache-mib", type=int, default=16384,
+                    help="distill.cache_mib (decoded fp32 tuples in host RAM: Klein at 1024², all heads, 127 MB each)")
     ap.add_argument("--reader-threads", type=int, default=4, help="distill.reader_threads")
     ap.add_argument("--rollout-prompts", type=int, default=3, help="rollout prompts (the last one is the eval split)")
     ap.add_argument("--controller-iterations", type=int, default=2)
