@@ -15,10 +15,9 @@ how the rollouts are split.
 ``Hs`` of the heads (``q_sub``, ``k``, ``v``, ``teacher_sub`` of those rows; the query positions are the same as
 with every head), a sorted draw without replacement keyed like the query draw (:func:`head_subset`), recorded
 in the tuple's ``heads`` field; the store's ``capture`` attributes record ``num_heads`` (the teacher's ``H``).
-A tuple is then ``Hs / H`` of the bytes, so the budget keeps about ``H / Hs`` times as many. For students that
-share their weights across heads (every per-head tensor, such as the window mode's ``gamma``, is indexed by
-the recorded heads in distill). ``0`` (or ``H``) stores every head, and the store is the one a capture without
-the setting writes.
+A tuple is then ``Hs / H`` of the bytes, so the budget keeps about ``H / Hs`` times as many. Meant for students
+shared across heads: distill indexes every per-head tensor (the window mode's ``gamma``) by the recorded heads.
+``0`` (or ``H``) stores every head, and the store is the one a capture without the setting writes.
 
 **True CFG** (``sampler.cfg`` != 1, the ``comfyui`` teacher): every denoiser call holds the conditional and
 the unconditional rows of each prompt; both are captured, the tuple's ``uncond`` field says which half it is,
