@@ -53,7 +53,7 @@ def bench_train(store: TraceStore, cfg: DistillConfig, hkr: HKRConfig, steps: in
     for reqs in plan:  # read everything first: this number excludes I/O
         for r in reqs:
             cache.setdefault((r.layer, r.n_tokens, r.rows), store.read(r.layer, r.n_tokens, list(r.rows)))
-    heads = store.shapes(store.layers[0], store.groups(store.layers[0])[0][0])["q_sub"][0]
+    heads = store.teacher_heads()  # a head-subset store holds fewer per tuple
     states = {k: _build_layer(k, cfg, hkr, heads) for k in store.layers}
     first = plan[0][0]
     train_step(states[first.layer], cache[(first.layer, first.n_tokens, first.rows)], cfg)  # warm-up
@@ -69,7 +69,7 @@ def bench_train(store: TraceStore, cfg: DistillConfig, hkr: HKRConfig, steps: in
 
 def bench_pipeline(store: TraceStore, cfg: DistillConfig, hkr: HKRConfig, steps: int, threads: int,
                    prefetch: int) -> float:
-    heads = store.shapes(store.layers[0], store.groups(store.layers[0])[0][0])["q_sub"][0]
+    heads = store.teacher_heads()  # a head-subset store holds fewer per tuple
     states = {k: _build_layer(k, cfg, hkr, heads) for k in store.layers}
     cache = TupleCache(cfg.cache_mib * 2**20) if cfg.cache_mib > 0 else None
     loader = PrefetchLoader(store, planner_for(store, cfg), stop_step=steps, prefetch_steps=prefetch,

@@ -295,7 +295,8 @@ def _warn(line: str) -> None:
 
 def student_forward(student: StudentLayer, batch: dict[str, torch.Tensor], **kw: Any) -> torch.Tensor:
     """Student output ``[B, H, Nq, D]`` at the stored query positions of a batch from
-    :meth:`TraceStore.read`. Rows with different ``(n_cond, h, w)`` run as separate sub-batches."""
+    :meth:`TraceStore.read` (a head-subset batch's ``heads`` index the student's per-head parameters). Rows
+    with different ``(n_cond, h, w)`` run as separate sub-batches."""
     geo = torch.stack([batch["n_cond"], batch["h"], batch["w"]], dim=1)
     uniq = torch.unique(geo, dim=0)
     out = torch.empty_like(batch["teacher_sub"])
@@ -303,6 +304,8 @@ def student_forward(student: StudentLayer, batch: dict[str, torch.Tensor], **kw:
         rows = (geo == g).all(dim=1).nonzero().flatten()
         n_cond, h, w = (int(x) for x in g)
         sel = slice(None) if rows.numel() == geo.shape[0] else rows
+        if "heads" in batch:
+            kw = {**kw, "heads": batch["heads"][rows]}
         o = student(batch["q_sub"][sel], batch["k"][sel], batch["v"][sel], n_cond, batch["sigma"][sel],
                     batch["cfg"][sel], height=h, width=w, q_idx=batch["q_idx"][rows], **kw)
         out[sel] = o.to(out.dtype)
@@ -801,7 +804,8 @@ class DistillTrainer:
             raise DistillError(f"{self.store.path}: layer(s) {no_train} have no training tuples after holding out "
                                f"prompts {self.split.val_prompts}; capture more prompts or lower distill.val_fraction")
         shapes = self.store.shapes(self.all_layers[0], self.store.groups(self.all_layers[0])[0][0])
-        self.num_heads, _, head_dim = shapes["q_sub"]
+        _, _, head_dim = shapes["q_sub"]
+        self.num_heads = self.store.teacher_heads()  # a head-subset store holds fewer per tuple
         if head_dim != hkr.head_dim:
             raise DistillError(f"{self.store.path}: stored head_dim {head_dim} != hkr.head_dim {hkr.head_dim} "
                                "in params.yaml")

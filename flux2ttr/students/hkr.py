@@ -169,7 +169,7 @@ def _as_batch(x: float | torch.Tensor, batch: int, device: torch.device, name: s
 class HKRLayer(StudentLayer):
     """HKR student for one attention layer.
 
-    ``forward(q, k, v, n_cond, sigma, cfg, *, height, width, q_idx=None) -> [B, H, Nq or N, D]``.
+    ``forward(q, k, v, n_cond, sigma, cfg, *, height, width, q_idx=None, heads=None) -> [B, H, Nq or N, D]``.
     Parameters: ``phi_q`` (and ``phi_k`` unless ``shared_qk``), ``cond`` (conditioner),
     ``alpha_logit`` (scalar) and ``alpha_gamma`` (scalar, used only when ``adaptive_alpha``).
     """
@@ -268,13 +268,16 @@ class HKRLayer(StudentLayer):
         height: int,
         width: int,
         q_idx: torch.Tensor | None = None,
+        heads: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Student attention output ``[B, H, Nq or N, D]`` in ``q.dtype``.
 
         ``q [B,H,N,D]`` (or ``[B,H,Nq,D]``, the queries at token positions ``q_idx [Nq]``), ``k, v
-        [B,H,N,D]`` with ``N = n_cond + height * width``; ``sigma``, ``cfg``: float or ``[B]``.
+        [B,H,N,D]`` with ``N = n_cond + height * width``; ``sigma``, ``cfg``: float or ``[B]``. ``heads``: the
+        teacher heads of a head subset's rows, checked only: every parameter of this mode is shared across heads.
         """
         self._check(q, k, v, n_cond, height, width, q_idx)
+        self._check_heads(heads, q.shape[0], q.shape[1])
         if self.config.fast_path:
 
             if fast_path.fast_path_reason(self, q, k, v) is None:

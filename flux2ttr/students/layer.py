@@ -10,7 +10,10 @@ from torch import nn
 
 class StudentLayer(nn.Module):
     """A student for one attention layer: ``forward(q, k, v, n_cond, sigma, cfg, *, height, width,
-    q_idx=None) -> [B, H, Nq or N, D]``; ``config`` (``HKRConfig``) and ``num_heads`` are set by the mode."""
+    q_idx=None, heads=None) -> [B, H, Nq or N, D]``; ``config`` (``HKRConfig``) and ``num_heads`` are set by the
+    mode. ``heads`` (``[H]`` or ``[B, H]``): the teacher's head index of each of the ``H`` head rows when the
+    call holds a subset of the ``num_heads`` heads (a head-subset trace store); per-head parameters are
+    indexed by it, everything else is shared across heads. ``None``: all ``num_heads`` heads, in order."""
 
     config: object
     num_heads: int
@@ -37,6 +40,17 @@ class StudentLayer(nn.Module):
                 raise ValueError(f"q_idx must be [Nq={q.shape[2]}] or [B={b}, Nq], got shape {tuple(q_idx.shape)}")
             if q_idx.numel() and (int(q_idx.min()) < 0 or int(q_idx.max()) >= n):
                 raise ValueError(f"q_idx out of range [0, {n})")
+
+    def _check_heads(self, heads: torch.Tensor | None, b: int, h: int) -> torch.Tensor | None:
+        """``heads`` as int64 on its device, checked against ``B = b`` rows of ``H = h`` heads (``None`` stays)."""
+        if heads is None:
+            return None
+        heads = torch.as_tensor(heads).long()
+        if heads.shape not in ((h,), (b, h)):
+            raise ValueError(f"heads must be [H={h}] or [B={b}, H], got shape {tuple(heads.shape)}")
+        if heads.numel() and (int(heads.min()) < 0 or int(heads.max()) >= self.num_heads):
+            raise ValueError(f"heads out of range [0, {self.num_heads})")
+        return heads
 
     def export_tensors(self) -> dict[str, torch.Tensor]:
         """The layer's state as a flat ``{param_name: tensor}`` dict (fp32, CPU, contiguous copies)."""

@@ -121,6 +121,7 @@ class WindowLayer(StudentLayer):
         width: int,
         q_idx: torch.Tensor | None = None,
         radius: int | None = None,
+        heads: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Student attention output ``[B, H, Nq or N, D]`` in ``q.dtype``.
 
@@ -128,10 +129,12 @@ class WindowLayer(StudentLayer):
         ``[B, Nq]``), ``k, v [B,H,N,D]`` with ``N = n_cond + height * width``. ``sigma``/``cfg`` are part
         of the call contract; this mode does not condition on them. ``radius`` (latent tokens) overrides
         the configured window radius: distill trains at smaller windows so the kernel term learns what a
-        window at a higher resolution leaves to it.
+        window at a higher resolution leaves to it. ``heads``: the teacher heads of the rows of a head subset
+        (:class:`~flux2ttr.students.layer.StudentLayer`); ``gamma`` is indexed by them.
         """
         self._check(q, k, v, n_cond, height, width, q_idx)
-        if self.config.fast_path and q_idx is None and radius is None:
+        heads = self._check_heads(heads, q.shape[0], q.shape[1])
+        if self.config.fast_path and q_idx is None and radius is None and heads is None:
             out = _fast(self, q, k, v, n_cond, sigma, cfg, height, width)
             if out is not None:
                 return out
@@ -140,7 +143,10 @@ class WindowLayer(StudentLayer):
         pos = torch.arange(nq, device=q.device) if q_idx is None else q_idx.to(q.device)
         lm = self.landmarks(n_cond, height, width)
         phi_k = self.phi_q if self.phi_k is None else self.phi_k
-        gamma = self.gamma().view(1, -1, 1, 1)
+        gamma = self.gamma()
+        if heads is not None and gamma.numel() > 1:  # per-head balance: the rows' own heads
+            gamma = gamma[heads.to(gamma.device)]
+        gamma = gamma.view(-1, h, 1, 1) if gamma.dim() == 2 else gamma.view(1, -1, 1, 1)
         step = self.config.q_chunk
         outs = []
         with torch.autocast(device_type=q.device.type, enabled=False):

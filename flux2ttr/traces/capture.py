@@ -11,6 +11,14 @@ it is complete. Each tuple's reservoir priority is a uniform draw keyed the same
 (:func:`tuple_priority`), so which tuples are kept depends neither on the order they are offered in nor on
 how the rollouts are split.
 
+**Head subsets** (``capture.tuple_heads`` = ``Hs`` > 0, fewer than the teacher's ``H``): each tuple keeps only
+``Hs`` of the heads (``q_sub``, ``k``, ``v``, ``teacher_sub`` of those rows; the query positions are the same as
+with every head), a sorted draw without replacement keyed like the query draw (:func:`head_subset`), recorded
+in the tuple's ``heads`` field; the store's ``capture`` attributes record ``num_heads`` (the teacher's ``H``).
+A tuple is then ``Hs / H`` of the bytes, so the budget keeps about ``H / Hs`` times as many. Meant for students
+shared across heads: distill indexes every per-head tensor (the window mode's ``gamma``) by the recorded heads.
+``0`` (or ``H``) stores every head, and the store is the one a capture without the setting writes.
+
 **True CFG** (``sampler.cfg`` != 1, the ``comfyui`` teacher): every denoiser call holds the conditional and
 the unconditional rows of each prompt; both are captured, the tuple's ``uncond`` field says which half it is,
 and an unconditional tuple's query draw and priority are keyed by that flag too (the conditional ones keep
@@ -55,6 +63,7 @@ from flux2ttr.traces.store import STORAGE_DTYPES, TraceStore, TraceTuple, TraceW
 MIB = 2**20
 PRIORITY_STREAM = 0x9E1  # separates the reservoir priorities from the query draws of the same tuple
 UNCOND_STREAM = 0x5C1  # keys the unconditional half of a CFG call apart from its conditional half
+HEADS_STREAM = 0x4EAD  # separates the head-subset draws from the query draws and priorities of the same tuple
 
 
 LAYER_SETS = ("all_single", "all")
@@ -75,6 +84,7 @@ class CaptureConfig:
     budget_mib: float = 800.0  # global budget: uncompressed bytes of all kept tuples
     batch_size: int = 4  # prompts per sampler batch
     reference_latents: int = 0  # comfyui teacher: reference latents per prompt (ReferenceLatent; module doc); 0 = none
+    tuple_heads: int = 0  # heads kept per tuple, a seeded subset recorded in the store (module doc); 0 = all
     seed: int = 0  # query draws and reservoir priorities
     shard_mib: float = 16.0  # target size of one shard file (k, v arrays)
     zstd_level: int = 3  # shard compression level
@@ -85,7 +95,7 @@ class CaptureConfig:
         for name in ("queries", "rollouts", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"capture.{name} must be >= 1, got {getattr(self, name)}")
-        check_range("capture", self, "reference_latents", ge=0)
+        check_range("capture", self, "reference_latents", "tuple_heads", ge=0)
         if self.budget_mib <= 0 or self.shard_mib <= 0:
             raise ConfigError("capture.budget_mib and capture.shard_mib must be positive")
         if isinstance(self.layers, str) and self.layers not in LAYER_SETS:
@@ -137,6 +147,26 @@ def query_positions(n_tokens: int, queries: int, seed: int, prompt: int, sample_
     return np.sort(rng.choice(int(n_tokens), size=nq, replace=False))
 
 
+def head_subset(num_heads: int, count: int, seed: int, prompt: int, sample_seed: int, step: int, layer: str,
+                uncond: int = 0) -> np.ndarray:
+    """``[count]`` sorted distinct head indices of ``range(num_heads)`` for one tuple (deterministic per tuple,
+    keyed as :func:`query_positions`, in a stream of its own)."""
+    lay_kind, lay_idx = layer_sort_key(layer)
+    rng = np.random.default_rng([int(seed), HEADS_STREAM, int(prompt), int(sample_seed), int(step), lay_kind,
+                                 lay_idx, *_half(uncond)])
+    return np.sort(rng.choice(int(num_heads), size=int(count), replace=False))
+
+
+def tuple_heads_of(cfg: CaptureConfig, num_heads: int) -> int:
+    """Heads per tuple of a capture: ``capture.tuple_heads``, or 0 (every head) where it is 0 or ``num_heads``;
+    more than the teacher has is a :class:`ConfigError`."""
+    n = int(cfg.tuple_heads)
+    if n > int(num_heads):
+        raise ConfigError(f"capture.tuple_heads = {n}, but the teacher has {num_heads} heads; set at most {num_heads} "
+                          "(or 0 for all)")
+    return 0 if n == int(num_heads) else n
+
+
 def tuple_priority(seed: int, prompt: int, sample_seed: int, step: int, layer: str, uncond: int = 0) -> float:
     """The reservoir priority of one tuple: uniform in ``[0, 1)``, a pure function of the tuple's identity
     (not of when or on which rank it is offered)."""
@@ -150,8 +180,9 @@ class CaptureObserver:
     """Router observer ``(key, q, k, v, out, n_cond, state)``: offers one tuple per batch row of the chosen
     steps to ``writer`` (the router calls it only for the chosen layers)."""
 
-    def __init__(self, writer: TraceWriter, cfg: CaptureConfig, steps: list[int]) -> None:
+    def __init__(self, writer: TraceWriter, cfg: CaptureConfig, steps: list[int], tuple_heads: int = 0) -> None:
         self.writer, self.cfg, self.steps = writer, cfg, set(steps)
+        self.tuple_heads = int(tuple_heads)  # 0: every head (see tuple_heads_of)
         self.seconds = 0.0  # wall time spent here (the capture overhead beyond sampling)
         self.cpu_seconds = 0.0  # process CPU time spent here
 
@@ -162,17 +193,23 @@ class CaptureObserver:
         if state.step not in self.steps:
             return
         start, cpu_start = time.perf_counter(), time.process_time()
-        B, _, N, _ = q.shape
+        B, H, N, _ = q.shape
         for b in range(B):
             prompt, sample_seed = int(state.prompt_index[b]), int(state.seed[b])
             uncond = int(state.uncond[b]) if state.uncond else 0
             idx = query_positions(N, self.cfg.queries, self.cfg.seed, prompt, sample_seed, state.step, key, uncond)
             idx_t = torch.from_numpy(idx).to(q.device)
             priority = tuple_priority(self.cfg.seed, prompt, sample_seed, state.step, key, uncond)
+            qb, kb, vb, ob, heads = q[b], k[b], v[b], out[b], None
+            if self.tuple_heads:
+                heads = torch.from_numpy(head_subset(H, self.tuple_heads, self.cfg.seed, prompt, sample_seed, state.step,
+                                                     key, uncond))
+                rows = heads.to(q.device)
+                qb, kb, vb, ob = (t.index_select(0, rows) for t in (qb, kb, vb, ob))
             self.writer.offer(key, TraceTuple(
-                q_sub=q[b][:, idx_t], q_idx=idx_t, k=k[b], v=v[b], teacher_sub=out[b][:, idx_t],
+                q_sub=qb[:, idx_t], q_idx=idx_t, k=kb, v=vb, teacher_sub=ob[:, idx_t],
                 sigma=float(state.sigma), cfg=float(state.cfg), n_cond=int(n_cond), h=int(state.height),
-                w=int(state.width), prompt=prompt, step=int(state.step), seed=sample_seed, uncond=uncond,
+                w=int(state.width), prompt=prompt, step=int(state.step), seed=sample_seed, uncond=uncond, heads=heads,
             ), priority=priority)
         self.seconds += time.perf_counter() - start
         self.cpu_seconds += time.process_time() - cpu_start
@@ -243,10 +280,16 @@ def capture(teacher: Any, prompts: list[str], cfg: CaptureConfig, sampler_cfg: A
                           "latents go through ComfyUI's FLUX.2 model); set capture.reference_latents: 0")
     runs = [(r, i) for r in range(cfg.rollouts) for i in range(len(prompts))]
     batches = [runs[s:s + cfg.batch_size] for s in range(0, len(runs), cfg.batch_size)]
+    tuple_heads = tuple_heads_of(cfg, teacher.num_heads) if cfg.tuple_heads else 0
+    recorded = to_dict(cfg)
+    if tuple_heads:
+        recorded.update(tuple_heads=tuple_heads, num_heads=int(teacher.num_heads))
+    else:  # every head: the attributes of a capture without the setting (the same store, byte for byte)
+        recorded.pop("tuple_heads")
     attrs = {
         "teacher": teacher.identity,
         "sampler": to_dict(sampler_cfg),
-        "capture": {**to_dict(cfg), "layers": layers, "steps": steps},
+        "capture": {**recorded, "layers": layers, "steps": steps},
         "prompts": {"file": str(prompts_file) if prompts_file else None, "count": len(prompts),
                     "sha256": _sha256_file(Path(prompts_file)) if prompts_file else None},
     }
@@ -264,7 +307,7 @@ def capture(teacher: Any, prompts: list[str], cfg: CaptureConfig, sampler_cfg: A
     with TraceWriter(cfg.store, attrs=attrs, budget_bytes=int(cfg.budget_mib * MIB),
                      storage_dtype=cfg.storage_dtype, seed=cfg.seed, shard_bytes=int(cfg.shard_mib * MIB),
                      zstd_level=cfg.zstd_level, dist=dist) as writer:
-        observer = CaptureObserver(writer, cfg, steps)
+        observer = CaptureObserver(writer, cfg, steps, tuple_heads)
         router.add_observer(observer, layers)
         bar = tqdm(total=len(runs), desc="capture", unit="rollout", disable=not progress or not dist.is_main)
         for round_ in split_batches(len(runs), cfg.batch_size, dist.world):

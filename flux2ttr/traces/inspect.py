@@ -38,6 +38,7 @@ def summarize(store: TraceStore, bins: int = HIST_BINS) -> dict[str, Any]:
             h_, nq, d = shapes["q_sub"]
             groups.append({
                 "n_tokens": n, "count": count, "heads": h_, "queries": nq, "head_dim": d,
+                "head_subset": store.has_heads(layer, n),
                 "n_cond": sorted(set(sc["n_cond"].tolist())),
                 "grid": sorted({f"{a}x{b}" for a, b in zip(sc["h"].tolist(), sc["w"].tolist())}),
             })
@@ -59,6 +60,8 @@ def summarize(store: TraceStore, bins: int = HIST_BINS) -> dict[str, Any]:
         "bytes_on_disk": store.nbytes_on_disk(),
         "files": store.file_count(),
         "tuples": store.count(),
+        "teacher_heads": store.teacher_heads() if store.layers else None,
+        "head_subset": any(g["head_subset"] for lay in layers for g in lay["groups"]),
         "offered": res.get("offered"),
         "kept": res.get("kept"),
         "budget_bytes": res.get("budget_bytes"),
@@ -88,6 +91,10 @@ def _teacher_line(teacher: Any) -> str:
     return "  ".join(parts)
 
 
+def _subset_heads(s: dict[str, Any]) -> str:
+    return "/".join(str(h) for h in sorted({g["heads"] for lay in s["layers"] for g in lay["groups"]}))
+
+
 def format_summary(s: dict[str, Any]) -> str:
     """The summary as text a person reads."""
     lines = [
@@ -98,6 +105,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"tuples       {s['tuples']} kept of {s['offered']} offered "
         f"({_mib(s['kept_bytes'])} of a {_mib(s['budget_bytes'])} budget)",
         f"prompts      {s['prompts']}, steps {s['steps']}",
+        *([f"heads        each tuple holds a head subset: {_subset_heads(s)} of the teacher's {s['teacher_heads']} "
+           "heads (seeded per tuple, recorded in the store: capture.tuple_heads)"] if s.get("head_subset") else []),
         "",
         f"{'layer':<18} {'tuples':>7} {'offered':>8}  token counts (N: tuples, heads x queries x head_dim)",
     ]

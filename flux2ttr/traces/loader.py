@@ -90,7 +90,7 @@ def split_by_prompt(store: TraceStore, val_fraction: float, seed: int) -> Split:
 def read_batch(store: TraceStore, layer: str, n_tokens: int, rows: list[int] | np.ndarray) -> dict[str, torch.Tensor]:
     """The tuples ``rows`` of a group as a batch, exactly what :meth:`TraceStore.read` returns
     (``q_sub``/``teacher_sub`` ``[B,H,Nq,D]``, ``k``/``v`` ``[B,H,N,D]`` float32, ``q_idx`` ``[B,Nq]``,
-    scalars ``[B]``), but read with one slice per contiguous run of rows.
+    scalars ``[B]``, ``heads`` ``[B,H]`` in a head-subset group), but read with one slice per contiguous run of rows.
 
     Why: zarr's orthogonal indexing (``oindex``) over a sharded array decodes far more than the chunks
     asked for (about 10x slower for a few scattered rows of a 16 MiB shard); plain slices touch only the
@@ -110,6 +110,8 @@ def read_batch(store: TraceStore, layer: str, n_tokens: int, rows: list[int] | n
         data = store.read_array(layer, n_tokens, name, uniq, runs=True)[inverse]
         out[name] = decode(data, store.storage_dtype)
     out["q_idx"] = torch.from_numpy(store.read_array(layer, n_tokens, "q_idx")[idx].astype(np.int64))
+    if store.has_heads(layer, n_tokens):
+        out["heads"] = torch.from_numpy(store.read_array(layer, n_tokens, "heads")[idx].astype(np.int64))
     table = store.read_array(layer, n_tokens, "scalars")[idx]
     for name, col in store.scalar_columns(table).items():
         out[name] = torch.from_numpy(col.astype(np.float32) if name in ("sigma", "cfg") else col.astype(np.int64))

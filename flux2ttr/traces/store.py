@@ -6,6 +6,8 @@ One *tuple* per (rollout, step, layer, batch row)::
     q_idx        [Nq]        token positions of those queries in the full sequence (int)
     k, v         [H, N, D]   all keys and values of the sequence (never subsampled)
     teacher_sub  [H, Nq, D]  the teacher's softmax attention output at q_idx
+    heads        [H]         only in a head-subset store (``capture.tuple_heads``): which of the teacher's
+                             heads the tuple's H rows are (sorted); absent: all heads, in order
     sigma, cfg, n_cond, h, w, prompt, step, seed, uncond   scalars (n_cond conditioning tokens come first;
                              h, w is the latent image-token grid; prompt is the index into the capture prompt
                              list; uncond is 1 for the unconditional half of a true-CFG call, else 0)
@@ -14,7 +16,8 @@ Layout on disk (``N`` = token count, one group per layer and token count)::
 
     capture.zarr/zarr.json                 root attributes: format, schema, teacher, storage dtype, ...
     capture.zarr/single_blocks.0/n768/     q_sub [M,H,Nq,D], q_idx [M,Nq] int32, k, v [M,H,N,D],
-                                           teacher_sub [M,H,Nq,D], scalars [M, 9] float64
+                                           teacher_sub [M,H,Nq,D], scalars [M, 9] float64,
+                                           heads [M,H] int32 (head-subset stores only)
 
 The nine scalars share one float64 array (columns :data:`SCALAR_FIELDS`, named in the root attribute
 ``scalar_fields``; integers are exact below 2**53) so that a group is a handful of files. Stores written
@@ -45,6 +48,11 @@ slightly less often, by a relative amount of about ``s / budget`` (1 % when the 
 tuples). No rule can be exactly uniform for all size mixes, never exceed the budget and use it well at
 once; this one keeps the bias bounded by ``s_max / budget`` and makes it exact in the common case.
 Kept tuples are spilled to a temporary folder on disk, so memory stays at one tuple plus one shard.
+
+**Head subsets.** A tuple may hold only some of the teacher's heads (``heads``, drawn per tuple by capture,
+see ``capture.tuple_heads``): its arrays are ``[Hs, ...]`` and its bytes, which the budget counts, shrink
+with ``Hs``. A group is all head-subset tuples or none; the reader returns ``heads`` ``[B, Hs]`` only for
+the former, and :meth:`TraceStore.teacher_heads` gives the teacher's head count either way.
 
 Priorities: :meth:`TraceWriter.offer` takes the tuple's priority from the caller (capture draws it from
 a generator keyed by the tuple's identity, so the kept set is also independent of how tuples are split over
@@ -197,7 +205,8 @@ class TraceTuple:
     """One captured attention tuple. Tensors may be torch tensors or numpy arrays, any float dtype.
 
     ``q_sub``/``teacher_sub`` ``[H, Nq, D]``, ``q_idx`` ``[Nq]``, ``k``/``v`` ``[H, N, D]``; ``uncond`` 1 marks
-    the unconditional half of a true-CFG call (0: the conditional one, or no CFG).
+    the unconditional half of a true-CFG call (0: the conditional one, or no CFG); ``heads`` ``[H]``: the
+    teacher's head indices of the H rows when the tuple holds a head subset (``None``: all heads).
     """
 
     q_sub: Any
@@ -214,6 +223,7 @@ class TraceTuple:
     step: int
     seed: int
     uncond: int = 0
+    heads: Any = None
 
 
 def group_name(n_tokens: int) -> str:
@@ -403,9 +413,10 @@ class TraceWriter:
         """Storage bytes one tuple takes in this store (all arrays and the scalar row, uncompressed)."""
         item = _np_storage_dtype(self.storage_dtype).itemsize
         q_sub, k = np.shape(t.q_sub), np.shape(t.k)
+        heads = 0 if t.heads is None else 4 * int(np.prod(np.shape(t.heads)))
         return int(
             2 * item * int(np.prod(q_sub)) + 2 * item * int(np.prod(k))
-            + 4 * int(np.prod(np.shape(t.q_idx))) + 8 * len(SCALAR_FIELDS)
+            + 4 * int(np.prod(np.shape(t.q_idx))) + 8 * len(SCALAR_FIELDS) + heads
         )
 
     def offer(self, layer: str, t: TraceTuple, priority: float | None = None) -> bool:
@@ -486,16 +497,22 @@ class TraceWriter:
             )
         if int(t.uncond) not in (0, 1):
             raise ValueError(f"tuple field uncond={t.uncond} must be 0 or 1")
+        headed = t.heads is not None
+        if headed:
+            hs = np.asarray(torch.as_tensor(t.heads).cpu().numpy())
+            if hs.shape != (q[0],) or (hs.size and (hs.min() < 0 or np.any(np.diff(hs) <= 0))):
+                raise ValueError(f"layer {layer}: tuple heads {np.shape(t.heads)} must be [{q[0]}] sorted distinct "
+                                 "head indices >= 0 (one per head row of q_sub, k, v)")
         for name in ("n_cond", "h", "w", "prompt", "step", "seed"):
             value = int(getattr(t, name))
             if not 0 <= value < _MAX_EXACT_INT:
                 raise ValueError(f"tuple field {name}={value} must be in [0, 2**53)")
         n_tokens = int(k[1])
         key = (layer, n_tokens)
-        shape = (q, k)
+        shape = (q, k, headed)
         if self._shapes.setdefault(key, shape) != shape:
             raise ValueError(
-                f"layer {layer}, {n_tokens} tokens: shapes {shape} differ from the first tuple's "
+                f"layer {layer}, {n_tokens} tokens: shapes and head subset {shape} differ from the first tuple's "
                 f"{self._shapes[key]} (queries per tuple and heads must be constant within a group)"
             )
         return n_tokens
@@ -507,9 +524,12 @@ class TraceWriter:
                 f.write(memoryview(encode(getattr(t, name), self.storage_dtype)).cast("B"))
             q_idx = np.ascontiguousarray(torch.as_tensor(t.q_idx).cpu().numpy(), dtype=np.int32)
             f.write(memoryview(q_idx).cast("B"))
+            if t.heads is not None:
+                heads = np.ascontiguousarray(torch.as_tensor(t.heads).cpu().numpy(), dtype=np.int32)
+                f.write(memoryview(heads).cast("B"))
 
     def _read_spill(self, item: _Kept) -> dict[str, np.ndarray]:
-        (h_, nq, d), (_, n, _) = self._shapes[(item.layer, item.n_tokens)]
+        (h_, nq, d), (_, n, _), headed = self._shapes[(item.layer, item.n_tokens)]
         dtype = _np_storage_dtype(self.storage_dtype)
         shapes = {"q_sub": (h_, nq, d), "k": (h_, n, d), "v": (h_, n, d), "teacher_sub": (h_, nq, d)}
         raw = np.fromfile(item.spill, dtype=np.uint8)
@@ -519,6 +539,8 @@ class TraceWriter:
             out[name] = raw[offset:offset + size].view(dtype).reshape(shapes[name])
             offset += size
         out["q_idx"] = raw[offset:offset + 4 * nq].view(np.int32)
+        if headed:
+            out["heads"] = raw[offset + 4 * nq:offset + 4 * nq + 4 * h_].view(np.int32)
         return out
 
     # -- writing -------------------------------------------------------------------------------------
@@ -565,8 +587,8 @@ class TraceWriter:
                 if float(pr) < cut]
         shapes: dict[tuple[str, int], tuple] = {}
         for p in parts:
-            for layer, n, q, k in p["shapes"]:
-                key, shape = (str(layer), int(n)), (tuple(q), tuple(k))
+            for layer, n, q, k, headed in p["shapes"]:
+                key, shape = (str(layer), int(n)), (tuple(q), tuple(k), bool(headed))
                 if shapes.setdefault(key, shape) != shape:
                     raise ValueError(f"layer {layer}, {n} tokens: ranks captured tuples of shapes {shape} and "
                                      f"{shapes[key]} (queries per tuple and heads must be constant within a group)")
@@ -580,7 +602,7 @@ class TraceWriter:
             "kept": [[it.priority, it.serial, it.layer, it.n_tokens, it.nbytes, it.scalars.tolist()]
                      for _, _, it in self._heap],
             "tau": _json_tau(self._tau),
-            "shapes": [[layer, n, list(q), list(k)] for (layer, n), (q, k) in self._shapes.items()],
+            "shapes": [[layer, n, list(q), list(k), headed] for (layer, n), (q, k, headed) in self._shapes.items()],
             "offered": self._offered, "offered_bytes": self._offered_bytes,
         }
         parts = dist.all_gather_json(local)
@@ -644,7 +666,7 @@ class TraceWriter:
             items = sorted(items, key=lambda it: (it.scalars[5], it.scalars[7], it.scalars[6], it.priority, it.rank,
                                                   it.serial))
             m = len(items)
-            (h_, nq, d), (_, n, _) = self._shapes[(layer, n_tokens)]
+            (h_, nq, d), (_, n, _), headed = self._shapes[(layer, n_tokens)]
             g = root.require_group(layer).require_group(group_name(n_tokens))
             per_tuple_big = h_ * n * d * store_dtype.itemsize
             rows = max(1, min(m, self.shard_bytes // max(1, per_tuple_big)))
@@ -656,6 +678,7 @@ class TraceWriter:
                     compressors=compressor, fill_value=0,
                 )
             q_idx = np.empty((m, nq), dtype=np.int32)
+            heads = np.empty((m, h_), dtype=np.int32) if headed else None
             scalars = np.empty((m, len(SCALAR_FIELDS)), dtype=np.float64)
             for start in range(0, m, rows):
                 stop = min(m, start + rows)
@@ -665,6 +688,8 @@ class TraceWriter:
                     for name in arrays:
                         batch[name].append(z[name])
                     q_idx[j] = z["q_idx"]
+                    if heads is not None:
+                        heads[j] = z["heads"]
                     scalars[j] = items[j].scalars
                 for name, arr in arrays.items():
                     arr[start:stop] = np.stack(batch[name])  # one whole shard per write
@@ -674,6 +699,8 @@ class TraceWriter:
                     bar.update(stop - start)
             g.create_array("q_idx", data=q_idx, chunks=q_idx.shape, compressors=compressor)
             g.create_array("scalars", data=scalars, chunks=scalars.shape, compressors=compressor)
+            if heads is not None:
+                g.create_array("heads", data=heads, chunks=heads.shape, compressors=compressor)
             g.attrs.update({"n_tokens": int(n_tokens), "count": int(m)})
             prefix = f"{layer}/{group_name(n_tokens)}"
             for name in arrays:
@@ -682,6 +709,8 @@ class TraceWriter:
             array_info[f"{prefix}/q_idx"] = {"shape": [m, nq], "dtype": "int32", "rows_per_file": m}
             array_info[f"{prefix}/scalars"] = {"shape": [m, len(SCALAR_FIELDS)], "dtype": "float64",
                                                "rows_per_file": m}
+            if heads is not None:
+                array_info[f"{prefix}/heads"] = {"shape": [m, h_], "dtype": "int32", "rows_per_file": m}
         if bar is not None:
             bar.close()
         t1 = time.perf_counter()
@@ -781,6 +810,7 @@ class TraceStore:
         self._lock = threading.Lock()
         self._file_locks: dict[str, threading.Lock] = {}
         self._groups: dict[str, list[tuple[int, int]]] = {}
+        self._headed: dict[tuple[str, int], bool] = {}  # has_heads per group, filled on first ask
         try:
             for layer in root.group_keys():
                 entries = []
@@ -884,9 +914,27 @@ class TraceStore:
         return self._root[layer][group_name(n_tokens)]
 
     def shapes(self, layer: str, n_tokens: int) -> dict[str, tuple[int, ...]]:
-        """Per-tuple shapes of a group: ``q_sub``/``teacher_sub`` ``(H, Nq, D)``, ``k``/``v`` ``(H, N, D)``."""
+        """Per-tuple shapes of a group: ``q_sub``/``teacher_sub`` ``(H, Nq, D)``, ``k``/``v`` ``(H, N, D)``
+        (``H``: heads per tuple), ``q_idx`` ``(Nq,)``, and ``heads`` ``(H,)`` in a head-subset group."""
         g = self._group(layer, n_tokens)
-        return {name: tuple(g[name].shape[1:]) for name in (*ARRAY_FIELDS, "q_idx")}
+        names = (*ARRAY_FIELDS, "q_idx", *(("heads",) if self.has_heads(layer, n_tokens) else ()))
+        return {name: tuple(g[name].shape[1:]) for name in names}
+
+    def has_heads(self, layer: str, n_tokens: int) -> bool:
+        """Whether the group's tuples hold a head subset (a ``heads`` array; stores without one: all heads)."""
+        key = (layer, int(n_tokens))
+        if key not in self._headed:  # listed once per group (a zarr listing is not free)
+            self._headed[key] = "heads" in set(self._group(layer, n_tokens).array_keys())
+        return self._headed[key]
+
+    def teacher_heads(self) -> int:
+        """The teacher's head count: ``capture.num_heads`` of a head-subset store, else the stored heads per
+        tuple (every head)."""
+        recorded = (self.attrs.get("capture") or {}).get("num_heads")
+        if recorded is not None:
+            return int(recorded)
+        layer = self.layers[0]
+        return int(self.shapes(layer, self.groups(layer)[0][0])["q_sub"][0])
 
     # -- verified reads --------------------------------------------------------------------------------
 
@@ -1017,7 +1065,8 @@ class TraceStore:
 
         ``q_sub``/``teacher_sub`` ``[B, H, Nq, D]`` float32, ``k``/``v`` ``[B, H, N, D]`` float32,
         ``q_idx`` ``[B, Nq]`` int64, ``sigma``/``cfg`` ``[B]`` float32, ``n_cond, h, w, prompt, step,
-        seed, uncond`` ``[B]`` int64.
+        seed, uncond`` ``[B]`` int64; in a head-subset group also ``heads`` ``[B, H]`` int64 (the teacher's
+        head index of each row).
         """
         g = self._group(layer, n_tokens)
         count = g["scalars"].shape[0]
@@ -1035,6 +1084,8 @@ class TraceStore:
             data = self.read_array(layer, n_tokens, name, uniq)[inverse]
             out[name] = decode(data, self.storage_dtype)
         out["q_idx"] = torch.from_numpy(self.read_array(layer, n_tokens, "q_idx", uniq)[inverse].astype(np.int64))
+        if self.has_heads(layer, n_tokens):
+            out["heads"] = torch.from_numpy(self.read_array(layer, n_tokens, "heads", uniq)[inverse].astype(np.int64))
         table = self.read_array(layer, n_tokens, "scalars", uniq)[inverse]
         for name, col in self.scalar_columns(table).items():
             out[name] = torch.from_numpy(col.astype(np.float32) if name in _FLOAT_SCALARS else col.astype(np.int64))

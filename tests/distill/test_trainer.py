@@ -601,3 +601,41 @@ def test_torchrun_two_ranks_matches_single_process(tmp_path, store):
     for key in LAYERS:
         assert m["layers"][key]["val_cos_dist"] == pytest.approx(single.layer_metrics[key]["val_cos_dist"], rel=1e-12)
     assert proc.stdout.count("layers ready") == 1  # one summary, from rank 0
+
+
+def test_head_subset_store_trains_shared_students_and_leaves_unseen_heads_at_init(tmp_path):
+    """A store whose tuples hold 2 of a teacher's 4 heads (``heads`` recorded per tuple, never head 3): the
+    students have the teacher's 4 heads; a window student's per-head gamma gets gradient only at the heads a
+    batch holds, so head 3's stays at its initial value, the seen heads' move; validation runs on the subsets."""
+    H, HS, layer = 4, 2, "single_blocks.0"
+    gen, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
+    path = tmp_path / "sub.zarr"
+    with TraceWriter(path, attrs={"teacher": dict(TEACHER), "capture": {"tuple_heads": HS, "num_heads": H}},
+                     budget_bytes=1 << 30, storage_dtype="float32", seed=0) as w:
+        for p in range(5):
+            for s in range(4):
+                t = make_tuple(gen, heads=HS, n_cond=4, hgrid=4, wgrid=4, nq=6, d=16, prompt=p, step=s, seed=100 + p,
+                               qk_scale=0.5)
+                t.heads = torch.from_numpy(np.sort(rng.choice(3, size=HS, replace=False)))
+                w.offer(layer, t)
+    store = TraceStore.open(path)
+    assert store.teacher_heads() == H and store.has_heads(layer, 20)
+    got = store.read(layer, 20, [3, 0])["heads"]
+    assert got.shape == (2, HS) and set(got.flatten().tolist()) <= {0, 1, 2}
+
+    cfg = config(tmp_path, path, steps=10, max_swap_layers=1, window_radius_jitter=False)
+    init = _build_layer(layer, cfg, WINDOW, num_heads=H)
+    batch = store.read(layer, 20, [0, 1, 2])
+    out = student_forward(init.student, batch)
+    out.square().sum().backward()
+    grad = init.student.log_gamma.grad
+    assert grad[3] == 0 and bool((grad[:3] != 0).all())
+
+    res = train(cfg, WINDOW, expected_teacher=TEACHER)
+    art = load_students(cfg.artifact)
+    assert art.header["num_heads"] == H
+    trained = art.layers[layer].log_gamma.detach()
+    start = _build_layer(layer, cfg, WINDOW, num_heads=H).student.log_gamma.detach()
+    assert trained.shape == (H,) and trained[3] == start[3]
+    assert bool((trained[:3] != start[:3]).all())
+    assert res.layer_metrics[layer]["val_tuples"] > 0 and math.isfinite(res.layer_metrics[layer]["val_cos_dist"])

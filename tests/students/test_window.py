@@ -148,3 +148,34 @@ def test_build_student_follows_mode_and_gamma_trains():
     assert layer.log_gamma.grad is not None and torch.isfinite(layer.log_gamma.grad).all()
     assert layer.phi_q.net[0].weight.grad.abs().sum() > 0
     assert set(layer.report()) == {"gamma_mean", "gamma_min", "gamma_max"}
+
+
+def test_head_subset_rows_use_their_own_heads_gamma():
+    """A call holding heads [1, 3] of a 4-head layer (per batch row, or one list for the batch) equals those
+    rows of the 4-head call: the per-head gamma is indexed by the heads, the feature maps are shared."""
+    torch.manual_seed(5)
+    layer = WindowLayer(cfg(), num_heads=4)
+    with torch.no_grad():
+        layer.log_gamma.copy_(torch.tensor([-1.0, 0.5, 0.0, 1.5]))  # distinct balances: a wrong index shows
+    q, k, v = (torch.randn(2, 4, 3 + 35, D) for _ in range(3))
+    full = layer(q, k, v, 3, 0.5, 4.0, height=5, width=7)
+    heads = torch.tensor([1, 3])
+    sub = layer(q[:, heads], k[:, heads], v[:, heads], 3, 0.5, 4.0, height=5, width=7, heads=heads)
+    torch.testing.assert_close(sub, full[:, heads], rtol=0, atol=1e-6)
+    per_row = torch.tensor([[0, 2], [1, 3]])
+    rows = [layer(q[b:b + 1, per_row[b]], k[b:b + 1, per_row[b]], v[b:b + 1, per_row[b]], 3, 0.5, 4.0, height=5,
+                  width=7, heads=per_row[b]) for b in range(2)]
+    pick = lambda t: torch.stack([t[b, per_row[b]] for b in range(2)])  # noqa: E731
+    both = layer(pick(q), pick(k), pick(v), 3, 0.5, 4.0, height=5, width=7, heads=per_row)
+    torch.testing.assert_close(both, torch.cat(rows), rtol=0, atol=1e-6)
+    torch.testing.assert_close(both, pick(full), rtol=0, atol=1e-6)
+    # heads must name one head of the layer per head row
+    with pytest.raises(ValueError, match="heads must be"):
+        layer(q[:, :2], k[:, :2], v[:, :2], 3, 0.5, 4.0, height=5, width=7, heads=torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="out of range"):
+        layer(q[:, :2], k[:, :2], v[:, :2], 3, 0.5, 4.0, height=5, width=7, heads=torch.tensor([0, 4]))
+    # the gradient reaches only the heads the call holds
+    layer.zero_grad()
+    layer(q[:, heads], k[:, heads], v[:, heads], 3, 0.5, 4.0, height=5, width=7, heads=heads).square().sum().backward()
+    g = layer.log_gamma.grad
+    assert g[0] == 0 and g[2] == 0 and g[1] != 0 and g[3] != 0

@@ -1,7 +1,8 @@
 """Capture stage on the tiny teacher: stored tuples are the teacher's softmax attention of the stored
 q_sub, k, v (fp64 reference), layer/step selection, budget, batch-size independence, atomicity, the
-params-driven stage, keyed reservoir priorities and the stage under torchrun (2 gloo ranks: the store one
-process writes, byte for byte; a rank that fails leaves no store)."""
+params-driven stage, keyed reservoir priorities, head subsets (capture.tuple_heads: the all-heads tuples cut to
+the recorded heads, the smaller bytes in the budget) and the stage under torchrun (2 gloo ranks: the store one
+process writes, byte for byte, with and without head subsets; a rank that fails leaves no store)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,14 @@ import yaml
 from flux2ttr.config import ConfigError
 from flux2ttr.teachers.prompts import PromptFileError
 from flux2ttr.teachers.sampler import SamplerConfig, flux2_sigmas
-from flux2ttr.traces.capture import CaptureConfig, capture, query_positions, split_batches, tuple_priority
+from flux2ttr.traces.capture import (
+    CaptureConfig,
+    capture,
+    head_subset,
+    query_positions,
+    split_batches,
+    tuple_priority,
+)
 from flux2ttr.traces.store import SCALAR_FIELDS, TraceStore, TraceStoreError
 from helpers.outputs import check_metrics_file, details_of
 from helpers.torchrun import one_thread, torchrun, tree_bytes
@@ -171,6 +179,68 @@ def test_batch_size_does_not_change_the_capture(teacher, tmp_path):
         assert (a[name] - b[name]).abs().max() <= 1e-3 * a[name].abs().max(), name
 
 
+def test_tuple_heads_store_the_named_heads_of_the_full_tuples(teacher, tmp_path):
+    """capture.tuple_heads 1 of the tiny teacher's 2 heads: every tuple is the all-heads capture's tuple (same
+    seeds, same query positions) cut to the head its ``heads`` field names, drawn by head_subset."""
+    kw = dict(queries=8, storage_dtype="float32", budget_mib=64, batch_size=3)
+    capture(teacher, PROMPTS, CaptureConfig(store=str(tmp_path / "all.zarr"), **kw), sampler_cfg(), progress=False)
+    stats = capture(teacher, PROMPTS, CaptureConfig(store=str(tmp_path / "sub.zarr"), tuple_heads=1, **kw),
+                    sampler_cfg(), progress=False)
+    full, sub = TraceStore.open(tmp_path / "all.zarr"), TraceStore.open(tmp_path / "sub.zarr")
+    assert sub.attrs["capture"]["tuple_heads"] == 1 and sub.attrs["capture"]["num_heads"] == 2 == sub.teacher_heads()
+    assert "tuple_heads" not in full.attrs["capture"] and full.teacher_heads() == 2
+    assert sub.layers == full.layers and sub.count() == full.count() == 12 == stats["kept"]
+    seen = set()
+    for layer in sub.layers:
+        assert sub.has_heads(layer, N) and not full.has_heads(layer, N)
+        assert sub.shapes(layer, N)["k"] == (1, N, teacher.head_dim) and sub.shapes(layer, N)["heads"] == (1,)
+        a, b = full.read(layer, N, list(range(6))), sub.read(layer, N, list(range(6)))
+        assert "heads" not in a and b["heads"].shape == (6, 1)
+        for name in ("q_idx", *SCALAR_FIELDS):
+            assert torch.equal(a[name], b[name]), name
+        for i in range(6):
+            h = int(b["heads"][i, 0])
+            want = head_subset(2, 1, 0, int(b["prompt"][i]), int(b["seed"][i]), int(b["step"][i]), layer)
+            assert want.tolist() == [h]
+            seen.add(h)
+            for name in ("q_sub", "k", "v", "teacher_sub"):
+                assert torch.equal(b[name][i], a[name][i][h:h + 1]), (layer, i, name)
+    assert seen == {0, 1}  # a draw per tuple, not one head for the store
+    # the budget counts the smaller tuples: 1 head + its index, about half the bytes, twice the tuples kept
+    heads, d = teacher.num_heads, teacher.head_dim
+    fixed = 8 * 4 + 8 * len(SCALAR_FIELDS)  # q_idx int32, the float64 scalars row
+    per_full = 2 * heads * N * d * 2 + 2 * heads * 8 * d * 2 + fixed  # fp16
+    per_sub = 2 * 1 * N * d * 2 + 2 * 1 * 8 * d * 2 + fixed + 4  # + heads int32
+    budget_mib = 2.5 * per_full / 2**20
+    kept = {}
+    for th in (0, 1):
+        cfg = CaptureConfig(store=str(tmp_path / f"b{th}.zarr"), queries=8, storage_dtype="float16",
+                            budget_mib=budget_mib, batch_size=3, tuple_heads=th)
+        capture(teacher, PROMPTS, cfg, sampler_cfg(steps=1), progress=False)
+        kept[th] = TraceStore.open(tmp_path / f"b{th}.zarr").attrs["reservoir"]
+    assert kept[0]["kept"] == 2 and kept[0]["kept_bytes"] == 2 * per_full
+    assert kept[1]["kept"] == int(budget_mib * 2**20 // per_sub) == 4 and kept[1]["kept_bytes"] == 4 * per_sub
+    with pytest.raises(ConfigError, match="tuple_heads = 3, but the teacher has 2 heads"):
+        capture(teacher, PROMPTS, CaptureConfig(store=str(tmp_path / "x.zarr"), tuple_heads=3), sampler_cfg(),
+                progress=False)
+    with pytest.raises(ConfigError, match="tuple_heads"):
+        CaptureConfig(tuple_heads=-1)
+
+
+def test_tuple_heads_of_all_heads_writes_the_default_store(teacher, tmp_path, monkeypatch):
+    """tuple_heads 0 (the default) and tuple_heads = the teacher's heads write one store, byte for byte: the
+    setting leaves no trace where it keeps every head."""
+    kw = dict(store="c.zarr", metrics="", queries=8, layers=["single_blocks.0"], storage_dtype="float16",
+              budget_mib=64, batch_size=3)
+    for name, th in (("zero", 0), ("all", 2)):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        capture(teacher, PROMPTS, CaptureConfig(tuple_heads=th, **kw), sampler_cfg(steps=1), progress=False)
+    zero, every = tree_bytes(tmp_path / "zero" / "c.zarr"), tree_bytes(tmp_path / "all" / "c.zarr")
+    assert sorted(zero) == sorted(every) and [f for f in zero if zero[f] != every[f]] == []
+    assert not any("heads" in f for f in zero)
+
+
 def test_interrupted_capture_leaves_no_store(teacher, tmp_path, monkeypatch):
     import flux2ttr.teachers.sampler as sampler_mod
 
@@ -309,3 +379,27 @@ def test_torchrun_two_ranks_write_the_single_process_store(teacher_dir, tmp_path
     details = details_of("metrics/capture.json")
     assert details["world_size"] == 2 and [r["rollouts"] for r in details["ranks"]] == [3, 2]
     assert details["kept"] == 11 and details["offered"] == 30
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_write_the_single_process_head_subset_store(teacher_dir, tmp_path, monkeypatch):
+    """capture.tuple_heads under torchrun: the head draws are keyed by the tuple, not the rank, so 2 gloo ranks
+    write the single-process store byte for byte, with a budget that makes the reservoir choose."""
+    monkeypatch.chdir(tmp_path)
+    Path("p.json").write_text(json.dumps(["a red fox", "a neon market", "a bowl of ramen", "a blue car"]))
+    Path("params.yaml").write_text(yaml.safe_dump({
+        "teacher": {"num_single": 2, "out_dir": str(teacher_dir)},
+        "sampler": {"steps": 2, "height": 64, "width": 64},
+        "capture": {"prompts": "p.json", "store": "traces/c.zarr", "metrics": "", "queries": 8,
+                    "budget_mib": 2, "batch_size": 1, "tuple_heads": 1},
+    }))
+    with one_thread():
+        run_stage(Path("params.yaml"))
+    shutil.move("traces/c.zarr", "ref.zarr")
+    ref = TraceStore.open("ref.zarr")
+    res = ref.attrs["reservoir"]
+    assert res["offered"] == 16 and 0 < res["kept"] < 16 and ref.shapes("single_blocks.0", N)["heads"] == (1,)
+    proc = torchrun(["-m", "stages.capture", "params.yaml"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got, want = tree_bytes(Path("traces/c.zarr")), tree_bytes(Path("ref.zarr"))
+    assert sorted(got) == sorted(want) and [f for f in want if got[f] != want[f]] == []

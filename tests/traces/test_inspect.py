@@ -423,3 +423,25 @@ def test_head_chunking_does_not_change_the_result(tmp_path, monkeypatch):
     assert [k for k, _ in a] == [k for k, _ in b] and len(a) > 40
     for (key, x), (_, y) in zip(a, b):
         assert (x == y) if not isinstance(x, float) else y == pytest.approx(x, rel=1e-12, abs=1e-15), key
+
+
+def test_inspect_says_the_tuples_hold_a_head_subset(tmp_path, store_path):
+    """A head-subset store (capture.tuple_heads): the summary names the subset and the teacher's head count;
+    an all-heads store says nothing of subsets."""
+    gen = torch.Generator().manual_seed(1)
+    path = tmp_path / "sub.zarr"
+    with TraceWriter(path, attrs={"teacher": TEACHER, "capture": {"queries": 5, "tuple_heads": 2, "num_heads": 6}},
+                     budget_bytes=1 << 30, storage_dtype="float32", seed=0) as w:
+        for p, heads in enumerate(([0, 4], [1, 5], [2, 3])):
+            t = _tuple(gen, prompt=p, step=0, sigma=1.0)
+            t.heads = torch.tensor(heads)
+            w.offer("single_blocks.0", t)
+    s = summarize(TraceStore.open(path))
+    assert s["head_subset"] is True and s["teacher_heads"] == 6
+    assert s["layers"][0]["groups"][0]["head_subset"] is True and s["layers"][0]["groups"][0]["heads"] == 2
+    out = CliRunner().invoke(main, ["inspect", str(path)])
+    assert out.exit_code == 0, out.output
+    assert "each tuple holds a head subset: 2 of the teacher's 6 heads" in out.output
+    full = CliRunner().invoke(main, ["inspect", str(store_path)])
+    assert full.exit_code == 0 and "head subset" not in full.output
+    assert summarize(TraceStore.open(store_path))["head_subset"] is False
