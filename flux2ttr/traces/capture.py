@@ -88,11 +88,12 @@ class CaptureConfig:
     seed: int = 0  # query draws and reservoir priorities
     shard_mib: float = 16.0  # target size of one shard file (k, v arrays)
     zstd_level: int = 3  # shard compression level
+    write_threads: int = 4  # shards compressed and written at once when the store is closed
 
     def __post_init__(self) -> None:
         if self.storage_dtype not in STORAGE_DTYPES:
             raise ConfigError(f"capture.storage_dtype must be one of {STORAGE_DTYPES}, got {self.storage_dtype!r}")
-        for name in ("queries", "rollouts", "batch_size"):
+        for name in ("queries", "rollouts", "batch_size", "write_threads"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"capture.{name} must be >= 1, got {getattr(self, name)}")
         check_range("capture", self, "reference_latents", "tuple_heads", ge=0)
@@ -306,7 +307,7 @@ def capture(teacher: Any, prompts: list[str], cfg: CaptureConfig, sampler_cfg: A
     sampled = 0
     with TraceWriter(cfg.store, attrs=attrs, budget_bytes=int(cfg.budget_mib * MIB),
                      storage_dtype=cfg.storage_dtype, seed=cfg.seed, shard_bytes=int(cfg.shard_mib * MIB),
-                     zstd_level=cfg.zstd_level, dist=dist) as writer:
+                     zstd_level=cfg.zstd_level, write_threads=cfg.write_threads, dist=dist) as writer:
         observer = CaptureObserver(writer, cfg, steps, tuple_heads)
         router.add_observer(observer, layers)
         bar = tqdm(total=len(runs), desc="capture", unit="rollout", disable=not progress or not dist.is_main)

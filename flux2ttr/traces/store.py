@@ -139,6 +139,7 @@ _FP16_MAX = 65504.0  # largest finite float16
 
 DEFAULT_SHARD_BYTES = 64 * 2**20
 DEFAULT_ZSTD_LEVEL = 3
+DEFAULT_WRITE_THREADS = 4  # shards compressed and written at once at close (zstd releases the GIL)
 
 _RESERVED_ATTRS = ("format", "schema", "storage_dtype", "encoding", "scalar_fields", "reservoir", "manifest")
 
@@ -345,6 +346,7 @@ class TraceWriter:
         seed: int,
         shard_bytes: int = DEFAULT_SHARD_BYTES,
         zstd_level: int = DEFAULT_ZSTD_LEVEL,
+        write_threads: int = DEFAULT_WRITE_THREADS,
         dist: Dist | None = None,
     ) -> None:
         if storage_dtype not in STORAGE_DTYPES:
@@ -361,6 +363,9 @@ class TraceWriter:
         self.seed = int(seed)
         self.shard_bytes = int(shard_bytes)
         self.zstd_level = int(zstd_level)
+        if int(write_threads) < 1:
+            raise ValueError(f"write_threads must be >= 1, got {write_threads}")
+        self.write_threads = int(write_threads)
         self.dist = dist if dist is not None else Dist()
         self._rng = np.random.default_rng(self.seed)
         self._serial = itertools.count()
@@ -680,23 +685,27 @@ class TraceWriter:
             q_idx = np.empty((m, nq), dtype=np.int32)
             heads = np.empty((m, h_), dtype=np.int32) if headed else None
             scalars = np.empty((m, len(SCALAR_FIELDS)), dtype=np.float64)
-            for start in range(0, m, rows):
-                stop = min(m, start + rows)
+            def write_shard(start: int, stop: int) -> int:
                 batch = {name: [] for name in arrays}
                 for j in range(start, stop):
                     z = self._read_spill(items[j])
                     for name in arrays:
                         batch[name].append(z[name])
-                    q_idx[j] = z["q_idx"]
+                    q_idx[j] = z["q_idx"]  # rows of one shard: no two threads write the same row
                     if heads is not None:
                         heads[j] = z["heads"]
                     scalars[j] = items[j].scalars
                 for name, arr in arrays.items():
                     arr[start:stop] = np.stack(batch[name])  # one whole shard per write
                 for j in range(start, stop):
-                    items[j].spill.unlink()  # spill and store together stay near one budget on disk
-                if bar is not None:
-                    bar.update(stop - start)
+                    items[j].spill.unlink()  # spill and store stay near one budget (+ the shards in flight)
+                return stop - start
+
+            # shards are separate files: compressing and writing several at once leaves the bytes as they are
+            with ThreadPoolExecutor(max_workers=self.write_threads) as pool:
+                for n_done in pool.map(lambda r: write_shard(*r), [(a, min(m, a + rows)) for a in range(0, m, rows)]):
+                    if bar is not None:
+                        bar.update(n_done)
             g.create_array("q_idx", data=q_idx, chunks=q_idx.shape, compressors=compressor)
             g.create_array("scalars", data=scalars, chunks=scalars.shape, compressors=compressor)
             if heads is not None:

@@ -634,3 +634,22 @@ def test_uncond_column_round_trips_and_old_stores_read_zero(tmp_path):
     assert cols["prompt"].tolist() == [0, 1, 2]
     with pytest.raises(TraceStoreError, match="columns"):
         store.scalar_columns(table)  # 9 columns against 8 names: refused, never misread
+
+
+def test_shards_written_by_several_threads_are_the_bytes_one_thread_writes(tmp_path):
+    """write_threads compresses and writes several shard files at once at close: every file, the manifest's
+    sha256 included, is byte for byte what one thread writes, and every spilled tuple is gone."""
+    gen = torch.Generator().manual_seed(5)
+    tuples = [(f"single_blocks.{i}", make_tuple(gen, prompt=p, step=s)) for i in range(2) for p in range(4)
+              for s in range(3)]
+    shard = 2 * 2 * 24 * 8 * 4  # 2 tuples of k per shard: 6 shards per array, more than the threads
+    write_store(tmp_path / "one.zarr", tuples, shard_bytes=shard, write_threads=1)
+    write_store(tmp_path / "many.zarr", tuples, shard_bytes=shard, write_threads=3)
+    one = sorted(p.relative_to(tmp_path / "one.zarr") for p in (tmp_path / "one.zarr").rglob("*") if p.is_file())
+    many = sorted(p.relative_to(tmp_path / "many.zarr") for p in (tmp_path / "many.zarr").rglob("*") if p.is_file())
+    assert one == many and len([p for p in one if "/k/c/" in str(p)]) == 12
+    for rel in one:
+        assert (tmp_path / "one.zarr" / rel).read_bytes() == (tmp_path / "many.zarr" / rel).read_bytes(), rel
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["many.zarr", "one.zarr"]  # no temp store or spill left
+    with pytest.raises(ValueError, match="write_threads"):
+        TraceWriter(tmp_path / "x.zarr", attrs={}, budget_bytes=1, storage_dtype="float32", seed=0, write_threads=0)
