@@ -137,9 +137,11 @@ for _name in STAGES:
 @click.option("--prompt", type=int, default=None, help="--heatmap: only tuples of this prompt index")
 @click.option("--step", type=int, default=None, help="--heatmap: only tuples of this denoising step")
 @click.option("--query-token", "token", type=int, default=None, help="--heatmap: only this query token position")
-@click.option("--tile", nargs=2, type=int, default=(4, 4), show_default=True,
-              help="window-student tile TH TW (latent tokens) for the attention-mass report")
-@click.option("--radius", default=4, show_default=True, help="window-student radius R (latent tokens)")
+@click.option("--tile", nargs=2, type=int, default=None,
+              help="window-student tile TH TW (latent tokens) for the attention-mass report  [default: hkr.window_tile "
+                   "of ./params.yaml, else of the shipped defaults]")
+@click.option("--radius", type=int, default=None,
+              help="window-student radius R (latent tokens)  [default: hkr.window_radius, as --tile]")
 @click.option("--mass-tuples", default=16, show_default=True,
               help="tuples per layer the attention-mass report reads (0: no report)")
 @click.option("--mass-plot", type=click.Path(path_type=Path), default=None,
@@ -147,13 +149,21 @@ for _name in STAGES:
 @_DEBUG
 @click.pass_context
 def inspect_cmd(ctx: click.Context, store: Path, as_json: bool, heatmap_layer: str | None, out_path: Path | None,
-                queries: int, prompt: int | None, step: int | None, token: int | None, tile: tuple[int, int], radius: int,
+                queries: int, prompt: int | None, step: int | None, token: int | None, tile: tuple[int, int] | None,
+                radius: int | None,
                 mass_tuples: int, mass_plot: Path | None, debug: bool) -> None:
     """Summarise a captured trace STORE: contents, where the teacher's attention mass lies (text, 2-D
     windows, window-student tiles), and optionally attention heatmaps."""
     with pipeline_needed(), report_input_errors("inspect", debug=_debug(ctx, debug)):
         from flux2ttr.traces import inspect as inspect_mod  # noqa: PLC0415
 
+        if tile is None or radius is None:  # the window the students of this project are built with
+            from flux2ttr.config import load_section  # noqa: PLC0415
+            from flux2ttr.students.hkr import HKRConfig  # noqa: PLC0415
+
+            hkr = load_section(HKRConfig, "hkr", "params.yaml") if Path("params.yaml").is_file() else HKRConfig()
+            tile = tuple(hkr.window_tile) if tile is None else tile
+            radius = int(hkr.window_radius) if radius is None else radius
         inspect_mod.run_inspect(store, as_json=as_json, heatmap_layer=heatmap_layer, out_path=out_path,
                                 queries=queries, tile=tile, radius=radius, mass_tuples=mass_tuples,
                                 mass_plot=mass_plot, prompt=prompt, step=step, token=token)

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from flux2ttr.cli import main
+from flux2ttr.students.hkr import HKRConfig
 from flux2ttr.traces.inspect import attention_mass, heatmap_data, query_attention, summarize, tile_mask, window_mask
 from flux2ttr.traces.store import TraceStore, TraceTuple, TraceWriter
 from helpers.traces import make_store, make_tuple
@@ -367,8 +368,16 @@ def test_max_tuples_bounds_the_work_and_bad_arguments(tmp_path):
         attention_mass(store, radii=(-1,))
 
 
-def test_cli_mass_table_json_and_png(store_path, tmp_path):
+def test_cli_mass_table_json_and_png(store_path, tmp_path, monkeypatch):
     runner = CliRunner()
+    # the window column defaults to the project's students: hkr of ./params.yaml, else the shipped defaults
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(main, ["inspect", str(store_path)])
+    assert res.exit_code == 0, res.output
+    head = next(line for line in res.output.splitlines() if "R=1" in line)
+    hkr = HKRConfig()
+    assert head.split()[-1] == f"tile{hkr.window_tile[0]}x{hkr.window_tile[1]}r{hkr.window_radius}"
+    (tmp_path / "params.yaml").write_text("hkr:\n  window_tile: [4, 4]\n  window_radius: 4\n")
     res = runner.invoke(main, ["inspect", str(store_path)])
     assert res.exit_code == 0, res.output
     lines = res.output.splitlines()
