@@ -479,6 +479,27 @@ def budgets(res: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def stage_figures(stage: str, work: Path) -> str:
+    """The figures a stage leaves that the report needs, as one line, as soon as the stage ends ("" if none)."""
+    try:
+        if stage == "plain":
+            p = last_json_line(work / "logs/plain.log")
+            return f"sampling {p['plain_seconds_sampling']:.2f} s for {p['images']} images"
+        if stage == "capture":
+            c = json.loads((work / "metrics/capture_details.json").read_text())
+            write = max(r["seconds_write"] for r in c["ranks"])
+            return f"sampling {c['seconds_sampling']:.2f} s, writing {write:.2f} s; kept {c['kept']} of {c['offered']} tuples"
+        if stage == "distill":
+            d = json.loads((work / "metrics/distill_details.json").read_text())["summary"]
+            return f"{fmt(d.get('tuples_per_s_trained'), '.2f')} tuples/s trained"
+        if stage == "read_floor":
+            f = last_json_line(work / "logs/read_floor.log")
+            return f"floor {f['floor_tuples_per_s']:.1f} tuples/s ({f['floor']}), loader {f['loader_tuples_per_s']:.1f}"
+    except (OSError, KeyError, ValueError, SystemExit):
+        return ""
+    return ""
+
+
 def last_json_line(log_file: Path) -> dict[str, Any]:
     for line in reversed(log_file.read_text().splitlines()):
         if line.startswith("{"):
@@ -560,6 +581,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     try:
         model_file, written = prepare(args, work, env, gpu)
         results = [written] if written is not None else []
+        notes: dict[str, str] = {}
         argvs = {s: [sys.executable, "-m", f"stages.{s}", "params.yaml"] for s in STAGES}
         for s in ("plain", "read_floor"):
             argvs[s] = [sys.executable, me, "--internal", s, "--model", args.model]
@@ -569,6 +591,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             results.append(r)
             log(f"[{stage}] {r.wall_s:.1f} s, rc {r.rc}, peak RSS {r.peak_rss_gib:.2f} GiB, GPU busy "
                 f"{fmt(None if r.gpu_busy is None else 100 * r.gpu_busy, '.0f')}%, peak GPU {fmt(r.gpu_peak_gib)} GiB")
+            note = stage_figures(stage, work)
+            if note:
+                log(f"[{stage}] {note}")
+                notes[stage] = note
+            if args.json is not None:  # so far: a run cut short still leaves every finished stage's figures
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps({"partial": True, "model": args.model, "size": args.size,
+                                                 "stages": [asdict(x) for x in results], "notes": notes}, indent=1))
             if r.rc:
                 raise SystemExit(f"stage {stage} failed (rc {r.rc}); log: {work / 'logs' / (stage + '.log')}")
         cap = json.loads((work / "metrics/capture_details.json").read_text())

@@ -28,11 +28,17 @@ def test_smoke_run_on_cpu(tmp_path, capsys, monkeypatch):
                       "--rollout-prompts", "2", "--controller-iterations", "1", "--tuple-heads", "1",
                       "--work", str(tmp_path / "work"),
                       "--json", str(out)])
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     assert json.loads(out.read_text())["stages"] == res["stages"]
     ran = [s["stage"] for s in res["stages"]]
     assert ran == ["write_model", *bench.STAGES]
     assert all(s["rc"] == 0 and s["wall_s"] > 0 and s["peak_rss_gib"] > 0.1 for s in res["stages"])
+    # each stage's figures are printed (and saved in --json) when it ends, so a run cut short keeps them
+    lines = captured.err.splitlines()
+    for prefix in ("[plain] sampling", "[capture] sampling", "[read_floor] floor"):
+        assert sum(line.startswith(prefix) for line in lines) == 1, prefix
+    assert f"[distill] {res['distill_tuples_per_s']:.2f} tuples/s trained" in lines
     for stage in ran:  # one row per stage in the markdown table
         assert sum(line.startswith(f"| {stage} |") for line in text.splitlines()) == 1, stage
     work = tmp_path / "work"
