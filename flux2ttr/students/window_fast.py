@@ -5,8 +5,9 @@ The eager forward in :mod:`flux2ttr.students.window` is the reference and the CP
 The fast path runs CUDA bf16/fp16 inference (``eval()``, no autograd) with all queries (no ``q_idx``); it is
 switched off by ``hkr.fast_path: false`` or ``FLUX2TTR_FAST_PATH=0``. Kernels: :mod:`flux2ttr.students.window_kernels`.
 
-With ``text_query_keys: all`` the text rows are plain softmax over every key: the main pass runs them, or
-(``KernelConfig.text_sdpa``) ``scaled_dot_product_attention`` on a side stream beside the kernels.
+With ``text_query_keys: all`` the text rows are plain softmax over every key: by default
+(``KernelConfig.text_sdpa``) ``scaled_dot_product_attention`` runs them on a side stream beside the kernels;
+with ``text_sdpa=False`` (and under the CPU interpreter) the main pass's own text programs do.
 
 Numerics: matrix products on 16-bit operands with fp32 accumulation (like FlashAttention), statistics,
 normalisation and the complement sums fp32; the relative error to the fp32 eager forward is ~1e-3
