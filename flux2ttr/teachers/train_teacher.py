@@ -125,6 +125,13 @@ class TrainTeacherConfig:
         check_range("train_teacher", self, "ema_decay", ge=0.0, lt=1.0)
         check_range("train_teacher", self, "weight_decay", "grad_clip", "max_seconds", "guidance_min", ge=0.0)
         check_choice("train_teacher", self, "amp", ("none", "bf16"))
+        if self.compile:
+            from torch._dynamo import list_backends  # noqa: PLC0415
+
+            backends = list_backends(exclude_tags=())
+            if self.compile not in backends:
+                raise ConfigError(f"train_teacher.compile = {self.compile!r} is not a torch.compile backend: use \"\" "
+                                  f"(eager), inductor (GPU) or one of {backends}")
         if self.guidance_max < self.guidance_min:
             raise ConfigError(f"train_teacher.guidance_max = {self.guidance_max} < guidance_min = {self.guidance_min}")
         if self.num_double + self.num_single < 1:

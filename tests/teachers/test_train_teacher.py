@@ -281,3 +281,7 @@ def test_config_checks():
         tt.TrainTeacherConfig(amp="fp8")
     with pytest.raises(ConfigError, match="height"):
         tt.TrainTeacherConfig(height=100)
+    with pytest.raises(ConfigError, match="train_teacher.compile = 'inductr' is not a torch.compile backend"):
+        tt.TrainTeacherConfig(compile="inductr")
+    with pytest.raises(ConfigError, match="scene_workers"):
+        tt.TrainTeacherConfig(scene_workers=-1)
