@@ -161,6 +161,8 @@ def test_bad_layer_and_step_selection(teacher, tmp_path):
         CaptureConfig(storage_dtype="int8")
     with pytest.raises(ConfigError, match="all_single"):
         CaptureConfig(layers="everything")
+    with pytest.raises(ConfigError, match="capture.write_threads must be >= 1, got 0"):
+        CaptureConfig(write_threads=0)
     assert not (tmp_path / "c.zarr").exists()
 
 
