@@ -11,6 +11,7 @@ process is gone (:func:`remove_stale_temps`), never those of a live process.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -18,7 +19,7 @@ import re
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,20 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def building_dir(final: str | Path) -> Iterator[Path]:
+    """``with building_dir(final) as tmp:`` fill the private temp folder :func:`make_temp_dir` gives; on a
+    clean exit it is published as ``final`` (:func:`replace_dir`), on an error removed and the error raised."""
+    final = Path(final)
+    tmp = make_temp_dir(final)
+    try:
+        yield tmp
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

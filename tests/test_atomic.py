@@ -14,6 +14,7 @@ from flux2ttr.atomic import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    building_dir,
     file_sha256,
     make_temp_dir,
     remove_stale_temps,
@@ -133,3 +134,15 @@ def test_replace_dir_cleans_stale_folders_and_publishes(tmp_path):
     replace_dir(tmp, final)
     assert sorted(x.name for x in final.iterdir()) == ["new"]
     assert sorted(x.name for x in tmp_path.iterdir()) == ["store"]
+
+
+def test_building_dir_publishes_on_success_and_leaves_the_old_folder_on_error(tmp_path):
+    final = tmp_path / "out"
+    with building_dir(final) as tmp:
+        (tmp / "a.txt").write_text("one")
+    assert (final / "a.txt").read_text() == "one" and not tmp.exists()
+    with pytest.raises(RuntimeError, match="boom"):
+        with building_dir(final) as tmp:
+            (tmp / "a.txt").write_text("two")
+            raise RuntimeError("boom")
+    assert (final / "a.txt").read_text() == "one" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from flux2ttr.atomic import make_temp_dir, replace_dir
+from flux2ttr.atomic import building_dir
 from flux2ttr.config import ConfigError, Flux2TTRError, check_range
 from flux2ttr.distributed import Dist
 from flux2ttr.teachers.sampler import SamplerConfig, sample
@@ -183,8 +182,7 @@ def write_store(path: str | Path, rollouts: list[TeacherRollout], *, setting: di
     writer's is removed by the next write), renamed when complete (an old store is moved aside first and
     removed after)."""
     path = Path(path)
-    tmp = make_temp_dir(path)
-    try:
+    with building_dir(path) as tmp:
         tensors: dict[str, torch.Tensor] = {}
         entries = []
         sha = str(teacher.get("sha256", ""))
@@ -197,10 +195,6 @@ def write_store(path: str | Path, rollouts: list[TeacherRollout], *, setting: di
         meta = {"format": FORMAT, "schema": SCHEMA_VERSION, "setting": setting, "teacher": teacher,
                 "entries": entries, **(extra or {})}
         (tmp / INDEX_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

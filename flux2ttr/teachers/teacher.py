@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -36,7 +35,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from flux2ttr.atomic import atomic_save_safetensors, atomic_write_text, file_sha256, make_temp_dir, replace_dir
+from flux2ttr.atomic import atomic_save_safetensors, atomic_write_text, building_dir, file_sha256
 from flux2ttr.config import ConfigError, Flux2TTRError, check_range, to_dict
 from flux2ttr.contract import FLUX2_COND_TOKENS, RunState, block_layer_keys
 
@@ -389,6 +388,14 @@ def save_single_file(model, path: Path, metadata: dict[str, Any] | None = None) 
     atomic_save_safetensors(path, tensors, {METADATA_KEY: json.dumps(metadata or {}, sort_keys=True)})
 
 
+def write_folder_identity(folder: Path, identity: dict[str, Any]) -> None:
+    """``folder/identity.json`` of a tiny-layout teacher folder: ``identity`` plus the sha256 of its
+    transformer and codec files and the transformer's file name."""
+    identity = {**identity, "sha256": file_sha256(folder / SINGLE_FILE_NAME),
+                "codec_sha256": file_sha256(folder / EXTRAS_FILE_NAME), "file": SINGLE_FILE_NAME}
+    atomic_write_text(folder / IDENTITY_FILE_NAME, json.dumps(identity, indent=2, sort_keys=True) + "\n")
+
+
 def write_tiny_teacher(cfg: TeacherConfig, out_dir: str | Path | None = None) -> Path:
     """Build the tiny teacher and write it (atomically, as one folder) to ``out_dir``:
     ``flux2_tiny.safetensors`` (BFL single file), ``transformer/config.json``, ``tiny_codec.safetensors``,
@@ -396,24 +403,12 @@ def write_tiny_teacher(cfg: TeacherConfig, out_dir: str | Path | None = None) ->
     from safetensors.torch import save_file  # noqa: PLC0415
 
     final = Path(out_dir or cfg.out_dir)
-    tmp = make_temp_dir(final)  # pid-named: a killed writer's folder is removed by the next one
-    try:
+    with building_dir(final) as tmp:  # pid-named: a killed writer's folder is removed by the next one
         model = build_tiny_transformer(cfg)
         model.save_config(tmp / "transformer")
         save_single_file(model, tmp / SINGLE_FILE_NAME, {"kind": "tiny", "config": to_dict(cfg)})
         save_file(build_tiny_codec(cfg), str(tmp / EXTRAS_FILE_NAME))
-        identity = {
-            "kind": "tiny",
-            "config": to_dict(cfg),
-            "sha256": file_sha256(tmp / SINGLE_FILE_NAME),
-            "codec_sha256": file_sha256(tmp / EXTRAS_FILE_NAME),
-            "file": SINGLE_FILE_NAME,
-        }
-        atomic_write_text(tmp / IDENTITY_FILE_NAME, json.dumps(identity, indent=2, sort_keys=True) + "\n")
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_folder_identity(tmp, {"kind": "tiny", "config": to_dict(cfg)})
     return final
 
 

@@ -18,19 +18,17 @@ that folder through ``Flux2Transformer2DModel.from_single_file``, like the seede
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from flux2ttr.atomic import atomic_save_safetensors, atomic_write_text, file_sha256, make_temp_dir, replace_dir
+from flux2ttr.atomic import atomic_save_safetensors, atomic_write_text, building_dir, file_sha256
 from flux2ttr.config import to_dict
 from flux2ttr.teachers.caption_encoder import VocabPromptEncoder
 from flux2ttr.teachers.latent_map import LatentMap
 from flux2ttr.teachers.teacher import (
     EXTRAS_FILE_NAME,
-    IDENTITY_FILE_NAME,
     METADATA_KEY,
     SINGLE_FILE_NAME,
     Teacher,
@@ -38,6 +36,7 @@ from flux2ttr.teachers.teacher import (
     TeacherError,
     load_teacher_folder,
     tiny_model_config,
+    write_folder_identity,
 )
 from flux2ttr.versioned_file import VersionedFile
 
@@ -129,8 +128,7 @@ def write_trained_teacher(cfg: TeacherConfig, out_dir: str | Path | None = None)
                            "the trained teacher) or set teacher.kind: tiny")
     header, bfl, codec = read_trained_file(src)
     final = Path(out_dir or cfg.out_dir)
-    tmp = make_temp_dir(final)
-    try:
+    with building_dir(final) as tmp:
         arch = header["arch"]
         write_transformer_config(arch, tmp)
         meta = {"kind": "trained", "arch": arch, "source_sha256": file_sha256(src)}
@@ -140,21 +138,9 @@ def write_trained_teacher(cfg: TeacherConfig, out_dir: str | Path | None = None)
                       "latent_map": header.get("latent_map", {})}
         atomic_save_safetensors(tmp / EXTRAS_FILE_NAME, {k: codec[k].float().contiguous() for k in CODEC_KEYS},
                                 {CODEC_METADATA_KEY: json.dumps(codec_meta, sort_keys=True)})
-        identity = {
-            "kind": "trained",
-            "config": to_dict(cfg),
-            "arch": arch,
-            "sha256": file_sha256(tmp / SINGLE_FILE_NAME),
-            "codec_sha256": file_sha256(tmp / EXTRAS_FILE_NAME),
-            "source_sha256": meta["source_sha256"],
-            "file": SINGLE_FILE_NAME,
-            "train": {k: header.get(k) for k in ("seed", "steps", "commands", "eval")},
-        }
-        atomic_write_text(tmp / IDENTITY_FILE_NAME, json.dumps(identity, indent=2, sort_keys=True) + "\n")
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_folder_identity(tmp, {"kind": "trained", "config": to_dict(cfg), "arch": arch,
+                                    "source_sha256": meta["source_sha256"],
+                                    "train": {k: header.get(k) for k in ("seed", "steps", "commands", "eval")}})
     return final
 
 
