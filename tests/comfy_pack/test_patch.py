@@ -838,15 +838,19 @@ def test_non_finite_students_in_comfyui_sample_the_native_latent(comfy, setup, m
     assert sum("student output is not finite" in line for line in holder.log_lines) == len(ready)
 
 
+def _latent_with_layer_not_ready(comfy, setup, layer: str, name: str) -> torch.Tensor:
+    """The final latent of ``students_some`` saved as ``name`` with ``layer`` marked not ready."""
+    art = load_students(setup["folder"] / "students_some.safetensors")
+    _save(setup["folder"] / name, art.layers, {k: k in setup["ready"] and k != layer for k in art.layers}, art.cfg,
+          art.num_heads)
+    return latent(comfy.run(workflow(setup["unet"], name, quality_speed=1.0)))
+
+
 def test_one_non_finite_student_in_comfyui_equals_that_layer_not_ready(comfy, setup, monkeypatch):
     """Only the last ready single block gives inf: the latent is exactly that of an artifact where that
     layer is not ready (the other students still run)."""
-    folder = setup["folder"]
-    art = load_students(folder / "students_some.safetensors")
     bad = max((k for k in setup["ready"] if k.startswith("single_blocks.")), key=layer_sort_key)
-    _save(folder / "students_some_without_bad.safetensors", art.layers,
-          {k: k in setup["ready"] and k != bad for k in art.layers}, art.cfg, art.num_heads)
-    want = latent(comfy.run(workflow(setup["unet"], "students_some_without_bad.safetensors", quality_speed=1.0)))
+    want = _latent_with_layer_not_ready(comfy, setup, bad, "students_some_without_bad.safetensors")
     _poison(monkeypatch, {bad}, float("inf"))
     got = latent(comfy.run(workflow(setup["unet"], "students_some.safetensors", quality_speed=1.0)))
     assert torch.equal(got, want) and not torch.equal(got, setup["base"])
@@ -860,12 +864,8 @@ def test_student_going_non_finite_late_in_comfyui_resamples_the_run_without_it(c
     """A student that turns NaN only halfway through the run: the flags are read once per run, so the run
     is sampled again from its inputs with that layer native throughout: exactly the latent of an artifact
     where it is not ready; the step it first went non-finite is kept."""
-    folder = setup["folder"]
-    art = load_students(folder / "students_some.safetensors")
     bad = min((k for k in setup["ready"] if k.startswith("single_blocks.")), key=layer_sort_key)
-    _save(folder / "students_some_without_late.safetensors", art.layers,
-          {k: k in setup["ready"] and k != bad for k in art.layers}, art.cfg, art.num_heads)
-    want = latent(comfy.run(workflow(setup["unet"], "students_some_without_late.safetensors", quality_speed=1.0)))
+    want = _latent_with_layer_not_ready(comfy, setup, bad, "students_some_without_late.safetensors")
     schedule = comfy_patch.last_runs()[-1].schedule
     half = STEPS // 2
     _poison(monkeypatch, {bad}, float("nan"), below=schedule[half])
