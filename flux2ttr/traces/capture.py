@@ -33,6 +33,13 @@ reference tokens after the image grid; the tuples store the sequence as the node
 ``[text, ref_1 .. ref_N, image grid]`` with ``n_cond = 512 + N * h * w`` (``h, w`` stay the image grid, and
 ``q_idx`` indexes that order), so distill trains on them unchanged.
 
+**Planned cut.** Every tuple's priority is known before sampling (its identity is: prompt, seed, step, layer,
+half), and so is a lower bound on its bytes (512 conditioning tokens, the reference grids and the image grid), so capture hands the writer
+the whole plan (:func:`planned_priorities`, :meth:`~flux2ttr.traces.store.TraceWriter.plan`): a tuple whose
+priority is above the planned cut is never copied off the device nor spilled, and the spill writes about the
+budget, however much more the sampling offers (FLUX.2 dev at 1024² offers 48 blocks x 28 steps of 127 MB
+tuples per image). The store is the one a capture without the plan writes, byte for byte.
+
 **Under torchrun** (``torchrun --nproc-per-node N -m stages.capture``) the ranks split the sampler batches
 (the same batches one process samples, so every tuple is computed exactly as there): batch ``j`` goes to
 rank ``j mod N``. Each rank keeps its own reservoir under the whole budget and spills into one temporary
@@ -56,9 +63,9 @@ import numpy as np
 import torch
 
 from flux2ttr.config import ConfigError, check_range, to_dict
-from flux2ttr.contract import RunState, layer_sort_key
+from flux2ttr.contract import FLUX2_COND_TOKENS, RunState, layer_sort_key
 from flux2ttr.distributed import Dist
-from flux2ttr.traces.store import STORAGE_DTYPES, TraceStore, TraceTuple, TraceWriter
+from flux2ttr.traces.store import COMPRESSIONS, STORAGE_DTYPES, TraceStore, TraceTuple, TraceWriter
 
 MIB = 2**20
 PRIORITY_STREAM = 0x9E1  # separates the reservoir priorities from the query draws of the same tuple
@@ -88,11 +95,14 @@ class CaptureConfig:
     seed: int = 0  # query draws and reservoir priorities
     shard_mib: float = 16.0  # target size of one shard file (k, v arrays)
     zstd_level: int = 3  # shard compression level
+    compression: str = "zstd"  # zstd | none (shards stored as they are: no compression work at close)
     write_threads: int = 4  # shards compressed and written at once when the store is closed
 
     def __post_init__(self) -> None:
         if self.storage_dtype not in STORAGE_DTYPES:
             raise ConfigError(f"capture.storage_dtype must be one of {STORAGE_DTYPES}, got {self.storage_dtype!r}")
+        if self.compression not in COMPRESSIONS:
+            raise ConfigError(f"capture.compression must be one of {COMPRESSIONS}, got {self.compression!r}")
         for name in ("queries", "rollouts", "batch_size", "write_threads"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"capture.{name} must be >= 1, got {getattr(self, name)}")
@@ -175,6 +185,26 @@ def tuple_priority(seed: int, prompt: int, sample_seed: int, step: int, layer: s
     rng = np.random.default_rng([int(seed), PRIORITY_STREAM, int(prompt), int(sample_seed), int(step), lay_kind,
                                  lay_idx, *_half(uncond)])
     return float(rng.random())
+
+
+def planned_priorities(cfg: CaptureConfig, n_prompts: int, sampler_cfg: Any, layers: list[str],
+                       steps: list[int]) -> list[float]:
+    """The reservoir priorities (:func:`tuple_priority`) of every tuple a capture of ``n_prompts`` prompts offers:
+    each rollout, step and layer, and the unconditional half too under true CFG (``sampler_cfg.true_cfg``)."""
+    halves = (0, 1) if sampler_cfg.true_cfg else (0,)
+    seed0 = int(sampler_cfg.seed)
+    return [tuple_priority(cfg.seed, i, seed0 + r * n_prompts + i, step, layer, u)
+            for r in range(cfg.rollouts) for i in range(n_prompts) for step in steps for layer in layers
+            for u in halves]
+
+
+def least_tuple_bytes(writer: TraceWriter, cfg: CaptureConfig, sampler_cfg: Any, num_heads: int, head_dim: int,
+                      tuple_heads: int) -> int:
+    """A lower bound on one tuple's stored bytes: FLUX.2's 512 conditioning tokens (the least a prompt gives),
+    the reference latents' grids and the image grid (a tuple smaller than this stops the capture at once)."""
+    grid = int(sampler_cfg.latent_height) * int(sampler_cfg.latent_width)
+    n = FLUX2_COND_TOKENS + (1 + int(cfg.reference_latents)) * grid
+    return writer.nbytes_of(tuple_heads or num_heads, n, min(int(cfg.queries), n), head_dim, headed=bool(tuple_heads))
 
 
 class CaptureObserver:
@@ -307,7 +337,9 @@ def capture(teacher: Any, prompts: list[str], cfg: CaptureConfig, sampler_cfg: A
     sampled = 0
     with TraceWriter(cfg.store, attrs=attrs, budget_bytes=int(cfg.budget_mib * MIB),
                      storage_dtype=cfg.storage_dtype, seed=cfg.seed, shard_bytes=int(cfg.shard_mib * MIB),
-                     zstd_level=cfg.zstd_level, write_threads=cfg.write_threads, dist=dist) as writer:
+                     zstd_level=cfg.zstd_level, compression=cfg.compression, write_threads=cfg.write_threads, dist=dist) as writer:
+        writer.plan(planned_priorities(cfg, len(prompts), sampler_cfg, layers, steps),
+                    least_tuple_bytes(writer, cfg, sampler_cfg, teacher.num_heads, teacher.head_dim, tuple_heads))
         observer = CaptureObserver(writer, cfg, steps, tuple_heads)
         router.add_observer(observer, layers)
         bar = tqdm(total=len(runs), desc="capture", unit="rollout", disable=not progress or not dist.is_main)
@@ -330,7 +362,7 @@ def capture(teacher: Any, prompts: list[str], cfg: CaptureConfig, sampler_cfg: A
     res = store.attrs["reservoir"]
     mine = {"rollouts": sampled, "reference_rollouts": references.sampled, "seconds_sampling": round(t_sample, 3),
             "seconds_observer": round(observer.seconds, 3),
-            "seconds_write": round(writer.write_seconds, 3), "seconds_manifest": round(writer.manifest_seconds, 3),
+            "spilled": writer.spilled, "seconds_write": round(writer.write_seconds, 3), "seconds_manifest": round(writer.manifest_seconds, 3),
             "cpu_seconds_observer": observer.cpu_seconds, "cpu_seconds_sampling": c_sample,
             "cpu_seconds_total": time.process_time() - c0}
     ranks = dist.all_gather_json(mine)
@@ -344,6 +376,7 @@ def capture(teacher: Any, prompts: list[str], cfg: CaptureConfig, sampler_cfg: A
         "cpu_seconds_sampling": sum(r["cpu_seconds_sampling"] for r in ranks),
         "cpu_seconds_total": sum(r["cpu_seconds_total"] for r in ranks),
         "world_size": dist.world,
-        "ranks": [{k: r[k] for k in ("rollouts", "reference_rollouts", "seconds_sampling", "seconds_observer", "seconds_write",
-                                     "seconds_manifest")} for r in ranks],
+        "spilled": sum(r["spilled"] for r in ranks),
+        "ranks": [{k: r[k] for k in ("rollouts", "reference_rollouts", "spilled", "seconds_sampling", "seconds_observer",
+                                     "seconds_write", "seconds_manifest")} for r in ranks],
     }

@@ -23,7 +23,7 @@ The nine scalars share one float64 array (columns :data:`SCALAR_FIELDS`, named i
 ``scalar_fields``; integers are exact below 2**53) so that a group is a handful of files. Stores written
 before the ``uncond`` column existed (eight columns, same schema 1: the column is additive) read with
 ``uncond`` 0: they hold no unconditional tuples. Large arrays are chunked one tuple per chunk (a shuffled
-reader fetches single tuples) and those chunks are packed into zstd-compressed shards of about
+reader fetches single tuples) and those chunks are packed into shards (zstd-compressed, or stored as they are: ``compression``) of about
 ``shard_bytes``, each shard one file written whole by the single writer, so a store is a few files
 per (layer, token count) group, not one per chunk.
 
@@ -48,6 +48,15 @@ slightly less often, by a relative amount of about ``s / budget`` (1 % when the 
 tuples). No rule can be exactly uniform for all size mixes, never exceed the budget and use it well at
 once; this one keeps the bias bounded by ``s_max / budget`` and makes it exact in the common case.
 Kept tuples are spilled to a temporary folder on disk, so memory stays at one tuple plus one shard.
+
+**Planned cut.** When the caller knows ahead of time the priorities of tuples it will certainly offer and a
+lower bound on their sizes (capture does: priorities are keyed by the tuple's identity), :meth:`TraceWriter.plan`
+applies the prefix rule to them at once and starts ``tau`` at that cut. The true final cut can only be lower
+(more tuples, or larger ones, only fill the budget sooner), so a tuple refused by the planned cut could never
+have been kept: the store is byte for byte the one written without a plan, but a tuple whose priority is above
+the cut is never copied off the device or spilled, and where the budget is smaller than what is offered the
+spill writes about the budget instead of everything offered. :meth:`close` checks the plan's premises (every
+planned tuple offered, none smaller than its bound) and refuses to publish a store when they fail.
 
 **Head subsets.** A tuple may hold only some of the teacher's heads (``heads``, drawn per tuple by capture,
 see ``capture.tuple_heads``): its arrays are ``[Hs, ...]`` and its bytes, which the budget counts, shrink
@@ -129,6 +138,7 @@ PARTIAL_FORMAT = "flux2ttr.traces.partial"
 SCHEMA_VERSION = 1
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+COMPRESSIONS = ("zstd", "none")  # of the shards; none: stored as they are (FLUX.2's fp16 activations shrink ~8%)
 BF16_ENCODING = "bfloat16-bits-as-uint16"
 
 ARRAY_FIELDS = ("q_sub", "k", "v", "teacher_sub")
@@ -346,6 +356,7 @@ class TraceWriter:
         seed: int,
         shard_bytes: int = DEFAULT_SHARD_BYTES,
         zstd_level: int = DEFAULT_ZSTD_LEVEL,
+        compression: str = "zstd",
         write_threads: int = DEFAULT_WRITE_THREADS,
         dist: Dist | None = None,
     ) -> None:
@@ -363,6 +374,9 @@ class TraceWriter:
         self.seed = int(seed)
         self.shard_bytes = int(shard_bytes)
         self.zstd_level = int(zstd_level)
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression {compression!r} is not one of {COMPRESSIONS}")
+        self.compression = compression
         if int(write_threads) < 1:
             raise ValueError(f"write_threads must be >= 1, got {write_threads}")
         self.write_threads = int(write_threads)
@@ -375,6 +389,8 @@ class TraceWriter:
         self._offered: dict[str, int] = {}
         self._offered_bytes = 0
         self._shapes: dict[tuple[str, int], tuple] = {}
+        self._planned = (0, 0)  # (tuples the plan says will be offered, the least bytes of one)
+        self.spilled = 0  # tuples written to the spill (kept at the time; some may be evicted later)
         self._closed = False
         self.manifest_seconds = 0.0  # time close() spent hashing the written files (this rank's share)
         self.write_seconds = 0.0  # time close() spent writing shards (this rank's layers)
@@ -416,13 +432,28 @@ class TraceWriter:
 
     def tuple_nbytes(self, t: TraceTuple) -> int:
         """Storage bytes one tuple takes in this store (all arrays and the scalar row, uncompressed)."""
+        (h_, nq, d), n = np.shape(t.q_sub), np.shape(t.k)[1]
+        return self.nbytes_of(h_, n, nq, d, headed=t.heads is not None)
+
+    def nbytes_of(self, heads: int, n_tokens: int, queries: int, head_dim: int, *, headed: bool) -> int:
+        """Storage bytes of a tuple of ``heads`` head rows, ``n_tokens`` keys and ``queries`` query rows of
+        ``head_dim`` (``headed``: it records its head subset), uncompressed."""
         item = _np_storage_dtype(self.storage_dtype).itemsize
-        q_sub, k = np.shape(t.q_sub), np.shape(t.k)
-        heads = 0 if t.heads is None else 4 * int(np.prod(np.shape(t.heads)))
-        return int(
-            2 * item * int(np.prod(q_sub)) + 2 * item * int(np.prod(k))
-            + 4 * int(np.prod(np.shape(t.q_idx))) + 8 * len(SCALAR_FIELDS) + heads
-        )
+        h_, n, nq, d = int(heads), int(n_tokens), int(queries), int(head_dim)
+        return 2 * item * h_ * nq * d + 2 * item * h_ * n * d + 4 * nq + 8 * len(SCALAR_FIELDS) + (4 * h_ if headed else 0)
+
+    def plan(self, priorities: Sequence[float], min_nbytes: int) -> float:
+        """Start the reservoir at the prefix rule's cut over tuples that will certainly be offered (module doc,
+        "Planned cut"): ``priorities`` theirs, ``min_nbytes`` at most the bytes of any one of them. Call before
+        the first :meth:`offer`; every rank of a torchrun capture passes the whole capture's plan. Returns the cut."""
+        if self.offered:
+            raise RuntimeError("TraceWriter.plan must come before the first offer")
+        if int(min_nbytes) <= 0:
+            raise ValueError(f"min_nbytes must be positive, got {min_nbytes}")
+        cut = prefix_cut(((float(p), int(min_nbytes)) for p in priorities), self.budget_bytes)
+        self._planned = (len(priorities), int(min_nbytes))
+        self._tau = min(self._tau, cut)
+        return cut
 
     def offer(self, layer: str, t: TraceTuple, priority: float | None = None) -> bool:
         """Offer one tuple of ``layer``; returns whether it is (for now) in the reservoir.
@@ -447,6 +478,9 @@ class TraceWriter:
         elif not 0.0 <= float(priority) < 1.0:
             raise ValueError(f"priority must be in [0, 1), got {priority}")
         priority = float(priority)
+        if nbytes < self._planned[1]:
+            raise ValueError(f"layer {layer}: a tuple of {nbytes} bytes is smaller than the plan's lower bound "
+                             f"({self._planned[1]}); the planned cut would drop tuples the budget keeps")
         self._offered[layer] = self._offered.get(layer, 0) + 1
         self._offered_bytes += nbytes
         if priority >= self._tau:
@@ -455,6 +489,7 @@ class TraceWriter:
         spill = self._spill / f"{serial}.bin"
         scalars = np.array([float(getattr(t, f)) for f in SCALAR_FIELDS], dtype=np.float64)
         self._write_spill(spill, t)
+        self.spilled += 1
         kept = _Kept(priority, serial, layer, n_tokens, nbytes, spill, scalars, self.dist.rank)
         heapq.heappush(self._heap, (-priority, serial, kept))
         self._kept_bytes += nbytes
@@ -611,6 +646,10 @@ class TraceWriter:
             "offered": self._offered, "offered_bytes": self._offered_bytes,
         }
         parts = dist.all_gather_json(local)
+        offered = sum(sum(int(c) for c in p["offered"].values()) for p in parts)
+        if offered < self._planned[0]:
+            raise TraceStoreError(f"{self.path}: {self._planned[0]} tuples were planned but only {offered} offered; the "
+                                  "planned cut may have dropped tuples the budget keeps, so nothing was published")
         kept, self._shapes = self._merge(parts)
         groups: dict[tuple[str, int], list[_Kept]] = {}
         for item in kept:
@@ -656,7 +695,7 @@ class TraceWriter:
         t0 = time.perf_counter()
         root = zarr.open_group(str(self._tmp), mode="r+")
         store_dtype = _np_storage_dtype(self.storage_dtype)
-        compressor = ZstdCodec(level=self.zstd_level)
+        compressor = ZstdCodec(level=self.zstd_level) if self.compression == "zstd" else None
         array_info: dict[str, dict[str, Any]] = {}
 
         bar = None

@@ -133,6 +133,57 @@ def test_layer_and_step_selection_and_budget(teacher, tmp_path):
     assert seeds <= {100 + r * 3 + i for r in range(2) for i in range(3)}
 
 
+def test_planned_cut_writes_the_unplanned_store_and_spills_only_what_it_keeps(teacher, tmp_path, monkeypatch):
+    """A budget of 2.5 tuples of the 12 offered: with the planned cut (the default) exactly the 2 kept tuples are
+    spilled, without it all that fit before the budget filled (and were then evicted); the two stores are one,
+    byte for byte."""
+    import flux2ttr.traces.capture as capture_mod
+
+    heads, d = teacher.num_heads, teacher.head_dim
+    per_tuple = 2 * heads * N * d * 2 + 2 * heads * 8 * d * 2 + 8 * 4 + 8 * len(SCALAR_FIELDS)
+    kw = dict(store="c.zarr", metrics="", queries=8, storage_dtype="float16", budget_mib=2.5 * per_tuple / 2**20,
+              batch_size=3, rollouts=2)
+    real, stats = capture_mod.planned_priorities, {}
+    for name, planner in (("planned", real), ("unplanned", lambda *a, **k: [])):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        monkeypatch.setattr(capture_mod, "planned_priorities", planner)
+        stats[name] = capture(teacher, PROMPTS, CaptureConfig(**kw), sampler_cfg(steps=1), progress=False)
+    assert stats["planned"]["offered"] == stats["unplanned"]["offered"] == 12
+    assert stats["planned"]["kept"] == stats["unplanned"]["kept"] == 2 == stats["planned"]["spilled"]
+    assert stats["unplanned"]["spilled"] > 2
+    a, b = tree_bytes(tmp_path / "planned" / "c.zarr"), tree_bytes(tmp_path / "unplanned" / "c.zarr")
+    assert sorted(a) == sorted(b) and [f for f in a if a[f] != b[f]] == []
+    # the plan lists every offered tuple's priority: 3 prompts x 2 rollouts x 2 layers x 1 step
+    plan = real(CaptureConfig(**kw), len(PROMPTS), sampler_cfg(steps=1), ["single_blocks.0", "single_blocks.1"], [0])
+    assert sorted(plan) == sorted(tuple_priority(0, i, 100 + r * 3 + i, 0, f"single_blocks.{j}")
+                                  for r in range(2) for i in range(3) for j in range(2))
+
+
+def test_planned_cut_refuses_a_plan_the_capture_breaks(tmp_path):
+    """The writer's checks of the plan's premises: a tuple under the planned lower bound stops at once; fewer
+    tuples offered than planned publish nothing."""
+    from flux2ttr.traces.store import TraceTuple, TraceWriter
+
+    def tuple_of(n: int) -> TraceTuple:
+        z = np.zeros((1, n, 4), np.float32)
+        return TraceTuple(q_sub=z[:, :2], q_idx=np.arange(2), k=z, v=z, teacher_sub=z[:, :2], sigma=0.5, cfg=1.0,
+                          n_cond=0, h=1, w=n, prompt=0, step=0, seed=0)
+
+    with TraceWriter(tmp_path / "a.zarr", attrs={}, budget_bytes=2**20, storage_dtype="float32", seed=0) as w:
+        big = w.nbytes_of(1, 8, 2, 4, headed=False)
+        w.plan([0.1, 0.2], big)
+        with pytest.raises(ValueError, match="smaller than the plan's lower bound"):
+            w.offer("single_blocks.0", tuple_of(4), priority=0.1)
+        w.abort()
+    w = TraceWriter(tmp_path / "b.zarr", attrs={}, budget_bytes=2**20, storage_dtype="float32", seed=0)
+    w.plan([0.1, 0.2], big)
+    w.offer("single_blocks.0", tuple_of(8), priority=0.1)
+    with pytest.raises(TraceStoreError, match="2 tuples were planned but only 1 offered"):
+        w.close()
+    assert not (tmp_path / "b.zarr").exists() and list(tmp_path.iterdir()) == []
+
+
 def test_all_layers_include_the_double_blocks(teacher, tmp_path):
     """layers: all captures the double blocks too: joint attention, text first, the same tuple contract."""
     cfg = CaptureConfig(store=str(tmp_path / "c.zarr"), queries=12, layers="all", steps=[0], storage_dtype="float32",
@@ -163,6 +214,8 @@ def test_bad_layer_and_step_selection(teacher, tmp_path):
         CaptureConfig(layers="everything")
     with pytest.raises(ConfigError, match="capture.write_threads must be >= 1, got 0"):
         CaptureConfig(write_threads=0)
+    with pytest.raises(ConfigError, match="capture.compression must be one of"):
+        CaptureConfig(compression="gzip")
     assert not (tmp_path / "c.zarr").exists()
 
 

@@ -653,3 +653,25 @@ def test_shards_written_by_several_threads_are_the_bytes_one_thread_writes(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["many.zarr", "one.zarr"]  # no temp store or spill left
     with pytest.raises(ValueError, match="write_threads"):
         TraceWriter(tmp_path / "x.zarr", attrs={}, budget_bytes=1, storage_dtype="float32", seed=0, write_threads=0)
+
+
+def test_uncompressed_shards_hold_the_raw_bytes_and_read_as_the_zstd_store(tmp_path):
+    """compression none: each k shard file is the stored tuples' float32 bytes followed by zarr's shard index
+    (no codec), and the store reads exactly what the zstd store reads."""
+    gen = torch.Generator().manual_seed(3)
+    tuples = [("single_blocks.0", make_tuple(gen, prompt=p, step=s)) for p in range(3) for s in range(2)]
+    write_store(tmp_path / "z.zarr", tuples)
+    write_store(tmp_path / "raw.zarr", tuples, compression="none")
+    raw, z = TraceStore.open(tmp_path / "raw.zarr"), TraceStore.open(tmp_path / "z.zarr")
+    a, b = read_all(raw), read_all(z)
+    assert a.keys() == b.keys() == originals(tuples).keys()
+    for key in a:
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    (shard,) = (p for p in (tmp_path / "raw.zarr").rglob("*") if p.is_file() and "/k/c/" in str(p))
+    k = np.stack([raw.read_array("single_blocks.0", 24, "k", np.array([i]))[0] for i in range(6)])
+    data = shard.read_bytes()
+    assert data[:k.nbytes] == np.ascontiguousarray(k, dtype=np.float32).tobytes()
+    assert len(data) - k.nbytes < 6 * 16 + 64  # the rest: the shard index (offset, length per chunk + checksum)
+    with pytest.raises(ValueError, match="compression 'lz4' is not one of"):
+        TraceWriter(tmp_path / "x.zarr", attrs={}, budget_bytes=1, storage_dtype="float32", seed=0, compression="lz4")
