@@ -34,9 +34,9 @@ reference tokens after the image grid; the tuples store the sequence as the node
 ``q_idx`` indexes that order), so distill trains on them unchanged.
 
 **Planned cut.** Every tuple's priority is known before sampling (its identity is: prompt, seed, step, layer,
-half), and so is a lower bound on its bytes (512 conditioning tokens, the reference grids and the image grid), so capture hands the writer
-the whole plan (:func:`planned_priorities`, :meth:`~flux2ttr.traces.store.TraceWriter.plan`): a tuple whose
-priority is above the planned cut is never copied off the device nor spilled, and the spill writes about the
+half), and so is a lower bound on its bytes (512 conditioning tokens, the reference grids and the image grid),
+so capture hands the writer the whole plan (:func:`planned_priorities`,
+:meth:`~flux2ttr.traces.store.TraceWriter.plan`): a tuple whose priority is above the planned cut is never copied off the device nor spilled, and the spill writes about the
 budget, however much more the sampling offers (FLUX.2 dev at 1024² offers 48 blocks x 28 steps of 127 MB
 tuples per image). The store is the one a capture without the plan writes, byte for byte.
 
@@ -337,7 +337,8 @@ def capture(teacher: Any, prompts: list[str], cfg: CaptureConfig, sampler_cfg: A
     sampled = 0
     with TraceWriter(cfg.store, attrs=attrs, budget_bytes=int(cfg.budget_mib * MIB),
                      storage_dtype=cfg.storage_dtype, seed=cfg.seed, shard_bytes=int(cfg.shard_mib * MIB),
-                     zstd_level=cfg.zstd_level, compression=cfg.compression, write_threads=cfg.write_threads, dist=dist) as writer:
+                     zstd_level=cfg.zstd_level, compression=cfg.compression, write_threads=cfg.write_threads,
+                     dist=dist) as writer:
         writer.plan(planned_priorities(cfg, len(prompts), sampler_cfg, layers, steps),
                     least_tuple_bytes(writer, cfg, sampler_cfg, teacher.num_heads, teacher.head_dim, tuple_heads))
         observer = CaptureObserver(writer, cfg, steps, tuple_heads)
@@ -358,11 +359,13 @@ def capture(teacher: Any, prompts: list[str], cfg: CaptureConfig, sampler_cfg: A
         bar.close()
         t_sample, c_sample = time.perf_counter() - t0, time.process_time() - c0
         writer.close(progress=progress and dist.is_main)
+        t_close = time.perf_counter() - t0 - t_sample  # shards, manifest and rename: the rest of the capture's cost
     store = TraceStore.open(cfg.store)
     res = store.attrs["reservoir"]
     mine = {"rollouts": sampled, "reference_rollouts": references.sampled, "seconds_sampling": round(t_sample, 3),
-            "seconds_observer": round(observer.seconds, 3),
-            "spilled": writer.spilled, "seconds_write": round(writer.write_seconds, 3), "seconds_manifest": round(writer.manifest_seconds, 3),
+            "seconds_observer": round(observer.seconds, 3), "spilled": writer.spilled,
+            "seconds_write": round(writer.write_seconds, 3), "seconds_manifest": round(writer.manifest_seconds, 3),
+            "seconds_close": round(t_close, 3),
             "cpu_seconds_observer": observer.cpu_seconds, "cpu_seconds_sampling": c_sample,
             "cpu_seconds_total": time.process_time() - c0}
     ranks = dist.all_gather_json(mine)
@@ -376,7 +379,7 @@ def capture(teacher: Any, prompts: list[str], cfg: CaptureConfig, sampler_cfg: A
         "cpu_seconds_sampling": sum(r["cpu_seconds_sampling"] for r in ranks),
         "cpu_seconds_total": sum(r["cpu_seconds_total"] for r in ranks),
         "world_size": dist.world,
-        "spilled": sum(r["spilled"] for r in ranks),
+        "spilled": sum(r["spilled"] for r in ranks), "seconds_close": max(r["seconds_close"] for r in ranks),
         "ranks": [{k: r[k] for k in ("rollouts", "reference_rollouts", "spilled", "seconds_sampling", "seconds_observer",
-                                     "seconds_write", "seconds_manifest")} for r in ranks],
+                                     "seconds_write", "seconds_manifest", "seconds_close")} for r in ranks],
     }

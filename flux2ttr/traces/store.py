@@ -23,9 +23,9 @@ The nine scalars share one float64 array (columns :data:`SCALAR_FIELDS`, named i
 ``scalar_fields``; integers are exact below 2**53) so that a group is a handful of files. Stores written
 before the ``uncond`` column existed (eight columns, same schema 1: the column is additive) read with
 ``uncond`` 0: they hold no unconditional tuples. Large arrays are chunked one tuple per chunk (a shuffled
-reader fetches single tuples) and those chunks are packed into shards (zstd-compressed, or stored as they are: ``compression``) of about
-``shard_bytes``, each shard one file written whole by the single writer, so a store is a few files
-per (layer, token count) group, not one per chunk.
+reader fetches single tuples) and those chunks are packed into shards (zstd-compressed, or stored as they
+are: ``compression``) of about ``shard_bytes``, each shard one file written whole by the single writer, so a
+store is a few files per (layer, token count) group, not one per chunk.
 
 Storage dtype: ``float32``, ``float16`` or ``bfloat16``. numpy has no bfloat16, so bf16 data is stored
 as its raw uint16 bit pattern and the root attribute ``encoding`` says so; :meth:`TraceStore.read`
