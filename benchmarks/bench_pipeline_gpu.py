@@ -206,6 +206,9 @@ def stage_params(args: Any, model_file: Path, codec: Path) -> dict[str, Any]:
     p["sampler"].update(steps=args.steps, height=args.size, width=args.size, show_progress=False)
     p["capture"].update(prompts="data/prompts/capture.json", queries=args.queries, layers="all_single", steps="all",
                         rollouts=1, budget_mib=float(args.budget_mib), batch_size=args.batch_size)
+    for name in ("compression", "write_threads"):  # given: this run's; not given: params.yaml's
+        if getattr(args, name) is not None:
+            p["capture"][name] = getattr(args, name)
     if "tuple_heads" in p["capture"]:
         p["capture"]["tuple_heads"] = args.tuple_heads
     elif args.tuple_heads:
@@ -432,8 +435,11 @@ def report(res: dict[str, Any]) -> str:
                      f"({fmt_bytes(r['disk_peak_bytes'])}) |")
     s = res["store"]
     lines += ["", "| figure | value |", "| --- | --- |"]
-    lines.append(f"| capture sampling s / plain sampling s ({res['images']} images) | {res['capture_seconds_sampling']:.1f} / "
-                 f"{res['plain_seconds_sampling']:.1f} = {res['capture_over_plain']:.2f}× |")
+    lines.append(f"| capture (sampling {res['capture_seconds_sampling']:.1f} s + close {res['capture_seconds_close']:.1f} s) / "
+                 f"plain sampling {res['plain_seconds_sampling']:.1f} s ({res['images']} images) | "
+                 f"{res['capture_over_plain']:.2f}× |")
+    c = res["capture"]
+    lines.append(f"| tuples offered / spilled / kept (planned cut) | {c['offered']} / {c['spilled']} / {c['kept']} |")
     per_layer = sorted(set(s["tuples_per_layer"].values()))
     lines.append(f"| tuples kept per layer ({len(s['tuples_per_layer'])} layers) | "
                  f"{', '.join(map(str, per_layer))} (of {res['offered_per_layer']} offered) |")
@@ -488,7 +494,8 @@ def stage_figures(stage: str, work: Path) -> str:
         if stage == "capture":
             c = json.loads((work / "metrics/capture_details.json").read_text())
             write = max(r["seconds_write"] for r in c["ranks"])
-            return f"sampling {c['seconds_sampling']:.2f} s, writing {write:.2f} s; kept {c['kept']} of {c['offered']} tuples"
+            return (f"sampling {c['seconds_sampling']:.2f} s, close {c['seconds_close']:.2f} s (shards {write:.2f} s); "
+                    f"kept {c['kept']} of {c['offered']} tuples, {c['spilled']} spilled")
         if stage == "distill":
             d = json.loads((work / "metrics/distill_details.json").read_text())["summary"]
             return f"{fmt(d.get('tuples_per_s_trained'), '.2f')} tuples/s trained"
@@ -539,6 +546,8 @@ def parse(argv: list[str] | None) -> Any:
     ap.add_argument("--queries", type=int, default=64, help="capture.queries")
     ap.add_argument("--budget-mib", type=float, default=16384.0, help="capture.budget_mib")
     ap.add_argument("--tuple-heads", type=int, default=0, help="capture.tuple_heads (0 = all heads)")
+    ap.add_argument("--compression", choices=["zstd", "none"], default=None, help="capture.compression (default: params.yaml's)")
+    ap.add_argument("--write-threads", type=int, default=None, help="capture.write_threads (default: params.yaml's)")
     ap.add_argument("--distill-steps-per-layer", type=int, default=30)
     ap.add_argument("--swap-layers", type=int, default=4, help="distill.min/max_swap_layers")
     ap.add_argument("--distill-batch", type=int, default=2, help="distill.batch_size")
@@ -613,8 +622,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             "device_name": device_name(args.device), "args": {k: str(v) for k, v in vars(args).items()},
             "stages": [asdict(r) for r in results],
             "images": plain["images"], "plain_seconds_sampling": plain["plain_seconds_sampling"],
-            "capture_seconds_sampling": cap["seconds_sampling"],
-            "capture_over_plain": cap["seconds_sampling"] / plain["plain_seconds_sampling"],
+            "capture_seconds_sampling": cap["seconds_sampling"], "capture_seconds_close": cap["seconds_close"],
+            # the whole cost of a capture: sampling with the observer, then the shards, manifest and rename at close
+            "capture_over_plain": (cap["seconds_sampling"] + cap["seconds_close"]) / plain["plain_seconds_sampling"],
             "offered_per_layer": cap["offered"] // max(1, cap["layers"]), "capture": cap,
             "store": store, "read_floor": floor,
             "distill_tuples_per_s": distill.get("tuples_per_s_trained"), "distill": distill,
