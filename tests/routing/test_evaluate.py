@@ -144,3 +144,25 @@ def test_run_stage_writes_metrics_plot_and_grid(setup, tmp_path, monkeypatch):
     policies = [row.split(",")[0] for row in table[1:]]
     # one series per policy: the controller's points (one per quality_speed), each fixed policy, the teacher
     assert policies == ["controller_threshold", "all_student", "fixed_schedule", "random", "teacher"]
+
+
+@pytest.mark.gpu
+def test_evaluate_on_cuda_checks_the_stored_rollouts(tmp_path):
+    """The teacher on CUDA: rollouts are stored on the host and evaluate's timing pass, on the device, compares
+    its latents with them (the comparison once mixed devices); the pass-through is the stored teacher to fp32
+    rounding of the same device."""
+    from flux2ttr.teachers.teacher import TeacherConfig, load_teacher, write_tiny_teacher
+
+    cfg = TeacherConfig(out_dir=str(tmp_path / "teacher"), device="cuda", **TEACHER)
+    write_tiny_teacher(cfg)
+    teacher = load_teacher(cfg)
+    keys = teacher.single_layer_keys
+    students = make_students(tmp_path / "students.safetensors", teacher, {k: True for k in keys}, seed=1)
+    rcfg = RolloutConfig(**ROLLOUT)
+    rollouts, _ = record_rollouts(teacher, rcfg, PROMPTS, show_progress=False)
+    assert all(ro.latents.device.type == "cpu" for ro in rollouts)
+    store = RolloutStore(write_store(tmp_path / "rollouts", rollouts, setting=rcfg.setting(), teacher=teacher.identity))
+    ctrl = TTRController(ControllerTrainConfig(), keys)
+    metrics, _, _ = evaluate(_cfg(), teacher, load_students(students), store, ctrl, keys,
+                             QualityLoss(QualityConfig(device="cuda")), show_progress=False)
+    assert metrics["teacher"]["max_abs_latent_diff_vs_store"] == 0.0
