@@ -675,3 +675,35 @@ def test_uncompressed_shards_hold_the_raw_bytes_and_read_as_the_zstd_store(tmp_p
     assert len(data) - k.nbytes < 6 * 16 + 64  # the rest: the shard index (offset, length per chunk + checksum)
     with pytest.raises(ValueError, match="compression 'lz4' is not one of"):
         TraceWriter(tmp_path / "x.zarr", attrs={}, budget_bytes=1, storage_dtype="float32", seed=0, compression="lz4")
+
+
+@pytest.mark.parametrize("level", [None, 3])
+def test_shard_files_are_the_bytes_zarr_writes(tmp_path, level):
+    """write_shard_file (the writer's own shard encoder) against zarr writing the same rows into an array of the
+    same codecs: every shard file is byte for byte zarr's (a partial last shard and an all-zero chunk among them),
+    and zarr reads the data back exactly."""
+    import zarr
+    from zarr.codecs import ZstdCodec
+
+    from flux2ttr.traces.store import write_shard_file
+
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((5, 2, 6, 4)).astype(np.float16)
+    data[1] = 0  # zarr skips such a chunk unless write_empty_chunks is on, as the writer's arrays set it
+    rows = 2
+    made = {}
+    for name in ("zarr", "ours"):
+        root = zarr.open_group(str(tmp_path / f"{name}.zarr"), mode="w")
+        made[name] = root.create_array("a", shape=data.shape, dtype=data.dtype, chunks=(1, 2, 6, 4),
+                                       shards=(rows, 2, 6, 4), fill_value=0, config={"write_empty_chunks": True},
+                                       compressors=None if level is None else ZstdCodec(level=level))
+    made["zarr"][:] = data
+    arr = made["ours"]
+    for start in range(0, len(data), rows):
+        path = tmp_path / "ours.zarr" / arr.path / arr.metadata.encode_chunk_key((start // rows, 0, 0, 0))
+        write_shard_file(path, [data[j:j + 1] for j in range(start, min(len(data), start + rows))], rows, level)
+    files = sorted(p.relative_to(tmp_path / "zarr.zarr") for p in (tmp_path / "zarr.zarr").rglob("*") if p.is_file())
+    assert len([f for f in files if "/c/" in str(f)]) == 3
+    for rel in files:
+        assert (tmp_path / "ours.zarr" / rel).read_bytes() == (tmp_path / "zarr.zarr" / rel).read_bytes(), rel
+    assert np.array_equal(zarr.open_array(str(tmp_path / "ours.zarr" / "a"), mode="r")[:], data)
