@@ -58,7 +58,9 @@ def make_router(teacher, students: dict[str, torch.nn.Module]) -> AttentionRoute
     """A router attached to ``teacher`` (installed into a diffusers transformer; for the comfyui teacher each
     sampling run goes through the ComfyUI node's patch) with ``students`` set and nothing routed yet."""
     router = AttentionRouter(include_double=True)
-    router.set_students(students)
+    device = getattr(teacher, "device", None)
+    # students come from the artifact on the host; a router in the teacher's own forward needs them beside it
+    router.set_students({k: m.to(device) for k, m in students.items()} if device is not None else students)
     router.external_patch = node_patch
     teacher.attach_router(router)
     return router

@@ -523,7 +523,9 @@ class TinyDecoder:
     def __call__(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         B = latents.shape[0]
         p = FLUX2_PIXELS_PER_TOKEN
-        x = torch.nn.functional.linear(latents.float(), self.weight.float(), self.bias.float())  # [B, hw, 3pp]
+        # the map stays where it was loaded (the host); it follows the latents to the teacher's device
+        w, b = (t.to(latents.device, torch.float32) for t in (self.weight, self.bias))
+        x = torch.nn.functional.linear(latents.float(), w, b)  # [B, hw, 3pp]
         x = x.view(B, height, width, 3, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, 3, height * p, width * p)
         return torch.sigmoid(x)
 
