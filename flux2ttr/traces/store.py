@@ -300,17 +300,29 @@ def merge_cut(states: Iterable[Mapping[str, Any]], budget: int) -> float:
     return prefix_cut(((float(p), int(b)) for st in states for p, b in st["kept"]), budget, below)
 
 
+SPILL_QUEUE = 4  # kept tuples copied to the host whose spill files are still being written (host memory bound)
+
+
+def _write_raw(path: Path, arrays: Sequence[np.ndarray]) -> None:
+    """One spill file: the arrays' raw bytes in order (shapes are known per group): no zip CRC, no pickle."""
+    with open(path, "wb") as f:
+        for a in arrays:
+            f.write(memoryview(np.ascontiguousarray(a)).cast("B"))
+
+
 _EMPTY_SLOT = 2**64 - 1  # a shard index entry of a chunk the shard does not hold
 
 
-def write_shard_file(path: Path, chunks: Sequence[np.ndarray], slots: int, zstd_level: int | None) -> int:
+def write_shard_file(path: Path, chunks: Sequence[np.ndarray], slots: int,
+                     zstd_level: int | None) -> tuple[int, str]:
     """Write one shard of an array created with ``chunks=(1, ...)``, ``shards=(slots, ...)`` (zarr v3 sharding,
     index at the end, bytes + crc32c index codecs; the zarr array's codecs: bytes, then zstd at ``zstd_level`` or
     none) holding ``chunks`` (each ``[1 or none, ...]`` of the array's dtype, little-endian) as its first slots.
 
     The file is what zarr writes for the same data with ``write_empty_chunks`` on, byte for byte (tested), but it
     is built and written here, in the calling thread: zarr encodes every shard in its one event-loop thread,
-    which held the close of a full-size store to about 0.5 GB/s whatever the writer threads. Returns the bytes."""
+    which held the close of a full-size store to about 0.5 GB/s whatever the writer threads. Returns the file's
+    ``(bytes, sha256 hex)``, hashed from the buffers as they are written (the manifest needs no second read)."""
     import google_crc32c  # zarr's crc32c codec  # noqa: PLC0415
 
     index = np.full((int(slots), 2), _EMPTY_SLOT, dtype="<u8")
@@ -328,10 +340,12 @@ def write_shard_file(path: Path, chunks: Sequence[np.ndarray], slots: int, zstd_
     idx = index.tobytes()
     bufs += [idx, np.uint32(google_crc32c.value(idx)).tobytes()]
     path.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
     with open(path, "wb") as f:
         for buf in bufs:
             f.write(buf)
-    return offset + len(idx) + 4
+            digest.update(buf)  # releases the GIL on large buffers, as the write does
+    return offset + len(idx) + 4, digest.hexdigest()
 
 
 @dataclass
@@ -425,6 +439,8 @@ class TraceWriter:
         self._shapes: dict[tuple[str, int], tuple] = {}
         self._planned = (0, 0)  # (tuples the plan says will be offered, the least bytes of one)
         self.spilled = 0  # tuples written to the spill (kept at the time; some may be evicted later)
+        self._pending: dict[int, Any] = {}  # serial -> Future of its spill file write (oldest first)
+        self._spill_pool: ThreadPoolExecutor | None = None
         self._closed = False
         self.manifest_seconds = 0.0  # time close() spent hashing the written files (this rank's share)
         self.write_seconds = 0.0  # time close() spent writing shards (this rank's layers)
@@ -500,6 +516,8 @@ class TraceWriter:
         """
         if self._closed:
             raise RuntimeError("TraceWriter is closed")
+        for done in [f for f in self._pending.values() if f.done()]:
+            done.result()  # a spill write that failed stops the capture at the next tuple
         n_tokens = self._check(layer, t)
         nbytes = self.tuple_nbytes(t)
         if nbytes > self.budget_bytes:
@@ -522,7 +540,7 @@ class TraceWriter:
         serial = next(self._serial)
         spill = self._spill / f"{serial}.bin"
         scalars = np.array([float(getattr(t, f)) for f in SCALAR_FIELDS], dtype=np.float64)
-        self._write_spill(spill, t)
+        self._write_spill(serial, spill, t)
         self.spilled += 1
         kept = _Kept(priority, serial, layer, n_tokens, nbytes, spill, scalars, self.dist.rank)
         heapq.heappush(self._heap, (-priority, serial, kept))
@@ -531,7 +549,7 @@ class TraceWriter:
             _, _, out = heapq.heappop(self._heap)
             self._kept_bytes -= out.nbytes
             self._tau = out.priority  # everything at or above it can never be in the prefix again
-            out.spill.unlink()
+            self._drop_spill(out)
         return priority < self._tau
 
     def reservoir_state(self) -> dict[str, Any]:
@@ -544,7 +562,7 @@ class TraceWriter:
         while self._heap and self._heap[0][2].priority >= cut:
             _, _, out = heapq.heappop(self._heap)
             self._kept_bytes -= out.nbytes
-            out.spill.unlink()
+            self._drop_spill(out)
         self._tau = min(self._tau, cut)
 
     def sync(self) -> float:
@@ -591,16 +609,29 @@ class TraceWriter:
             )
         return n_tokens
 
-    def _write_spill(self, path: Path, t: TraceTuple) -> None:
-        # raw bytes in a fixed order (shapes are known per group): no zip CRC, no pickle, one file
-        with open(path, "wb") as f:
-            for name in ARRAY_FIELDS:
-                f.write(memoryview(encode(getattr(t, name), self.storage_dtype)).cast("B"))
-            q_idx = np.ascontiguousarray(torch.as_tensor(t.q_idx).cpu().numpy(), dtype=np.int32)
-            f.write(memoryview(q_idx).cast("B"))
-            if t.heads is not None:
-                heads = np.ascontiguousarray(torch.as_tensor(t.heads).cpu().numpy(), dtype=np.int32)
-                f.write(memoryview(heads).cast("B"))
+    def _write_spill(self, serial: int, path: Path, t: TraceTuple) -> None:
+        """Spill one kept tuple: its arrays copied to the host here (off the device, in the storage dtype), the
+        file written by the spill thread while the caller samples on (at most :data:`SPILL_QUEUE` tuples wait;
+        a failed write raises at the next offer, sync or close)."""
+        arrays = [encode(getattr(t, name), self.storage_dtype) for name in ARRAY_FIELDS]
+        arrays.append(np.ascontiguousarray(torch.as_tensor(t.q_idx).cpu().numpy(), dtype=np.int32))
+        if t.heads is not None:
+            arrays.append(np.ascontiguousarray(torch.as_tensor(t.heads).cpu().numpy(), dtype=np.int32))
+        self._wait_spills(SPILL_QUEUE - 1)
+        if self._spill_pool is None:
+            self._spill_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flux2ttr-spill")
+        self._pending[serial] = self._spill_pool.submit(_write_raw, path, arrays)
+
+    def _wait_spills(self, keep: int = 0) -> None:
+        """Wait for the oldest pending spill writes until at most ``keep`` are left (raising a write's error)."""
+        while len(self._pending) > keep:
+            self._pending.pop(next(iter(self._pending))).result()
+
+    def _drop_spill(self, item: _Kept) -> None:
+        pending = self._pending.pop(item.serial, None)
+        if pending is not None:
+            pending.result()  # its file must exist before it can go
+        item.spill.unlink()
 
     def _read_spill(self, item: _Kept) -> dict[str, np.ndarray]:
         (h_, nq, d), (_, n, _), headed = self._shapes[(item.layer, item.n_tokens)]
@@ -634,7 +665,15 @@ class TraceWriter:
         """Drop everything: rank 0 removes the temporary folder, other ranks their spill in it; the target
         is left as it was. Not a collective (it runs after an error, when the other ranks may be anywhere)."""
         self._closed = True
+        self._stop_spills()
         shutil.rmtree(self._tmp if self.dist.rank == 0 else self._spill, ignore_errors=True)
+
+    def _stop_spills(self) -> None:
+        """Let the spill thread finish what it holds (errors were or will be raised elsewhere) and end it."""
+        if self._spill_pool is not None:
+            self._spill_pool.shutdown(wait=True)
+            self._spill_pool = None
+        self._pending.clear()
 
     def close(self, progress: bool = False) -> Path:
         """Write all kept tuples into the temporary store, then rename it onto the target path
@@ -672,6 +711,8 @@ class TraceWriter:
         from flux2ttr.contract import layer_sort_key  # noqa: PLC0415
 
         dist = self.dist
+        self._wait_spills()  # every spilled file complete (a failed write raises here)
+        self._stop_spills()
         local = {
             "kept": [[it.priority, it.serial, it.layer, it.n_tokens, it.nbytes, it.scalars.tolist()]
                      for _, _, it in self._heap],
@@ -732,6 +773,7 @@ class TraceWriter:
         compressor = ZstdCodec(level=self.zstd_level) if self.compression == "zstd" else None
         level = self.zstd_level if self.compression == "zstd" else None
         array_info: dict[str, dict[str, Any]] = {}
+        hashed: dict[str, list] = {}  # shard files: [bytes, sha256] as written (dict writes are atomic under the GIL)
 
         bar = None
         if progress:
@@ -770,8 +812,8 @@ class TraceWriter:
                         heads[j] = z["heads"]
                     scalars[j] = items[j].scalars
                 for name, arr in arrays.items():  # one whole shard per file, written by this thread
-                    write_shard_file(self._tmp / arr.path / arr.metadata.encode_chunk_key((start // rows, 0, 0, 0)),
-                                     batch[name], rows, level)
+                    rel = f"{arr.path}/{arr.metadata.encode_chunk_key((start // rows, 0, 0, 0))}"
+                    hashed[rel] = list(write_shard_file(self._tmp / rel, batch[name], rows, level))
                 for j in range(start, stop):
                     items[j].spill.unlink()  # spill and store stay near one budget (+ the shards in flight)
                 return stop - start
@@ -798,10 +840,16 @@ class TraceWriter:
         if bar is not None:
             bar.close()
         t1 = time.perf_counter()
-        # every file as it is on disk now (read back: what was written, not what was meant to be)
+        # every file of these layers: the shards as hashed while written, the rest read back from disk
         rels = [f"{layer}/{rel}" for layer in sorted({lay for lay, _ in groups})
                 for rel in (_META_FILE, *_store_files(self._tmp / layer))]  # the layer's own zarr.json too
-        files = hash_files(self._tmp, rels)
+        # the shards hashed as written (their size checked against the file); the small files read back
+        rest = hash_files(self._tmp, [r for r in rels if r not in hashed])
+        for rel, (size, _) in hashed.items():
+            if (self._tmp / rel).stat().st_size != size:
+                raise TraceStoreError(f"{self._tmp / rel}: {(self._tmp / rel).stat().st_size} bytes on disk, {size} "
+                                      "written; the disk may be full or failing")
+        files = {r: rest[r] if r in rest else hashed[r] for r in rels}
         self.write_seconds, self.manifest_seconds = t1 - t0, time.perf_counter() - t1
         return array_info, files
 

@@ -707,3 +707,28 @@ def test_shard_files_are_the_bytes_zarr_writes(tmp_path, level):
     for rel in files:
         assert (tmp_path / "ours.zarr" / rel).read_bytes() == (tmp_path / "zarr.zarr" / rel).read_bytes(), rel
     assert np.array_equal(zarr.open_array(str(tmp_path / "ours.zarr" / "a"), mode="r")[:], data)
+
+
+def test_a_failed_spill_write_stops_the_writer_and_publishes_nothing(tmp_path, monkeypatch):
+    """Spill files are written by a background thread: a write that fails (a full disk) raises at the next offer
+    or at close, and the temporary store is removed, so no store appears."""
+    import flux2ttr.traces.store as store_mod
+
+    real, calls = store_mod._write_raw, []
+
+    def failing(path, arrays):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(path, arrays)
+
+    monkeypatch.setattr(store_mod, "_write_raw", failing)
+    gen = torch.Generator().manual_seed(1)
+    with pytest.raises(OSError, match="No space left on device"):
+        write_store(tmp_path / "s.zarr", [("single_blocks.0", make_tuple(gen, prompt=p)) for p in range(6)])
+    assert list(tmp_path.iterdir()) == []
+    # failing on the last tuple: raised by close
+    calls.clear()
+    with pytest.raises(OSError, match="No space left on device"):
+        write_store(tmp_path / "s.zarr", [("single_blocks.0", make_tuple(gen, prompt=p)) for p in range(2)])
+    assert list(tmp_path.iterdir()) == []
