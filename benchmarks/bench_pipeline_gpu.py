@@ -552,7 +552,7 @@ def parse(argv: list[str] | None) -> Any:
     ap.add_argument("--swap-layers", type=int, default=4, help="distill.min/max_swap_layers")
     ap.add_argument("--distill-batch", type=int, default=2, help="distill.batch_size")
     ap.add_argument("--cache-mib", type=int, default=16384,
-                    help="distill.cache_mib (decoded fp32 tuples in host RAM: Klein at 1024², all heads, 127 MB each)")
+                    help="distill.cache_mib (decoded fp32 tuples in host RAM: Klein at 1024², all heads, 115 MB each)")
     ap.add_argument("--reader-threads", type=int, default=4, help="distill.reader_threads")
     ap.add_argument("--rollout-prompts", type=int, default=3, help="rollout prompts (the last one is the eval split)")
     ap.add_argument("--controller-iterations", type=int, default=2)

@@ -38,7 +38,7 @@ half), and so is a lower bound on its bytes (512 conditioning tokens, the refere
 so capture hands the writer the whole plan (:func:`planned_priorities`,
 :meth:`~flux2ttr.traces.store.TraceWriter.plan`): a tuple whose priority is above the planned cut is never
 copied off the device nor spilled, and the spill writes about the budget, however much more the sampling
-offers (FLUX.2 dev at 1024² offers 48 blocks x 28 steps of 127 MB tuples per image). The store is the one
+offers (FLUX.2 dev at 1024² offers 48 blocks x 28 steps of 115 MB tuples per image). The store is the one
 a capture without the plan writes, byte for byte.
 
 **Under torchrun** (``torchrun --nproc-per-node N -m stages.capture``) the ranks split the sampler batches
