@@ -313,6 +313,7 @@ def tuple_mass(q_sub: torch.Tensor, q_idx: torch.Tensor, k: torch.Tensor, v: tor
 
     - ``rel_err`` ``[H, Nq]``: ``|P v - teacher_sub| / |teacher_sub|`` (L2 over D);
     - ``img_text_mass`` ``[H, Qi]``: mass of image queries on the text keys;
+    - ``img_entropy`` ``[H, Qi]``: entropy of image queries' softmax over all ``N`` keys, nats;
     - ``img_set_mass``, ``img_set_cos`` ``[M, H, Qi]``: mass on the image keys of each set, and cosine of
       softmax restricted to text + that set against ``teacher_sub``; ``img_set_keys`` ``[M, Qi]``: size of
       text + set, keys;
@@ -332,8 +333,8 @@ def tuple_mass(q_sub: torch.Tensor, q_idx: torch.Tensor, k: torch.Tensor, v: tor
     keeps = torch.cat([torch.ones(*sets.shape[:2], n_cond, dtype=torch.bool), sets], dim=-1)  # [M, Qi, N]
     sets_f = sets.double()
     out: dict[str, list[torch.Tensor]] = {name: [] for name in
-                                          ("rel_err", "img_text_mass", "img_set_mass", "img_set_cos",
-                                           "txt_text_mass", "txt_cos")}
+                                          ("rel_err", "img_text_mass", "img_entropy", "img_set_mass",
+                                           "img_set_cos", "txt_text_mass", "txt_cos")}
     # heads in chunks: scores [chunk, Nq, N] and restricted softmaxes [chunk, M, Qi, N] float64 (128 MiB), and
     # few large ops instead of many small ones (small ops are slow on a busy multi-threaded CPU)
     chunk = max(1, MASS_CHUNK_ELEMS // (keeps.numel() + q_sub.shape[1] * n))
@@ -345,6 +346,7 @@ def tuple_mass(q_sub: torch.Tensor, q_idx: torch.Tensor, k: torch.Tensor, v: tor
         out["rel_err"].append((p @ v64 - t64).norm(dim=-1) / t64.norm(dim=-1).clamp_min(1e-300))
         pi, li, ti = p[:, img], logits[:, img], t64[:, img]  # [c, Qi, *]
         out["img_text_mass"].append(pi[..., :n_cond].sum(-1))
+        out["img_entropy"].append(-torch.special.xlogy(pi, pi).sum(-1))
         out["img_set_mass"].append((pi[:, None, :, n_cond:] * sets_f).sum(-1))  # [c, M, Qi]
         restricted = _restricted(li[:, None], keeps, v64[:, None])  # [c, M, Qi, D]
         out["img_set_cos"].append(_cosine(restricted, ti[:, None]))
@@ -390,10 +392,12 @@ def attention_mass(store: TraceStore, radii: Sequence[int] = MASS_RADII, tile: S
         {"radii": [R...], "tile": [th, tw], "tile_radius": R, "max_tuples": m, "layers": [
             {"layer", "tuples" (read), "stored", "heads", "image_queries", "text_queries" (per tuple summed),
              "teacher_rel_err": {"max", "mean"}  # |P v - teacher_sub| / |teacher_sub| over D
-             "image": None | {"text_mass", "image_mass",
+             "image": None | {"text_mass", "image_mass", "entropy" (nats, of the softmax over all keys),
                               "windows": [{"radius", "keys", "mass", "text_window_mass",
                                            "text_window_mass_p10", "cos", "cos_p10"}, ...],
-                              "tile": {"tile", "radius", same fields as a window}},
+                              "tile": {"tile", "radius", same fields as a window},
+                              "heads": [{"head" (the teacher's index), "queries", "entropy", "text_mass",
+                                         "window_mass": {"R": image-key mass within radius R}}, ...]},
              "text": None | {"text_mass", "image_mass", "cos", "cos_p10"}}, ...]}
     """
     from tqdm import tqdm  # noqa: PLC0415
@@ -415,6 +419,7 @@ def attention_mass(store: TraceStore, radii: Sequence[int] = MASS_RADII, tile: S
     try:
         for layer in layers:
             acc: dict[str, list[torch.Tensor]] = {}
+            per_head: dict[int, dict[str, list[torch.Tensor]]] = {}  # teacher head -> its image queries' values
             heads = 0
             for n, row in plan[layer]:
                 t = store.read(layer, n, [row])
@@ -427,12 +432,36 @@ def attention_mass(store: TraceStore, radii: Sequence[int] = MASS_RADII, tile: S
                 heads = int(t["q_sub"].shape[1])
                 for name, val in m.items():
                     acc.setdefault(name, []).append(val)
+                # a head-subset tuple's rows are the teacher heads its ``heads`` names
+                ids = t["heads"][0].tolist() if "heads" in t else range(heads)
+                for row, head in enumerate(ids):
+                    ph = per_head.setdefault(int(head), {"entropy": [], "text": [], "sets": []})
+                    ph["entropy"].append(m["img_entropy"][row])
+                    ph["text"].append(m["img_text_mass"][row])
+                    ph["sets"].append(m["img_set_mass"][:, row])
                 bar.update(1)
-            result_layers.append(_layer_mass(layer, store.count(layer), heads, acc, radii, tile, tile_radius))
+            entry = _layer_mass(layer, store.count(layer), heads, acc, radii, tile, tile_radius)
+            if entry["image"] is not None:
+                entry["image"]["heads"] = _head_mass(per_head, radii)
+            result_layers.append(entry)
     finally:
         bar.close()
     return {"radii": radii, "tile": tile, "tile_radius": tile_radius, "max_tuples": int(max_tuples),
             "layers": result_layers}
+
+
+def _head_mass(per_head: dict[int, dict[str, list[torch.Tensor]]], radii: list[int]) -> list[dict[str, Any]]:
+    """Per teacher head (sorted), over its image queries: mean entropy (nats), text mass and window mass."""
+    out = []
+    for head in sorted(per_head):
+        ph = per_head[head]
+        ent, text, sets = torch.cat(ph["entropy"]), torch.cat(ph["text"]), torch.cat(ph["sets"], dim=-1)  # [M, Q]
+        if not ent.numel():
+            continue
+        out.append({"head": head, "queries": int(ent.numel()), "entropy": float(ent.mean()),
+                    "text_mass": float(text.mean()),
+                    "window_mass": {str(r): float(sets[i].mean()) for i, r in enumerate(radii)}})
+    return out
 
 
 def _layer_mass(layer: str, stored: int, heads: int, acc: dict[str, list[torch.Tensor]], radii: list[int],
@@ -461,6 +490,7 @@ def _layer_mass(layer: str, stored: int, heads: int, acc: dict[str, list[torch.T
                          "text_window_mass_p10": tw_p10, "cos": cos, "cos_p10": cos_p10})
         entry["image"] = {
             "text_mass": float(text_mass.mean()), "image_mass": float((1.0 - text_mass).mean()),
+            "entropy": float(cat("img_entropy").mean()),
             "windows": [{"radius": r, **s} for r, s in zip(radii, sets[:-1])],
             "tile": {"tile": list(tile), "radius": tile_radius, **sets[-1]},
         }
@@ -499,12 +529,20 @@ def format_mass(mass: dict[str, Any]) -> str:
             cols = [*img["windows"], img["tile"]]
             head = [f"R={w['radius']}" for w in img["windows"]] + [tile_col]
             width = max(7, len(tile_col) + 1)
-            lines.append(f"  image queries: text mass {img['text_mass']:.3f}, image mass {img['image_mass']:.3f}")
+            lines.append(f"  image queries: text mass {img['text_mass']:.3f}, image mass {img['image_mass']:.3f}, "
+                         f"entropy {img['entropy']:.2f} nats")
             lines.append(f"    {'':<14}" + "".join(f"{h:>{width}}" for h in head))
             for label, key, fmt in (("keys", "keys", ".0f"), ("window mass", "mass", ".3f"),
                                     ("text+window", "text_window_mass", ".3f"), ("  p10", "text_window_mass_p10", ".3f"),
                                     ("cos", "cos", ".4f"), ("  p10", "cos_p10", ".4f")):
                 lines.append(f"    {label:<14}" + "".join(f"{_f(c[key], fmt):>{width}}" for c in cols))
+            if img.get("heads"):
+                radii = [w["radius"] for w in img["windows"]]
+                lines.append("    per head       entropy   text" + "".join(f"{'R=' + str(r):>7}" for r in radii)
+                             + "  (image queries; R: image-key mass in the window)")
+                for hd in img["heads"]:
+                    lines.append(f"    head {hd['head']:<9}{hd['entropy']:>7.2f}{hd['text_mass']:>7.3f}"
+                                 + "".join(f"{hd['window_mass'][str(r)]:>7.3f}" for r in radii))
         txt = lay["text"]
         if txt is not None:
             lines.append(f"  text queries: text mass {txt['text_mass']:.3f}, image mass {txt['image_mass']:.3f}, "

@@ -278,7 +278,8 @@ def test_attention_mass_equals_bruteforce_reference_on_random_store(tmp_path):
         assert (lay["tuples"], lay["stored"]) == (4, 6)
         rows = [0, 2, 3, 5]  # 4 of 6 rows, evenly spread
         t = store.read(lay["layer"], n_cond + h * w, rows)
-        img_text, txt_text, txt_cos, errs = [], [], [], []
+        img_text, txt_text, txt_cos, errs, img_ent = [], [], [], [], []
+        heads_ref = {hh: {"entropy": [], "text": [], "win": {r: [] for r in radii}} for hh in range(2)}
         sets = {i: {"mass": [], "cos": [], "tw": [], "keys": []} for i in range(len(radii) + 1)}
         n_img = n_txt = 0
         for b in range(len(rows)):
@@ -304,7 +305,12 @@ def test_attention_mass_equals_bruteforce_reference_on_random_store(tmp_path):
                         txt_cos.append(cos_on(range(n_cond)))
                         continue
                     img_text.append(p[:n_cond].sum())
+                    img_ent.append(-(p * np.log(p)).sum())
                     keysets = [_window_ref(n_cond, h, w, tok, r) for r in radii] + [_tile_ref(n_cond, h, w, tok, tile, tile_r)]
+                    heads_ref[hh]["entropy"].append(img_ent[-1])
+                    heads_ref[hh]["text"].append(p[:n_cond].sum())
+                    for r, ks in zip(radii, keysets):
+                        heads_ref[hh]["win"][r].append(p[sorted(ks)].sum())
                     for i, ks in enumerate(keysets):
                         m = p[sorted(ks)].sum()
                         sets[i]["mass"].append(m)
@@ -316,6 +322,14 @@ def test_attention_mass_equals_bruteforce_reference_on_random_store(tmp_path):
         img = lay["image"]
         assert img["text_mass"] == pytest.approx(np.mean(img_text), rel=1e-9)
         assert img["text_mass"] + img["image_mass"] == pytest.approx(1.0, abs=1e-12)
+        assert img["entropy"] == pytest.approx(np.mean(img_ent), rel=1e-9)
+        assert [hd["head"] for hd in img["heads"]] == [0, 1]
+        for hd in img["heads"]:
+            ref = heads_ref[hd["head"]]
+            assert hd["queries"] == len(ref["entropy"]) == n_img
+            assert hd["entropy"] == pytest.approx(np.mean(ref["entropy"]), rel=1e-9)
+            assert hd["text_mass"] == pytest.approx(np.mean(ref["text"]), rel=1e-9)
+            assert hd["window_mass"] == pytest.approx({str(r): np.mean(ref["win"][r]) for r in radii}, rel=1e-9)
         got = [*img["windows"], img["tile"]]
         for i, g in enumerate(got):
             assert g["mass"] == pytest.approx(np.mean(sets[i]["mass"]), rel=1e-9)
@@ -454,3 +468,12 @@ def test_inspect_says_the_tuples_hold_a_head_subset(tmp_path, store_path):
     full = CliRunner().invoke(main, ["inspect", str(store_path)])
     assert full.exit_code == 0 and "head subset" not in full.output
     assert summarize(TraceStore.open(store_path))["head_subset"] is False
+    # the per-head report names the teacher's heads the tuples hold, each with that head's rows only
+    store = TraceStore.open(path)
+    heads = {hd["head"]: hd for hd in attention_mass(store, radii=(1,))["layers"][0]["image"]["heads"]}
+    assert sorted(heads) == [0, 1, 2, 3, 4, 5]
+    t = store.read("single_blocks.0", store.groups("single_blocks.0")[0][0], [0, 1, 2])  # prompts 0, 1, 2
+    for row in range(3):
+        image_queries = int((t["q_idx"][row] >= t["n_cond"][row]).sum())
+        for head in t["heads"][row].tolist():
+            assert heads[head]["queries"] == image_queries  # that tuple's queries alone
