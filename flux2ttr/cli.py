@@ -1,5 +1,5 @@
-"""The ``flux2ttr`` command line: every DVC stage, plus ``inspect``, ``train-teacher``, ``comfy-install`` and
-``offline-plots``.
+"""The ``flux2ttr`` command line: every DVC stage, plus ``inspect``, ``train-teacher``, ``scene-prompts``,
+``comfy-install`` and ``offline-plots``.
 
 Each stage command calls ``run_stage(params_path)`` of the project's ``stages/<name>.py`` (imported
 lazily so that ``flux2ttr --help`` stays fast), the same function ``dvc repro`` runs. A config or input
@@ -209,6 +209,31 @@ def comfy_install_cmd(comfyui_dir: Path, artifacts: Path, copy_pack: bool, pytho
                               tiny_teacher=not no_tiny_teacher)
     except comfy_install.InstallError as e:
         raise click.ClickException(str(e)) from e
+
+
+@main.command("scene-prompts")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--split", type=click.Choice(["train", "held_out"]), default="held_out", show_default=True,
+              help="training captions (for capture) or held-out ones, never trained on (for the controller's rollouts)")
+@click.option("--count", type=int, default=5, show_default=True, help="distinct captions")
+@_PARAMS
+@_DEBUG
+@click.pass_context
+def scene_prompts_cmd(ctx: click.Context, out: Path, split: str, count: int, params_path: Path, debug: bool) -> None:
+    """Write OUT, a JSON prompt list of scene captions (params section scenes) for the trained teacher: point
+    capture.prompts and rollout.prompts at such files and the evaluation grid and its caption checker judge
+    drawn scenes, not noise."""
+    with pipeline_needed(), report_input_errors("scene-prompts", debug=_debug(ctx, debug)):
+        import json  # noqa: PLC0415
+
+        from flux2ttr.atomic import atomic_write_text  # noqa: PLC0415
+        from flux2ttr.config import load_section  # noqa: PLC0415
+        from flux2ttr.teachers.scenes import SceneConfig, scene_prompts  # noqa: PLC0415
+
+        cfg = load_section(SceneConfig, "scenes", params_path) if params_path.is_file() else SceneConfig()
+        captions = scene_prompts(cfg, split, count)
+        atomic_write_text(out, json.dumps(captions, indent=1) + "\n")
+        click.echo(f"wrote {out}: {len(captions)} {split} captions")
 
 
 @main.command("offline-plots")

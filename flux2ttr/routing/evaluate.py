@@ -19,7 +19,8 @@ how much the controller's quality loss is below each.
 Outputs: ``metrics/eval.json``, the few numbers ``dvc metrics show`` compares across runs
 (:func:`eval_metrics`: the controller at the reference point, its speed-up over the teacher and its relative
 margin over each fixed policy), and next to it ``metrics/eval_details.json`` (not a DVC metric: every point,
-baseline, per-rollout loss and quality term); a quality-vs-speed plot (PNG, plus its CSV table: one row per
+baseline, per-rollout loss and quality term; with scene-caption prompts also ``caption_check``, the caption
+checker's pass rate of the teacher's and each policy's images); a quality-vs-speed plot (PNG, plus its CSV table: one row per
 point, ``policy`` naming its series) and a teacher/student image grid (PNG).
 """
 
@@ -223,10 +224,29 @@ def evaluate(cfg: EvaluateConfig, teacher, art: StudentArtifact, store: RolloutS
     metrics = {
         "teacher": teacher_t, "points": points, "reference": reference,
         "baselines": baselines, "comparison": comparison,
+        "caption_check": caption_check(ev.rollouts, ev.images, ("controller", "all_student", "fixed_schedule", "random")),
         "eligible_layers": ev.eligible, "forced_full_layers": ev.forced, "layer_keys": layer_keys,
         "rollouts": len(ev.rollouts), "setting": store.setting,
     }
     return metrics, ev.images, ev.rollouts
+
+
+def caption_check(rollouts: list[TeacherRollout], images: dict[str, list[torch.Tensor]],
+                  policies: tuple[str, ...]) -> dict[str, Any] | None:
+    """Where every eval prompt is a scene caption (the trained teacher's, ``flux2ttr scene-prompts``): the
+    caption checker's pass rate (0..1, from pixels: background, each clause's colour and count in its cells) of
+    the teacher's images and of each policy's, over the eval rollouts; ``None`` for any other prompts."""
+    from flux2ttr.teachers.caption_check import check_image  # noqa: PLC0415
+    from flux2ttr.teachers.scenes import is_scene_caption  # noqa: PLC0415
+
+    if not rollouts or not all(is_scene_caption(ro.prompt) for ro in rollouts):
+        return None
+    sets = {"teacher": [ro.image for ro in rollouts], **{p: images[p] for p in policies if p in images}}
+    out: dict[str, Any] = {"images": len(rollouts)}
+    for name, imgs in sets.items():
+        passed = [check_image(img.float().cpu().clamp(0, 1), ro.prompt).passed for img, ro in zip(imgs, rollouts)]
+        out[name] = sum(passed) / len(passed)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ outputs
@@ -243,6 +263,8 @@ def eval_metrics(details: dict[str, Any], seconds: float | None = None) -> dict[
               if c.get("relative_margin") is not None}
     if margin:
         out["margin"] = margin
+    if details.get("caption_check"):  # scene captions: pass rates of the teacher and the controller
+        out["caption_pass"] = {k: float(details["caption_check"][k]) for k in ("teacher", "controller")}
     if seconds is not None:
         out["seconds"] = round(float(seconds), 1)
     return out

@@ -382,6 +382,38 @@ def held_out_scenes(cfg: SceneConfig, n: int) -> list[Scene]:
     return out
 
 
+PROMPT_SPLITS = ("train", "held_out")
+
+
+def scene_prompts(cfg: SceneConfig, split: str, n: int) -> list[str]:
+    """``n`` distinct captions of a split, in stream order: ``train`` from the training scenes
+    (:func:`training_scene` 0, 1, ...), ``held_out`` from :func:`held_out_scenes` (never trained on). The trained
+    teacher's prompt files for capture (training captions) and for the controller's rollouts (held out)."""
+    if split not in PROMPT_SPLITS:
+        raise ConfigError(f"split must be one of {PROMPT_SPLITS}, got {split!r}")
+    if n < 1:
+        raise ConfigError(f"the number of captions must be >= 1, got {n}")
+    if split == "held_out":
+        return [sc.caption for sc in held_out_scenes(cfg, n)]
+    out: list[str] = []
+    i = 0
+    while len(out) < n:
+        caption = training_scene(cfg, i).caption
+        i += 1
+        if caption not in out:
+            out.append(caption)
+    return out
+
+
+def is_scene_caption(text: str) -> bool:
+    """Whether ``text`` is a caption of the scene grammar (what the caption checker can judge)."""
+    try:
+        parse_caption(text)
+    except CaptionError:
+        return False
+    return True
+
+
 # ------------------------------------------------------------------------------------------ rendering
 _KIND_IDS = {"circle": 0, "square": 1, "triangle": 2, "ring": 3, "hstripe": 4, "vstripe": 5}
 

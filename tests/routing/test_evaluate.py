@@ -166,3 +166,21 @@ def test_evaluate_on_cuda_checks_the_stored_rollouts(tmp_path):
     metrics, _, _ = evaluate(_cfg(), teacher, load_students(students), store, ctrl, keys,
                              QualityLoss(QualityConfig(device="cuda")), show_progress=False)
     assert metrics["teacher"]["max_abs_latent_diff_vs_store"] == 0.0
+
+
+def test_caption_check_rates_drawn_scenes_and_skips_other_prompts():
+    """caption_check on scene captions: the true scenes' pixels pass, each scene drawn for the next caption
+    fails; prompts that are not scene captions give None."""
+    from types import SimpleNamespace
+
+    from flux2ttr.routing.evaluate import caption_check
+    from flux2ttr.teachers import scenes as sc
+
+    scenes = sc.held_out_scenes(sc.SceneConfig(), 4)
+    drawn = list(sc.render(scenes))  # [3, 256, 256] each, in [0, 1]
+    rollouts = [SimpleNamespace(prompt=s.caption, image=img) for s, img in zip(scenes, drawn)]
+    images = {"controller": drawn, "random": drawn[1:] + drawn[:1]}
+    res = caption_check(rollouts, images, ("controller", "all_student", "random"))
+    assert res == {"images": 4, "teacher": 1.0, "controller": 1.0, "random": 0.0}
+    other = [SimpleNamespace(prompt="a red fox in snow", image=drawn[0])]
+    assert caption_check(other, {"controller": drawn[:1]}, ("controller",)) is None

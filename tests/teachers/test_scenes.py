@@ -149,3 +149,48 @@ def test_crowded_group_falls_back_to_a_spread_layout():
         assert c / 3 < a.x - a.r and a.x + a.r < (c + 1) / 3 and r / 3 < a.y - a.r and a.y + a.r < (r + 1) / 3
         for b in mine[i + 1:]:
             assert math.dist((a.x, a.y), (b.x, b.y)) >= 1.2 * (a.r + b.r) + sc.SHAPE_GAP * 0.9
+
+
+def test_scene_prompts_split_and_the_shipped_prompt_files():
+    """scene_prompts: training captions are never held out, held-out ones always are, both distinct and the same
+    on every call; the trained teacher's prompt files in data/prompts are what `flux2ttr scene-prompts` writes
+    from the default params."""
+    import json
+    from pathlib import Path
+
+    cfg = sc.SceneConfig()
+    train, held = sc.scene_prompts(cfg, "train", 40), sc.scene_prompts(cfg, "held_out", 5)
+    assert len(set(train)) == 40 and len(set(held)) == 5
+    assert not any(sc.is_held_out(c, cfg.holdout_percent) for c in train)
+    assert all(sc.is_held_out(c, cfg.holdout_percent) for c in held)
+    assert train == sc.scene_prompts(cfg, "train", 40) and train[:3] == sc.scene_prompts(cfg, "train", 3)
+    assert all(sc.is_scene_caption(c) for c in train + held)
+    assert not sc.is_scene_caption("a red fox in snow") and not sc.is_scene_caption("two small red circles, on mauve")
+    root = Path(__file__).resolve().parents[2]
+    assert json.loads((root / "data/prompts/scenes_capture.json").read_text()) == train
+    assert json.loads((root / "data/prompts/scenes_controller.json").read_text()) == held
+    with pytest.raises(ConfigError, match="split must be one of"):
+        sc.scene_prompts(cfg, "test", 3)
+    with pytest.raises(ConfigError, match=">= 1"):
+        sc.scene_prompts(cfg, "train", 0)
+
+
+def test_scene_prompts_command_writes_the_split(tmp_path):
+    """`flux2ttr scene-prompts OUT --split S --count N` writes scene_prompts of the params' scenes section; a bad
+    count is one line naming it."""
+    import json
+
+    from click.testing import CliRunner
+
+    from flux2ttr.cli import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text("scenes:\n  eval_seed: 7\n")
+    out = tmp_path / "p" / "held.json"
+    res = CliRunner().invoke(main, ["scene-prompts", str(out), "--split", "held_out", "--count", "3",
+                                    "--params", str(params)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text()) == sc.scene_prompts(sc.SceneConfig(eval_seed=7), "held_out", 3)
+    assert json.loads(out.read_text()) != sc.scene_prompts(sc.SceneConfig(), "held_out", 3)
+    bad = CliRunner().invoke(main, ["scene-prompts", str(out), "--count", "0", "--params", str(params)])
+    assert bad.exit_code == 1 and "scene-prompts: the number of captions must be >= 1" in bad.output
