@@ -97,7 +97,7 @@ class CaptureConfig:
     shard_mib: float = 16.0  # target size of one shard file (k, v arrays)
     zstd_level: int = 3  # shard compression level
     compression: str = "zstd"  # zstd | none (shards stored as they are: no compression work at close)
-    write_threads: int = 4  # shards compressed and written at once when the store is closed
+    write_threads: int = 4  # spills and shards compressed and written at once (sampling goes on meanwhile)
 
     def __post_init__(self) -> None:
         if self.storage_dtype not in STORAGE_DTYPES:

@@ -47,7 +47,11 @@ is about ``(budget - s) / offered_bytes`` instead of ``budget / offered_bytes``:
 slightly less often, by a relative amount of about ``s / budget`` (1 % when the budget holds 100 large
 tuples). No rule can be exactly uniform for all size mixes, never exceed the budget and use it well at
 once; this one keeps the bias bounded by ``s_max / budget`` and makes it exact in the common case.
-Kept tuples are spilled to a temporary folder on disk, so memory stays at one tuple plus one shard.
+Kept tuples are spilled to a temporary folder on disk by background threads while the caller goes on, so
+memory stays at a few tuples plus one shard. Where one tuple fills a shard (``shard_bytes`` at most its ``k``:
+every full-size capture) a tuple is spilled as its final shard files, compressed and hashed as they are
+written, and closing renames them into place; smaller tuples are spilled raw and repacked into shards at
+close. Both give the same store, byte for byte.
 
 **Planned cut.** When the caller knows ahead of time the priorities of tuples it will certainly offer and a
 lower bound on their sizes (capture does: priorities are keyed by the tuple's identity), :meth:`TraceWriter.plan`
@@ -300,7 +304,7 @@ def merge_cut(states: Iterable[Mapping[str, Any]], budget: int) -> float:
     return prefix_cut(((float(p), int(b)) for st in states for p, b in st["kept"]), budget, below)
 
 
-SPILL_QUEUE = 4  # kept tuples copied to the host whose spill files are still being written (host memory bound)
+SPILL_QUEUE_PER_THREAD = 2  # kept tuples on the host waiting for their spill writes, per writer thread (memory bound)
 
 
 def _write_raw(path: Path, arrays: Sequence[np.ndarray]) -> None:
@@ -358,6 +362,11 @@ class _Kept:
     spill: Path
     scalars: np.ndarray  # [9] float64, SCALAR_FIELDS order
     rank: int = 0  # whose spill folder holds it
+    shards: dict[str, list] | None = None  # a shard-ready spill: {array: [bytes, sha256]} of its final shard files
+
+    def shard_path(self, name: str) -> Path:
+        """The spilled shard file of array ``name`` (shard-ready spills: one tuple per shard)."""
+        return self.spill.with_suffix(f".{name}")
 
 
 def _temp_prefix(target: Path) -> str:
@@ -540,9 +549,9 @@ class TraceWriter:
         serial = next(self._serial)
         spill = self._spill / f"{serial}.bin"
         scalars = np.array([float(getattr(t, f)) for f in SCALAR_FIELDS], dtype=np.float64)
-        self._write_spill(serial, spill, t)
-        self.spilled += 1
         kept = _Kept(priority, serial, layer, n_tokens, nbytes, spill, scalars, self.dist.rank)
+        self._write_spill(kept, t)
+        self.spilled += 1
         heapq.heappush(self._heap, (-priority, serial, kept))
         self._kept_bytes += nbytes
         while self._kept_bytes > self.budget_bytes:
@@ -609,18 +618,38 @@ class TraceWriter:
             )
         return n_tokens
 
-    def _write_spill(self, serial: int, path: Path, t: TraceTuple) -> None:
+    def _shard_ready(self, item: _Kept) -> bool:
+        """Whether ``item``'s group stores one tuple per shard (its k alone fills ``shard_bytes``: every full-size
+        capture), so that its spill can be its final shard files, renamed into place at close."""
+        (h_, _, d), (_, n, _), _ = self._shapes[(item.layer, item.n_tokens)]
+        return self.shard_bytes // max(1, h_ * n * d * _np_storage_dtype(self.storage_dtype).itemsize) <= 1
+
+    def _write_spill(self, item: _Kept, t: TraceTuple) -> None:
         """Spill one kept tuple: its arrays copied to the host here (off the device, in the storage dtype), the
-        file written by the spill thread while the caller samples on (at most :data:`SPILL_QUEUE` tuples wait;
-        a failed write raises at the next offer, sync or close)."""
+        files written by the spill threads while the caller samples on (at most :data:`SPILL_QUEUE_PER_THREAD`
+        x ``write_threads`` tuples wait;
+        a failed write raises at the next offer, sync or close). A shard-ready tuple (:meth:`_shard_ready`) is
+        spilled as its four final shard files (compressed there, hashed as written) plus its indices; any other
+        as one raw file, repacked into shards at close."""
         arrays = [encode(getattr(t, name), self.storage_dtype) for name in ARRAY_FIELDS]
-        arrays.append(np.ascontiguousarray(torch.as_tensor(t.q_idx).cpu().numpy(), dtype=np.int32))
+        small = [np.ascontiguousarray(torch.as_tensor(t.q_idx).cpu().numpy(), dtype=np.int32)]
         if t.heads is not None:
-            arrays.append(np.ascontiguousarray(torch.as_tensor(t.heads).cpu().numpy(), dtype=np.int32))
-        self._wait_spills(SPILL_QUEUE - 1)
-        if self._spill_pool is None:
-            self._spill_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flux2ttr-spill")
-        self._pending[serial] = self._spill_pool.submit(_write_raw, path, arrays)
+            small.append(np.ascontiguousarray(torch.as_tensor(t.heads).cpu().numpy(), dtype=np.int32))
+        self._wait_spills(SPILL_QUEUE_PER_THREAD * self.write_threads - 1)
+        if self._spill_pool is None:  # write_threads: the shard-ready spills compress there, several at once
+            self._spill_pool = ThreadPoolExecutor(max_workers=self.write_threads, thread_name_prefix="flux2ttr-spill")
+        if not self._shard_ready(item):
+            self._pending[item.serial] = self._spill_pool.submit(_write_raw, item.spill, arrays + small)
+            return
+        level = self.zstd_level if self.compression == "zstd" else None
+
+        def spill_shards() -> None:
+            shards = {name: list(write_shard_file(item.shard_path(name), [a[None]], 1, level))
+                      for name, a in zip(ARRAY_FIELDS, arrays)}
+            _write_raw(item.spill, small)
+            item.shards = shards  # read only after this write's result() (close waits for every spill)
+
+        self._pending[item.serial] = self._spill_pool.submit(spill_shards)
 
     def _wait_spills(self, keep: int = 0) -> None:
         """Wait for the oldest pending spill writes until at most ``keep`` are left (raising a write's error)."""
@@ -630,8 +659,17 @@ class TraceWriter:
     def _drop_spill(self, item: _Kept) -> None:
         pending = self._pending.pop(item.serial, None)
         if pending is not None:
-            pending.result()  # its file must exist before it can go
+            pending.result()  # its files must exist before they can go
         item.spill.unlink()
+        if item.shards is not None:
+            for name in ARRAY_FIELDS:
+                item.shard_path(name).unlink()
+
+    def _read_small_spill(self, item: _Kept) -> dict[str, np.ndarray]:
+        """``q_idx`` (and ``heads``) of a shard-ready spill."""
+        (h_, nq, _), _, headed = self._shapes[(item.layer, item.n_tokens)]
+        raw = np.fromfile(item.spill, dtype=np.int32)
+        return {"q_idx": raw[:nq], **({"heads": raw[nq:nq + h_]} if headed else {})}
 
     def _read_spill(self, item: _Kept) -> dict[str, np.ndarray]:
         (h_, nq, d), (_, n, _), headed = self._shapes[(item.layer, item.n_tokens)]
@@ -669,7 +707,7 @@ class TraceWriter:
         shutil.rmtree(self._tmp if self.dist.rank == 0 else self._spill, ignore_errors=True)
 
     def _stop_spills(self) -> None:
-        """Let the spill thread finish what it holds (errors were or will be raised elsewhere) and end it."""
+        """Let the spill threads finish what they hold (errors were or will be raised elsewhere) and end them."""
         if self._spill_pool is not None:
             self._spill_pool.shutdown(wait=True)
             self._spill_pool = None
@@ -695,8 +733,9 @@ class TraceWriter:
         cut = merge_cut(({"kept": [[e[0], e[4]] for e in p["kept"]], "tau": p["tau"]} for p in parts),
                         self.budget_bytes)
         kept = [_Kept(float(pr), int(serial), str(layer), int(n), int(nbytes),
-                      self._tmp / f".spill-{rank}" / f"{int(serial)}.bin", np.array(scalars, dtype=np.float64), rank)
-                for rank, p in enumerate(parts) for pr, serial, layer, n, nbytes, scalars in p["kept"]
+                      self._tmp / f".spill-{rank}" / f"{int(serial)}.bin", np.array(scalars, dtype=np.float64), rank,
+                      shards)
+                for rank, p in enumerate(parts) for pr, serial, layer, n, nbytes, scalars, shards in p["kept"]
                 if float(pr) < cut]
         shapes: dict[tuple[str, int], tuple] = {}
         for p in parts:
@@ -714,7 +753,7 @@ class TraceWriter:
         self._wait_spills()  # every spilled file complete (a failed write raises here)
         self._stop_spills()
         local = {
-            "kept": [[it.priority, it.serial, it.layer, it.n_tokens, it.nbytes, it.scalars.tolist()]
+            "kept": [[it.priority, it.serial, it.layer, it.n_tokens, it.nbytes, it.scalars.tolist(), it.shards]
                      for _, _, it in self._heap],
             "tau": _json_tau(self._tau),
             "shapes": [[layer, n, list(q), list(k), headed] for (layer, n), (q, k, headed) in self._shapes.items()],
@@ -802,6 +841,20 @@ class TraceWriter:
             heads = np.empty((m, h_), dtype=np.int32) if headed else None
             scalars = np.empty((m, len(SCALAR_FIELDS)), dtype=np.float64)
             def write_shard(start: int, stop: int) -> int:
+                if rows == 1 and items[start].shards is not None:  # spilled as its final shards: renamed into place
+                    item = items[start]
+                    for name, arr in arrays.items():
+                        rel = f"{arr.path}/{arr.metadata.encode_chunk_key((start, 0, 0, 0))}"
+                        (self._tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                        os.replace(item.shard_path(name), self._tmp / rel)
+                        hashed[rel] = list(item.shards[name])
+                    z = self._read_small_spill(item)
+                    q_idx[start] = z["q_idx"]
+                    if heads is not None:
+                        heads[start] = z["heads"]
+                    scalars[start] = item.scalars
+                    item.spill.unlink()
+                    return 1
                 batch = {name: [] for name in arrays}
                 for j in range(start, stop):
                     z = self._read_spill(items[j])

@@ -437,16 +437,18 @@ def test_torchrun_two_ranks_write_the_single_process_store(teacher_dir, tmp_path
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_write_the_single_process_head_subset_store(teacher_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("shard_mib", [16.0, 0.05], ids=["repacked", "shard_ready"])
+def test_torchrun_two_ranks_write_the_single_process_head_subset_store(teacher_dir, tmp_path, monkeypatch, shard_mib):
     """capture.tuple_heads under torchrun: the head draws are keyed by the tuple, not the rank, so 2 gloo ranks
-    write the single-process store byte for byte, with a budget that makes the reservoir choose."""
+    write the single-process store byte for byte, with a budget that makes the reservoir choose; with shards of
+    0.05 MiB each tuple fills a shard, so every rank spills shard-ready files that the layer's writer renames."""
     monkeypatch.chdir(tmp_path)
     Path("p.json").write_text(json.dumps(["a red fox", "a neon market", "a bowl of ramen", "a blue car"]))
     Path("params.yaml").write_text(yaml.safe_dump({
         "teacher": {"num_single": 2, "out_dir": str(teacher_dir)},
         "sampler": {"steps": 2, "height": 64, "width": 64},
         "capture": {"prompts": "p.json", "store": "traces/c.zarr", "metrics": "", "queries": 8,
-                    "budget_mib": 2, "batch_size": 1, "tuple_heads": 1},
+                    "budget_mib": 2, "batch_size": 1, "tuple_heads": 1, "shard_mib": shard_mib},
     }))
     with one_thread():
         run_stage(Path("params.yaml"))

@@ -732,3 +732,40 @@ def test_a_failed_spill_write_stops_the_writer_and_publishes_nothing(tmp_path, m
     with pytest.raises(OSError, match="No space left on device"):
         write_store(tmp_path / "s.zarr", [("single_blocks.0", make_tuple(gen, prompt=p)) for p in range(2)])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_shard_ready_spills_are_renamed_into_the_store_the_repack_writes(tmp_path, monkeypatch):
+    """A group whose tuples each fill a shard (every full-size capture) spills each tuple as its final shard files
+    (compressed and hashed in the spill thread) and close renames them into place: the store, manifest included,
+    is byte for byte the one the repack of raw spills writes, with zstd and without; evicted tuples leave no files."""
+    gen = torch.Generator().manual_seed(9)
+    tuples = [(f"single_blocks.{i}", make_tuple(gen, prompt=p, step=s)) for i in range(2) for p in range(3)
+              for s in range(2)]
+    shard = 1000  # < one tuple's k (2 x 24 x 8 float32 = 1,536 bytes): one tuple per shard
+    probe = TraceWriter(tmp_path / "probe.zarr", attrs={}, budget_bytes=1, storage_dtype="float32", seed=0)
+    budget = 9 * probe.tuple_nbytes(tuples[0][1])  # 9 of 12 kept: some spills are evicted
+    probe.abort()
+    real_ready = TraceWriter._shard_ready
+    for compression in ("zstd", "none"):
+        seen = []
+        monkeypatch.setattr(TraceWriter, "_shard_ready", lambda self, item: seen.append(real_ready(self, item))
+                            or seen[-1])
+        write_store(tmp_path / f"ready-{compression}.zarr", tuples, budget=budget, shard_bytes=shard,
+                    compression=compression)
+        assert seen and all(seen)
+        monkeypatch.setattr(TraceWriter, "_shard_ready", lambda self, item: False)
+        write_store(tmp_path / f"raw-{compression}.zarr", tuples, budget=budget, shard_bytes=shard,
+                    compression=compression)
+        a, b = tmp_path / f"ready-{compression}.zarr", tmp_path / f"raw-{compression}.zarr"
+        files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+        files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+        assert files_a == files_b and len([f for f in files_a if "/k/c/" in str(f)]) == 9
+        for rel in files_a:
+            assert (a / rel).read_bytes() == (b / rel).read_bytes(), (compression, rel)
+        store = TraceStore.open(a)
+        assert store.count() == 9 and store.verify()["files"] > 0
+        got, ref = read_all(store), originals(tuples)
+        for key, row in got.items():
+            assert torch.equal(row["k"], ref[key].k.float()) and torch.equal(row["q_idx"], ref[key].q_idx.long())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "raw-none.zarr", "raw-zstd.zarr", "ready-none.zarr", "ready-zstd.zarr"]  # no temp store or spill left
