@@ -48,7 +48,7 @@ slightly less often, by a relative amount of about ``s / budget`` (1 % when the 
 tuples). No rule can be exactly uniform for all size mixes, never exceed the budget and use it well at
 once; this one keeps the bias bounded by ``s_max / budget`` and makes it exact in the common case.
 Kept tuples are spilled to a temporary folder on disk by background threads while the caller goes on, so
-memory stays at a few tuples plus one shard. Where one tuple fills a shard (``shard_bytes`` at most its ``k``:
+memory stays at a few tuples plus one shard. Where one tuple fills a shard (``shard_bytes`` under twice its ``k``:
 every full-size capture) a tuple is spilled as its final shard files, compressed and hashed as they are
 written, and closing renames them into place; smaller tuples are spilled raw and repacked into shards at
 close. Both give the same store, byte for byte.
@@ -619,7 +619,7 @@ class TraceWriter:
         return n_tokens
 
     def _shard_ready(self, item: _Kept) -> bool:
-        """Whether ``item``'s group stores one tuple per shard (its k alone fills ``shard_bytes``: every full-size
+        """Whether ``item``'s group stores one tuple per shard (its k is over half of ``shard_bytes``: every full-size
         capture), so that its spill can be its final shard files, renamed into place at close."""
         (h_, _, d), (_, n, _), _ = self._shapes[(item.layer, item.n_tokens)]
         return self.shard_bytes // max(1, h_ * n * d * _np_storage_dtype(self.storage_dtype).itemsize) <= 1
