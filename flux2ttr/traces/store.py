@@ -153,7 +153,7 @@ _FP16_MAX = 65504.0  # largest finite float16
 
 DEFAULT_SHARD_BYTES = 64 * 2**20
 DEFAULT_ZSTD_LEVEL = 3
-DEFAULT_WRITE_THREADS = 4  # shards compressed and written at once at close (zstd releases the GIL)
+DEFAULT_WRITE_THREADS = 4  # spills and shards compressed and written at once (zstd releases the GIL)
 
 _RESERVED_ATTRS = ("format", "schema", "storage_dtype", "encoding", "scalar_fields", "reservoir", "manifest")
 
@@ -618,19 +618,28 @@ class TraceWriter:
             )
         return n_tokens
 
+    @property
+    def _shard_zstd_level(self) -> int | None:
+        """The shards' zstd level (``None``: stored uncompressed)."""
+        return self.zstd_level if self.compression == "zstd" else None
+
+    def _tuples_per_shard(self, layer: str, n_tokens: int) -> int:
+        """How many tuples of a group one shard holds at most: ``shard_bytes`` over one tuple's ``k`` bytes, at
+        least 1 (a group of ``m`` tuples has ``min(m, this)`` rows per shard)."""
+        (h_, _, d), (_, n, _), _ = self._shapes[(layer, n_tokens)]
+        return max(1, self.shard_bytes // max(1, h_ * n * d * _np_storage_dtype(self.storage_dtype).itemsize))
+
     def _shard_ready(self, item: _Kept) -> bool:
         """Whether ``item``'s group stores one tuple per shard (its k is over half of ``shard_bytes``: every full-size
         capture), so that its spill can be its final shard files, renamed into place at close."""
-        (h_, _, d), (_, n, _), _ = self._shapes[(item.layer, item.n_tokens)]
-        return self.shard_bytes // max(1, h_ * n * d * _np_storage_dtype(self.storage_dtype).itemsize) <= 1
+        return self._tuples_per_shard(item.layer, item.n_tokens) == 1
 
     def _write_spill(self, item: _Kept, t: TraceTuple) -> None:
         """Spill one kept tuple: its arrays copied to the host here (off the device, in the storage dtype), the
         files written by the spill threads while the caller samples on (at most :data:`SPILL_QUEUE_PER_THREAD`
-        x ``write_threads`` tuples wait;
-        a failed write raises at the next offer, sync or close). A shard-ready tuple (:meth:`_shard_ready`) is
-        spilled as its four final shard files (compressed there, hashed as written) plus its indices; any other
-        as one raw file, repacked into shards at close."""
+        x ``write_threads`` tuples wait; a failed write raises at the next offer, sync or close). A shard-ready
+        tuple (:meth:`_shard_ready`) is spilled as its four final shard files (compressed there, hashed as
+        written) plus its indices; any other as one raw file, repacked into shards at close."""
         arrays = [encode(getattr(t, name), self.storage_dtype) for name in ARRAY_FIELDS]
         small = [np.ascontiguousarray(torch.as_tensor(t.q_idx).cpu().numpy(), dtype=np.int32)]
         if t.heads is not None:
@@ -641,7 +650,7 @@ class TraceWriter:
         if not self._shard_ready(item):
             self._pending[item.serial] = self._spill_pool.submit(_write_raw, item.spill, arrays + small)
             return
-        level = self.zstd_level if self.compression == "zstd" else None
+        level = self._shard_zstd_level
 
         def spill_shards() -> None:
             shards = {name: list(write_shard_file(item.shard_path(name), [a[None]], 1, level))
@@ -809,8 +818,8 @@ class TraceWriter:
         t0 = time.perf_counter()
         root = zarr.open_group(str(self._tmp), mode="r+")
         store_dtype = _np_storage_dtype(self.storage_dtype)
-        compressor = ZstdCodec(level=self.zstd_level) if self.compression == "zstd" else None
-        level = self.zstd_level if self.compression == "zstd" else None
+        level = self._shard_zstd_level
+        compressor = None if level is None else ZstdCodec(level=level)
         array_info: dict[str, dict[str, Any]] = {}
         hashed: dict[str, list] = {}  # shard files: [bytes, sha256] as written (dict writes are atomic under the GIL)
 
@@ -828,8 +837,7 @@ class TraceWriter:
             m = len(items)
             (h_, nq, d), (_, n, _), headed = self._shapes[(layer, n_tokens)]
             g = root.require_group(layer).require_group(group_name(n_tokens))
-            per_tuple_big = h_ * n * d * store_dtype.itemsize
-            rows = max(1, min(m, self.shard_bytes // max(1, per_tuple_big)))
+            rows = min(m, self._tuples_per_shard(layer, n_tokens))
             arrays = {}
             for name, shape in (("q_sub", (h_, nq, d)), ("teacher_sub", (h_, nq, d)),
                                 ("k", (h_, n, d)), ("v", (h_, n, d))):
@@ -841,32 +849,25 @@ class TraceWriter:
             heads = np.empty((m, h_), dtype=np.int32) if headed else None
             scalars = np.empty((m, len(SCALAR_FIELDS)), dtype=np.float64)
             def write_shard(start: int, stop: int) -> int:
-                if rows == 1 and items[start].shards is not None:  # spilled as its final shards: renamed into place
-                    item = items[start]
-                    for name, arr in arrays.items():
-                        rel = f"{arr.path}/{arr.metadata.encode_chunk_key((start, 0, 0, 0))}"
-                        (self._tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                        os.replace(item.shard_path(name), self._tmp / rel)
-                        hashed[rel] = list(item.shards[name])
-                    z = self._read_small_spill(item)
-                    q_idx[start] = z["q_idx"]
-                    if heads is not None:
-                        heads[start] = z["heads"]
-                    scalars[start] = item.scalars
-                    item.spill.unlink()
-                    return 1
+                # a shard-ready spill (one tuple per shard) already is its final shard files: renamed into place
+                ready = rows == 1 and items[start].shards is not None
                 batch = {name: [] for name in arrays}
                 for j in range(start, stop):
-                    z = self._read_spill(items[j])
-                    for name in arrays:
+                    z = self._read_small_spill(items[j]) if ready else self._read_spill(items[j])
+                    for name in () if ready else arrays:
                         batch[name].append(z[name])
                     q_idx[j] = z["q_idx"]  # rows of one shard: no two threads write the same row
                     if heads is not None:
                         heads[j] = z["heads"]
                     scalars[j] = items[j].scalars
-                for name, arr in arrays.items():  # one whole shard per file, written by this thread
+                for name, arr in arrays.items():  # one whole shard per file, by this thread
                     rel = f"{arr.path}/{arr.metadata.encode_chunk_key((start // rows, 0, 0, 0))}"
-                    hashed[rel] = list(write_shard_file(self._tmp / rel, batch[name], rows, level))
+                    if ready:
+                        (self._tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                        os.replace(items[start].shard_path(name), self._tmp / rel)
+                        hashed[rel] = list(items[start].shards[name])
+                    else:
+                        hashed[rel] = list(write_shard_file(self._tmp / rel, batch[name], rows, level))
                 for j in range(start, stop):
                     items[j].spill.unlink()  # spill and store stay near one budget (+ the shards in flight)
                 return stop - start
@@ -893,10 +894,10 @@ class TraceWriter:
         if bar is not None:
             bar.close()
         t1 = time.perf_counter()
-        # every file of these layers: the shards as hashed while written, the rest read back from disk
+        # every file of these layers (the layer's own zarr.json too): the shards as hashed while written (their
+        # size checked against the file), the small files read back from disk
         rels = [f"{layer}/{rel}" for layer in sorted({lay for lay, _ in groups})
-                for rel in (_META_FILE, *_store_files(self._tmp / layer))]  # the layer's own zarr.json too
-        # the shards hashed as written (their size checked against the file); the small files read back
+                for rel in (_META_FILE, *_store_files(self._tmp / layer))]
         rest = hash_files(self._tmp, [r for r in rels if r not in hashed])
         for rel, (size, _) in hashed.items():
             if (self._tmp / rel).stat().st_size != size:
