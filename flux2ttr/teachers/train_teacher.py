@@ -22,7 +22,10 @@ does (guidance distillation). With ``distill_fraction`` 0 every row sees a rando
 Every random draw of step ``s`` comes from seeds derived from ``(seed, s)``, so a resumed run is the run that
 was not interrupted. State (weights, EMA, AdamW moments, loss log) is a safetensors checkpoint (no pickle)
 written every ``checkpoint_every`` steps and when the run stops (``steps`` reached, ``--max-seconds`` or
-``--stop-after``); the next run with the same training config resumes it. Each run exports the EMA weights
+``--stop-after``); the next run with the same training config resumes it. A run may instead start from an
+exported file (``init_file``, a warm start: its weights become the model and the EMA, AdamW and the step
+count start fresh, so the schedule is this run's; the file's arch, vocabulary and scene set must be this
+config's); the export then records the file it started from and that file's own history. Each run exports the EMA weights
 as the shipped fp16 file (:func:`flux2ttr.teachers.trained.write_trained_file`) with seed, steps, the commands
 and the loss curve in its header, and optionally evaluates the caption checker on held-out captions.
 """
@@ -46,6 +49,7 @@ from typing import Any
 
 import torch
 
+from flux2ttr.atomic import file_sha256
 from flux2ttr.checkpoint import load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
 from flux2ttr.config import ConfigError, check_choice, check_range, load_section, to_dict
 from flux2ttr.seeds import derive_seed
@@ -54,7 +58,7 @@ from flux2ttr.teachers.caption_encoder import CaptionEncoder, VocabPromptEncoder
 from flux2ttr.teachers.latent_map import LatentMap
 from flux2ttr.teachers.sampler import SamplerConfig, empirical_mu, sample
 from flux2ttr.teachers.teacher import Teacher, diffusers_to_bfl, match_comfyui_qk_norm, tiny_model_config
-from flux2ttr.teachers.trained import arch_config, write_trained_file
+from flux2ttr.teachers.trained import arch_config, read_trained_file, write_trained_file
 
 # config fields that may change between a run and its resumption (how, not what, is trained)
 RESUMABLE_CHANGES = ("out_file", "checkpoint", "log_every", "checkpoint_every", "device", "amp", "torch_threads",
@@ -68,6 +72,7 @@ class TrainTeacherConfig:
 
     out_file: str = "data/teachers/flux2_trained_fp16.safetensors"  # the shipped file (+ .sha256)
     checkpoint: str = "checkpoints/train_teacher/state.safetensors"  # resumable state
+    init_file: str = ""           # warm start: a trained file's weights (fresh AdamW, this run's schedule); "" = seeded init
     seed: int = 0                 # model init, noise, sigmas, dropout, guidance draws
     # architecture (head_dim 128, 128 latent channels, mlp 3, RoPE 32x4 are FLUX.2's)
     num_heads: int = 2            # hidden = 128 x heads
@@ -257,6 +262,7 @@ class Trainer:
         self.losses: list[list[float]] = []  # [step, mean loss over the log window]
         self.commands: list[str] = []
         self.wall_s = 0.0
+        self.init: dict[str, Any] | None = None  # the warm start's file and its history
         self.h, self.w = cfg.height // 16, cfg.width // 16
         # the next batches' scenes (pure Python) are drawn while this step runs on the device: on a thread, or
         # in worker processes, which keep the GIL free for launching this step's kernels (spawned: CUDA-safe)
@@ -320,6 +326,26 @@ class Trainer:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._ahead.clear()
 
+    def warm_start(self, path: str | Path) -> None:
+        """Take model, EMA and encoders from the trained file at ``path`` (its EMA weights, fp16 -> fp32)."""
+        from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers  # noqa: PLC0415
+
+        header, bfl, codec = read_trained_file(path)
+        for what, theirs, ours in (("arch", header.get("arch"), self.cfg.arch),
+                                   ("vocabulary", header.get("vocab"), self.encoder.tokenizer.vocab),
+                                   ("scenes", header.get("scenes"), to_dict(self.scfg))):
+            if theirs != ours:
+                raise ConfigError(f"train_teacher.init_file: {path} was trained with another {what} ({theirs}, this "
+                                  f"config: {ours}); set train_teacher.init_file to a file of this config, or \"\"")
+        state = convert_flux2_transformer_checkpoint_to_diffusers({k: v.float() for k, v in bfl.items()})
+        enc = {"token": codec["prompt_encoder.token"], "position": codec["prompt_encoder.position"]}
+        with torch.no_grad():
+            for module, tensors in ((self.model, state), (self.ema_model, state), (self.encoder, enc),
+                                    (self.ema_encoder, enc)):
+                module.load_state_dict({k: v.to(self.device) for k, v in tensors.items()}, strict=True)
+        self.init = {"file": Path(path).name, "sha256": file_sha256(path), "steps": header.get("steps"),
+                     "commands": header.get("commands"), "eval": header.get("eval"), "init": header.get("init")}
+
     # --- checkpoint -------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = {f"model.{k}": v for k, v in self.model.state_dict().items()}
@@ -331,7 +357,8 @@ class Trainer:
     def save(self, path: str | Path) -> None:
         opt_tensors, opt_meta = optimizer_to_flat(self.opt, "opt")
         header = {"step": self.step_done, "fingerprint": self.cfg.fingerprint(), "scenes": to_dict(self.scfg),
-                  "losses": self.losses, "commands": self.commands, "wall_s": self.wall_s, "optimizer": opt_meta}
+                  "losses": self.losses, "commands": self.commands, "wall_s": self.wall_s, "optimizer": opt_meta,
+                  "init": self.init}
         save_checkpoint(path, {**self.state_tensors(), **opt_tensors}, header)
 
     def load(self, path: str | Path) -> None:
@@ -349,6 +376,7 @@ class Trainer:
         self.losses = [list(x) for x in header.get("losses", [])]
         self.commands = list(header.get("commands", []))
         self.wall_s = float(header.get("wall_s", 0.0))
+        self.init = header.get("init")
 
     # --- export -----------------------------------------------------------------------------------
     def teacher(self) -> Teacher:
@@ -366,7 +394,7 @@ class Trainer:
             "latent_map": {"seed": self.scfg.latent_seed, "scale": self.scfg.latent_scale,
                            "design": "YCbCr-like opponent colours, luma 2x2 / chroma 2x4 blocks, block DCT, "
                                      "signed Hadamard channel mix (flux2ttr/teachers/latent_map.py)"},
-            "seed": self.cfg.seed, "steps": self.step_done, "steps_planned": self.cfg.steps,
+            "seed": self.cfg.seed, "steps": self.step_done, "steps_planned": self.cfg.steps, "init": self.init,
             "commands": self.commands, "train": to_dict(self.cfg), "scenes": to_dict(self.scfg),
             "loss_curve": self.losses, "wall_s": round(self.wall_s, 1), "torch": torch.__version__,
             "eval": evaluation,
@@ -435,6 +463,9 @@ def train(cfg: TrainTeacherConfig, scfg: scenes.SceneConfig, *, command: str = "
     if ckpt.is_file():
         trainer.load(ckpt)
         log(f"resumed {ckpt} at step {trainer.step_done}")
+    elif cfg.init_file:
+        trainer.warm_start(cfg.init_file)
+        log(f"warm start from {cfg.init_file} (trained {trainer.init['steps']} steps)")
     trainer.commands.append(command or shlex.join(sys.argv))
     start, t0, wall0 = trainer.step_done, time.monotonic(), trainer.wall_s
     window: list[float] = []
@@ -490,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stop-after", type=int, help="stop after this many steps of this run")
     p.add_argument("--checkpoint", help="override train_teacher.checkpoint")
     p.add_argument("--out", help="override train_teacher.out_file")
+    p.add_argument("--init-file", help="override train_teacher.init_file (warm start from a trained file)")
     p.add_argument("--eval-captions", type=int, help="override train_teacher.eval_captions (0: no evaluation)")
     p.add_argument("--grid", help="PNG of the evaluation samples")
     args = p.parse_args(argv)
@@ -498,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in (("device", args.device), ("amp", args.amp), ("batch_size", args.batch_size),
                         ("steps", args.steps), ("max_seconds", args.max_seconds), ("scene_workers", args.scene_workers),
                         ("compile", args.compile), ("checkpoint", args.checkpoint),
-                        ("out_file", args.out), ("eval_captions", args.eval_captions)):
+                        ("out_file", args.out), ("init_file", args.init_file),
+                        ("eval_captions", args.eval_captions)):
         if value is not None:
             setattr(cfg, name, value)
     cfg.__post_init__()

@@ -145,6 +145,57 @@ def test_resume_is_the_uninterrupted_run(tmp_path):
         tt.train(dataclasses.replace(parts, lr=1e-4, steps=6), SCENES, log=lambda _: None)
 
 
+def test_warm_start_takes_a_trained_files_weights_and_records_it(tmp_path):
+    """train_teacher.init_file: a run starts from an exported file's weights (fp16, as shipped) in model, EMA
+    and encoders, with fresh AdamW and its own schedule; its export records that file and its history, a
+    resumed warm-started run is the uninterrupted one, and a file of another arch or scene set is refused."""
+    first = small(tmp_path / "a", steps=2)
+    trainer = tt.Trainer(first, SCENES)
+    trainer.step()
+    trainer.step()
+    trainer.commands.append("first run")
+    randomize_ema(trainer)
+    sha = trainer.export(first.out_file)
+
+    warm = small(tmp_path / "b", steps=3, checkpoint_every=100, init_file=first.out_file)
+    started = tt.Trainer(warm, SCENES)
+    started.warm_start(warm.init_file)
+    want = {k: v.half().float() for k, v in trainer.ema_model.state_dict().items()}
+    for module in (started.model, started.ema_model):
+        got = module.state_dict()
+        assert set(got) == set(want)
+        for k in want:
+            assert torch.equal(got[k], want[k]), k
+    for enc in (started.encoder, started.ema_encoder):
+        assert torch.equal(enc.token, trainer.ema_encoder.token) and torch.equal(enc.position,
+                                                                                 trainer.ema_encoder.position)
+    assert started.step_done == 0 and not started.opt.state  # fresh AdamW
+    started.close()
+
+    whole = tt.train(warm, SCENES, command="warm", log=lambda _: None)
+    header, _, _ = read_trained_file(warm.out_file)
+    assert header["steps"] == 3 and header["commands"] == ["warm"]
+    assert header["init"] == {"file": "trained.safetensors", "sha256": sha, "steps": 2, "commands": ["first run"],
+                              "eval": None, "init": None}
+    # resumed from its checkpoint (not warm-started again): the same run
+    parts = dataclasses.replace(warm, checkpoint=str(tmp_path / "c" / "state.safetensors"),
+                                out_file=str(tmp_path / "c" / "trained.safetensors"))
+    tt.train(parts, SCENES, command="warm 1", stop_after=1, log=lambda _: None)
+    again = tt.train(parts, SCENES, command="warm 2", log=lambda _: None)
+    assert again.steps == whole.steps == 3 and again.losses[-1] == whole.losses[-1]
+    with safe_open(warm.checkpoint, "pt") as fa, safe_open(parts.checkpoint, "pt") as fb:
+        for k in fa.keys():
+            assert torch.equal(fa.get_tensor(k), fb.get_tensor(k)), k
+    assert read_trained_file(parts.out_file)[0]["init"]["sha256"] == sha
+
+    other_arch = small(tmp_path / "d", num_heads=2, init_file=first.out_file)
+    with pytest.raises(ConfigError, match="another arch"):
+        tt.train(other_arch, SCENES, log=lambda _: None)
+    with pytest.raises(ConfigError, match="another scenes"):
+        tt.train(small(tmp_path / "e", init_file=first.out_file), dataclasses.replace(SCENES, stripe_prob=0.5),
+                 log=lambda _: None)
+
+
 def test_scene_worker_processes_train_the_same_run(tmp_path):
     """scene_workers draws the batches ahead in spawned processes (the GIL stays free for launching kernels):
     the run, weights and EMA and AdamW moments, is the one the in-process thread trains; the workers end with it."""
