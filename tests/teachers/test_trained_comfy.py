@@ -1,8 +1,11 @@
-"""A file written by the teacher-training script, unpacked by the ``teacher`` stage (``teacher.kind: trained``),
-is a ComfyUI FLUX.2 model: UNETLoader detects it and its denoiser equals the pipeline's teacher to float32
-rounding, as for the seeded tiny teacher (tests/teachers/test_comfy_teacher.py)."""
+"""A file written by the teacher-training script (one exported here, and the shipped one), unpacked by the
+``teacher`` stage (``teacher.kind: trained``), is a ComfyUI FLUX.2 model: UNETLoader detects it and its
+denoiser equals the pipeline's teacher to float32 rounding, as for the seeded tiny teacher
+(tests/teachers/test_comfy_teacher.py)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,14 +15,13 @@ from flux2ttr.teachers import train_teacher as tt
 from flux2ttr.teachers.teacher import SINGLE_FILE_NAME, TeacherConfig, load_teacher
 from flux2ttr.teachers.trained import write_trained_teacher
 
+SHIPPED = str(Path(__file__).resolve().parents[2] / TeacherConfig().trained_file)  # the shipped file
+
 ROUNDING_REL = 2e-6  # float32 rounding over a few blocks (the seeded teacher's bound)
 
 
-@pytest.fixture(scope="module")
-def both(comfy, tmp_path_factory):
-    import nodes
-
-    tmp = tmp_path_factory.mktemp("trained")
+def exported_file(tmp) -> str:
+    """A file the training script exports after one step, every layer made active."""
     cfg = tt.TrainTeacherConfig(num_heads=2, num_double=1, num_single=2, context_dim=32, height=128, width=128,
                                 batch_size=2, steps=2, eval_captions=0, checkpoint=str(tmp / "state.safetensors"),
                                 out_file=str(tmp / "trained.safetensors"))
@@ -30,9 +32,19 @@ def both(comfy, tmp_path_factory):
         for p in trainer.ema_model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
     trainer.export(cfg.out_file)
-    tcfg = TeacherConfig(kind="trained", trained_file=cfg.out_file, out_dir=str(tmp / "teacher"))
+    return cfg.out_file
+
+
+@pytest.fixture(scope="module", params=["exported", "shipped"])
+def both(comfy, tmp_path_factory, request):
+    import nodes
+
+    tmp = tmp_path_factory.mktemp("trained")
+    source = exported_file(tmp) if request.param == "exported" else SHIPPED
+    tcfg = TeacherConfig(kind="trained", trained_file=source, out_dir=str(tmp / "teacher"))
     folder = write_trained_teacher(tcfg)
-    name = comfy.add_model_file("diffusion_models", folder / SINGLE_FILE_NAME, "flux2_trained_test.safetensors")
+    name = comfy.add_model_file("diffusion_models", folder / SINGLE_FILE_NAME,
+                                f"flux2_trained_{request.param}.safetensors")
     model = nodes.UNETLoader().load_unet(name, "default")[0]
     return model, load_teacher(tcfg)
 
@@ -47,8 +59,9 @@ def test_comfyui_detects_the_trained_teacher(both):
     model, teacher = both
     assert isinstance(model.model, comfy.model_base.Flux2)
     params = model.model.diffusion_model.params
-    assert params.num_heads == teacher.num_heads == 2 and params.context_in_dim == teacher.context_dim == 32
-    assert len(model.model.diffusion_model.single_blocks) == 2 and params.guidance_embed
+    assert params.num_heads == teacher.num_heads == 2 and params.context_in_dim == teacher.context_dim
+    singles = [k for k in teacher.layer_keys if k.startswith("single_blocks.")]
+    assert len(model.model.diffusion_model.single_blocks) == len(singles) and params.guidance_embed
 
 
 @pytest.mark.parametrize("sigma, guidance, h, w", [(0.9, 4.0, 8, 8), (0.4, 1.0, 6, 10)])
