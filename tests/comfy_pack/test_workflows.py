@@ -5,10 +5,12 @@
   files in temp model folders), and fails it, naming the file, while one is missing;
 - the pack's tiny nodes (Flux2TTRTinyTextEncode, Flux2TTRTinyDecode) give exactly the pipeline's tiny
   teacher conditioning and decoded images;
-- the tiny workflow runs end to end as shipped, on CPU, after a real ``flux2ttr comfy-install --no-pip`` into
+- the tiny workflow (on the seeded teacher) and the trained one (on the shipped trained teacher, as its
+  ``teacher`` stage writes it) run end to end as shipped, on CPU, after a real ``flux2ttr comfy-install --no-pip`` into
   a temp copy of the ComfyUI tree: a fresh ComfyUI process started from that copy (its own models folder,
   nothing registered by hand) loads the installed pack, opens the workflow from the pack's
-  example_workflows and writes a PNG that is not blank, with the student layers used.
+  example_workflows and writes a PNG that is not blank, with the student layers used; the trained
+  teacher's image passes the caption checker for the workflow's caption.
 
 Run as a script (``python test_workflows.py '<json>'``), this file is that ComfyUI process.
 """
@@ -32,6 +34,8 @@ TESTS = HERE.parents[1]
 REPO = HERE.parents[2]
 WORKFLOWS = REPO / "comfy_nodes" / "example_workflows"
 DEV, KLEIN, TINY = "flux2ttr_controller.json", "flux2ttr_flux2_klein.json", "flux2ttr_tiny_cpu.json"
+TRAINED = "flux2ttr_trained_cpu.json"
+ALL = [DEV, KLEIN, TINY, TRAINED]
 CHILD_TIMEOUT_S = 300
 
 # loader node -> (widget input naming a model file, the ComfyUI model folder it is read from)
@@ -58,6 +62,7 @@ EXPECTED_FILES = {
            ("approximate_attention", "flux2_ttr.safetensors"),
            ("approximate_attention", "flux2_ttr_controller.safetensors")},
 }
+EXPECTED_FILES[TRAINED] = EXPECTED_FILES[TINY]  # the trained teacher's stage writes the same file names
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 
 
@@ -114,11 +119,11 @@ def validate(comfy, prompt: dict) -> tuple[bool, dict, dict]:
 # the graphs
 
 
-def test_the_pack_ships_three_workflows():
-    assert sorted(p.name for p in WORKFLOWS.glob("*.json")) == sorted([DEV, KLEIN, TINY])
+def test_the_pack_ships_four_workflows():
+    assert sorted(p.name for p in WORKFLOWS.glob("*.json")) == sorted(ALL)
 
 
-@pytest.mark.parametrize("name", [DEV, KLEIN, TINY])
+@pytest.mark.parametrize("name", ALL)
 def test_graph_matches_comfyui_node_definitions(comfy, name):
     """Every node is a ComfyUI (or pack) node; every link joins an output to an input of the same type at
     the slots ComfyUI defines; every required input is linked or has a widget value; widget values are as
@@ -153,7 +158,7 @@ def test_graph_matches_comfyui_node_definitions(comfy, name):
         assert len(node["widgets_values"]) == widgets, f"{name}: {node['type']} widget values"
 
 
-@pytest.mark.parametrize("name", [DEV, KLEIN, TINY])
+@pytest.mark.parametrize("name", ALL)
 def test_model_file_names(comfy, name):
     """The files each workflow loads, by ComfyUI folder: dev and Klein as ComfyUI's own FLUX.2 templates name
     them, the tiny one what comfy-install installs; the controller sits between the model and the sampler."""
@@ -182,14 +187,21 @@ def test_each_model_keeps_its_own_settings(comfy):
     types, ks, lat = settings(KLEIN)  # Klein 4B distilled: 4 steps, cfg 1, no guidance embedding
     assert "FluxGuidance" not in types and ks["cfg"] == 1.0 and ks["steps"] == 4
     assert (lat["width"], lat["height"]) == (1024, 1024)
-    types, ks, lat = settings(TINY)  # the pipeline's own tiny settings: 256 px, 6 steps, guidance 4, cfg 1
-    assert types["Flux2TTRTinyTextEncode"]["guidance"] == 4.0 and ks["cfg"] == 1.0 and ks["steps"] == 6
-    assert (lat["width"], lat["height"]) == (256, 256)
-    assert types["Flux2TTRController"]["policy_mode"] == "threshold"
-    assert {"SaveImage", "Flux2TTRTinyDecode"} <= set(types) and "CLIPLoader" not in types
+    for name in (TINY, TRAINED):  # the pipeline's own tiny settings: 256 px, 6 steps, guidance 4, cfg 1
+        types, ks, lat = settings(name)
+        assert types["Flux2TTRTinyTextEncode"]["guidance"] == 4.0 and ks["cfg"] == 1.0 and ks["steps"] == 6
+        assert (lat["width"], lat["height"]) == (256, 256)
+        assert types["Flux2TTRController"]["policy_mode"] == "threshold"
+        assert {"SaveImage", "Flux2TTRTinyDecode"} <= set(types) and "CLIPLoader" not in types
+    # the trained teacher's prompt is a caption of its scene grammar: every word in its vocabulary
+    from flux2ttr.teachers import scenes
+
+    caption = settings(TRAINED)[0]["Flux2TTRTinyTextEncode"]["text"]
+    words = caption.replace(",", " ").split()
+    assert words and set(words) <= set(scenes.vocabulary())
 
 
-@pytest.mark.parametrize("name", [DEV, KLEIN, TINY])
+@pytest.mark.parametrize("name", ALL)
 def test_validates_in_comfyui_once_its_files_are_there(comfy, name, tmp_path):
     from helpers.comfy import ui_to_api
 
@@ -335,7 +347,24 @@ def write_artifacts(folder: Path, teacher) -> None:
                     student_sha256=file_sha256(folder / "flux2_ttr.safetensors"))
 
 
-def test_tiny_workflow_runs_after_comfy_install(tiny_teacher, tmp_path):
+def workflow_caption(ui: dict) -> str:
+    """The caption of a tiny workflow's Flux2TTRTinyTextEncode (its first string widget)."""
+    [node] = [n for n in ui["nodes"] if n["type"] == "Flux2TTRTinyTextEncode"]
+    return next(v for v in node["widgets_values"] if isinstance(v, str) and " " in v)
+
+
+def trained_teacher(folder: Path):
+    """The shipped trained teacher as its ``teacher`` stage writes it (``teacher.kind: trained``) into ``folder``."""
+    from flux2ttr.teachers.teacher import TeacherConfig, load_teacher
+    from flux2ttr.teachers.trained import write_trained_teacher
+
+    cfg = TeacherConfig(kind="trained", trained_file=str(REPO / TeacherConfig().trained_file), out_dir=str(folder))
+    write_trained_teacher(cfg)
+    return load_teacher(cfg)
+
+
+@pytest.mark.parametrize("name", [TINY, TRAINED])
+def test_tiny_workflow_runs_after_comfy_install(tiny_teacher, tmp_path, name):
     """No ``comfy`` fixture: the workflow runs in a ComfyUI process of its own, started from the installed copy."""
     from click.testing import CliRunner
 
@@ -344,18 +373,22 @@ def test_tiny_workflow_runs_after_comfy_install(tiny_teacher, tmp_path):
 
     comfy_dir = copy_comfyui(comfyui_path(), tmp_path / "ComfyUI")
     project = tmp_path / "project"
-    shutil.copytree(tiny_teacher.folder, project / "teachers" / "tiny")
-    write_artifacts(project / "artifacts", tiny_teacher)
+    if name == TRAINED:
+        teacher = trained_teacher(project / "teachers" / "tiny")
+    else:
+        teacher = tiny_teacher
+        shutil.copytree(tiny_teacher.folder, project / "teachers" / "tiny")
+    write_artifacts(project / "artifacts", teacher)
     res = CliRunner().invoke(main, ["comfy-install", str(comfy_dir), "--artifacts", str(project / "artifacts"),
                                     "--teacher", str(project / "teachers" / "tiny"), "--no-pip"])
     assert res.exit_code == 0, res.output
     models = comfy_dir / "models"
-    for folder, name in EXPECTED_FILES[TINY]:
-        assert (models / folder / name).is_file(), f"comfy-install did not put {name} into models/{folder}"
+    for folder, file in EXPECTED_FILES[name]:
+        assert (models / folder / file).is_file(), f"comfy-install did not put {file} into models/{folder}"
     assert (comfy_dir / "custom_nodes" / "flux2ttr").resolve() == PACK_DIR.resolve()
 
     env = {**os.environ, "COMFYUI_PATH": str(comfy_dir)}
-    child = subprocess.run([sys.executable, str(HERE), json.dumps({"comfyui": str(comfy_dir), "workflow": TINY})],
+    child = subprocess.run([sys.executable, str(HERE), json.dumps({"comfyui": str(comfy_dir), "workflow": name})],
                            capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, env=env, cwd=tmp_path)
     lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
     assert child.returncode == 0 and lines, child.stdout[-3000:] + child.stderr[-6000:]
@@ -377,6 +410,28 @@ def test_tiny_workflow_runs_after_comfy_install(tiny_teacher, tmp_path):
     assert {k for _, k in routed} == {"single_blocks.0", "single_blocks.2"}  # what the controller chose
     assert {"single_blocks.1", "single_blocks.3"} <= {k for _, k in native}
     assert out["guidance"] == pytest.approx(4.0)  # the tiny text encoder's guidance reached the model
+    if name == TRAINED:  # without the controller, the same graph draws the caption (the test's students are random)
+        import torch
+
+        from flux2ttr.teachers import caption_check
+
+        for png_file in out["images"]:
+            Path(png_file).unlink()
+        child = subprocess.run([sys.executable, str(HERE), json.dumps({"comfyui": str(comfy_dir), "workflow": name,
+                                                                       "native": True})],
+                               capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, env=env, cwd=tmp_path)
+        lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
+        assert child.returncode == 0 and lines, child.stdout[-3000:] + child.stderr[-6000:]
+        native = json.loads(lines[-1])
+        assert native["success"] and not native["routed_calls"], native["error"]
+        [png] = native["images"]
+        pixels = torch.from_numpy(np.asarray(Image.open(png).convert("RGB")).copy()).permute(2, 0, 1)[None] / 255.0
+        caption = workflow_caption(load(name))
+        [verdict] = caption_check.check_batch(pixels, [caption])
+        assert verdict.strict, verdict  # colour, count, kind and size in the named cell, on the named background
+        # and the check can fail: the same image against another caption of the grammar
+        [other] = caption_check.check_batch(pixels, ["a large green triangle top right, on beige"])
+        assert not other.passed, other
 
 
 # --------------------------------------------------------------------------------------------------
@@ -396,6 +451,10 @@ def _child(args: dict) -> dict:
 
     ui = json.loads((pack / "example_workflows" / args["workflow"]).read_text())
     prompt = harness.ui_to_api(comfy, ui)  # as shipped: nothing replaced
+    if args.get("native"):  # the same graph with the controller taken out: the teacher's own attention
+        ids = {n["class_type"]: nid for nid, n in prompt.items()}
+        prompt[ids["KSampler"]]["inputs"]["model"] = [ids["UNETLoader"], 0]
+        del prompt[ids["Flux2TTRController"]]
     outputs = [nid for nid, n in prompt.items() if n["class_type"] in ("SaveImage", "PreviewImage")]
     res = comfy.run(prompt, outputs)
     runs = comfy_patch.last_runs()
