@@ -225,13 +225,19 @@ class CaptureObserver:
         if state.step not in self.steps:
             return
         start, cpu_start = time.perf_counter(), time.process_time()
-        B, H, N, _ = q.shape
+        B, H, N, D = q.shape
+        # a tuple's bytes follow from the call's shapes: a refused one is counted without being built, so it
+        # costs no device work and no host-to-device copy (a stream sync) of its query and head indices
+        nbytes = self.writer.nbytes_of(self.tuple_heads or H, N, min(int(self.cfg.queries), N), D,
+                                       headed=bool(self.tuple_heads))
         for b in range(B):
             prompt, sample_seed = int(state.prompt_index[b]), int(state.seed[b])
             uncond = int(state.uncond[b]) if state.uncond else 0
+            priority = tuple_priority(self.cfg.seed, prompt, sample_seed, state.step, key, uncond)
+            if self.writer.refuses(key, nbytes, priority):
+                continue
             idx = query_positions(N, self.cfg.queries, self.cfg.seed, prompt, sample_seed, state.step, key, uncond)
             idx_t = torch.from_numpy(idx).to(q.device)
-            priority = tuple_priority(self.cfg.seed, prompt, sample_seed, state.step, key, uncond)
             qb, kb, vb, ob, heads = q[b], k[b], v[b], out[b], None
             if self.tuple_heads:
                 heads = torch.from_numpy(head_subset(H, self.tuple_heads, self.cfg.seed, prompt, sample_seed, state.step,

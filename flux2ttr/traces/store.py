@@ -525,25 +525,9 @@ class TraceWriter:
         """
         if self._closed:
             raise RuntimeError("TraceWriter is closed")
-        for done in [f for f in self._pending.values() if f.done()]:
-            done.result()  # a spill write that failed stops the capture at the next tuple
         n_tokens = self._check(layer, t)
         nbytes = self.tuple_nbytes(t)
-        if nbytes > self.budget_bytes:
-            raise ValueError(
-                f"one tuple of layer {layer} ({nbytes / 2**20:.2f} MiB) is larger than the whole budget "
-                f"({self.budget_bytes / 2**20:.2f} MiB); raise capture.budget_mib"
-            )
-        if priority is None:
-            priority = float(self._rng.random())
-        elif not 0.0 <= float(priority) < 1.0:
-            raise ValueError(f"priority must be in [0, 1), got {priority}")
-        priority = float(priority)
-        if nbytes < self._planned[1]:
-            raise ValueError(f"layer {layer}: a tuple of {nbytes} bytes is smaller than the plan's lower bound "
-                             f"({self._planned[1]}); the planned cut would drop tuples the budget keeps")
-        self._offered[layer] = self._offered.get(layer, 0) + 1
-        self._offered_bytes += nbytes
+        priority = self._count_offer(layer, nbytes, priority)
         if priority >= self._tau:
             return False
         serial = next(self._serial)
@@ -560,6 +544,42 @@ class TraceWriter:
             self._tau = out.priority  # everything at or above it can never be in the prefix again
             self._drop_spill(out)
         return priority < self._tau
+
+    def refuses(self, layer: str, nbytes: int, priority: float) -> bool:
+        """Whether a tuple of ``layer`` taking ``nbytes`` (:meth:`nbytes_of`) at ``priority`` is refused before
+        it is built: its priority is at or above the cut, so it can never be kept. A refused tuple is counted
+        as offered, after :meth:`offer`'s checks, and the caller skips it (no device work, no host copy);
+        otherwise nothing is counted and the caller offers the tuple."""
+        from flux2ttr.contract import layer_sort_key  # noqa: PLC0415
+
+        if priority is None or float(priority) < self._tau:
+            return False
+        layer_sort_key(layer)
+        self._count_offer(layer, int(nbytes), priority)
+        return True
+
+    def _count_offer(self, layer: str, nbytes: int, priority: float | None) -> float:
+        """The checks every offer passes, then the offer counted; returns its priority (drawn if ``None``)."""
+        if self._closed:
+            raise RuntimeError("TraceWriter is closed")
+        for done in [f for f in self._pending.values() if f.done()]:
+            done.result()  # a spill write that failed stops the capture at the next tuple
+        if nbytes > self.budget_bytes:
+            raise ValueError(
+                f"one tuple of layer {layer} ({nbytes / 2**20:.2f} MiB) is larger than the whole budget "
+                f"({self.budget_bytes / 2**20:.2f} MiB); raise capture.budget_mib"
+            )
+        if priority is None:
+            priority = float(self._rng.random())
+        elif not 0.0 <= float(priority) < 1.0:
+            raise ValueError(f"priority must be in [0, 1), got {priority}")
+        priority = float(priority)
+        if nbytes < self._planned[1]:
+            raise ValueError(f"layer {layer}: a tuple of {nbytes} bytes is smaller than the plan's lower bound "
+                             f"({self._planned[1]}); the planned cut would drop tuples the budget keeps")
+        self._offered[layer] = self._offered.get(layer, 0) + 1
+        self._offered_bytes += nbytes
+        return priority
 
     def reservoir_state(self) -> dict[str, Any]:
         """This rank's reservoir as JSON: ``{"kept": [[priority, bytes], ...], "tau": threshold or None}``

@@ -135,21 +135,33 @@ def test_layer_and_step_selection_and_budget(teacher, tmp_path):
 
 def test_planned_cut_writes_the_unplanned_store_and_spills_only_what_it_keeps(teacher, tmp_path, monkeypatch):
     """A budget of 2.5 tuples of the 12 offered: with the planned cut (the default) exactly the 2 kept tuples are
-    spilled, without it all that fit before the budget filled (and were then evicted); the two stores are one,
-    byte for byte."""
+    built (query positions drawn, slices taken) and spilled, without it all that fit before the budget filled
+    (and were then evicted); the two stores are one, byte for byte."""
     import flux2ttr.traces.capture as capture_mod
+
+    built = {"n": 0}
+    real_positions = capture_mod.query_positions
+
+    def counting_positions(*a, **k):
+        built["n"] += 1
+        return real_positions(*a, **k)
+
+    monkeypatch.setattr(capture_mod, "query_positions", counting_positions)
 
     heads, d = teacher.num_heads, teacher.head_dim
     per_tuple = 2 * heads * N * d * 2 + 2 * heads * 8 * d * 2 + 8 * 4 + 8 * len(SCALAR_FIELDS)
     kw = dict(store="c.zarr", metrics="", queries=8, storage_dtype="float16", budget_mib=2.5 * per_tuple / 2**20,
               batch_size=3, rollouts=2)
-    real, stats = capture_mod.planned_priorities, {}
+    real, stats, builds = capture_mod.planned_priorities, {}, {}
     for name, planner in (("planned", real), ("unplanned", lambda *a, **k: [])):
         (tmp_path / name).mkdir()
         monkeypatch.chdir(tmp_path / name)
         monkeypatch.setattr(capture_mod, "planned_priorities", planner)
+        built["n"] = 0
         stats[name] = capture(teacher, PROMPTS, CaptureConfig(**kw), sampler_cfg(steps=1), progress=False)
+        builds[name] = built["n"]
     assert stats["planned"]["offered"] == stats["unplanned"]["offered"] == 12
+    assert builds["planned"] == 2 and builds["unplanned"] == stats["unplanned"]["spilled"]
     assert stats["planned"]["kept"] == stats["unplanned"]["kept"] == 2 == stats["planned"]["spilled"]
     assert stats["unplanned"]["spilled"] > 2
     a, b = tree_bytes(tmp_path / "planned" / "c.zarr"), tree_bytes(tmp_path / "unplanned" / "c.zarr")

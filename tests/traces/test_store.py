@@ -769,3 +769,42 @@ def test_shard_ready_spills_are_renamed_into_the_store_the_repack_writes(tmp_pat
             assert torch.equal(row["k"], ref[key].k.float()) and torch.equal(row["q_idx"], ref[key].q_idx.long())
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "raw-none.zarr", "raw-zstd.zarr", "ready-none.zarr", "ready-zstd.zarr"]  # no temp store or spill left
+
+
+def test_refused_before_it_is_built_counts_as_the_offer_would(tmp_path):
+    """TraceWriter.refuses: a tuple at or above the cut is counted as offered without being built (capture then
+    skips its device work); one below the cut is not counted, and the caller offers it. Offering through it
+    writes the store that offering every tuple writes, byte for byte, counts included."""
+    gen = torch.Generator().manual_seed(4)
+    tuples = [(f"single_blocks.{i % 2}", make_tuple(gen, prompt=i, seed=i)) for i in range(12)]
+    priorities = np.random.default_rng(7).random(len(tuples))
+    probe = TraceWriter(tmp_path / "probe.zarr", attrs={}, budget_bytes=1, storage_dtype="float32", seed=0)
+    nbytes = probe.nbytes_of(2, 24, 5, 8, headed=False)
+    probe.abort()
+    budget = 3 * nbytes + nbytes // 2
+    refused = {}
+    for name in ("all", "early"):
+        with TraceWriter(tmp_path / f"{name}.zarr", attrs={"capture": {}}, budget_bytes=budget,
+                         storage_dtype="float32", seed=0) as w:
+            w.plan(list(priorities), nbytes)
+            refused[name] = 0
+            for (layer, t), p in zip(tuples, priorities):
+                assert w.tuple_nbytes(t) == nbytes
+                if name == "early" and w.refuses(layer, nbytes, float(p)):
+                    refused[name] += 1
+                    continue
+                w.offer(layer, t, priority=float(p))
+            assert w.offered == len(tuples)
+    assert refused["early"] == len(tuples) - 3  # only the 3 kept tuples were built
+    files = {name: {f.relative_to(tmp_path / f"{name}.zarr"): f.read_bytes()
+                    for f in sorted((tmp_path / f"{name}.zarr").rglob("*")) if f.is_file()} for name in ("all", "early")}
+    assert files["all"] == files["early"]
+    # below the cut nothing is counted; the offer's checks hold for a refused tuple too
+    w = TraceWriter(tmp_path / "c.zarr", attrs={}, budget_bytes=budget, storage_dtype="float32", seed=0)
+    w.plan(list(priorities), nbytes)
+    assert not w.refuses("single_blocks.0", nbytes, 0.0) and w.offered == 0
+    with pytest.raises(ValueError, match="smaller than the plan's lower bound"):
+        w.refuses("single_blocks.0", nbytes - 1, 0.999)
+    with pytest.raises(ValueError, match="larger than the whole budget"):
+        w.refuses("single_blocks.0", 10 * budget, 0.999)
+    w.abort()
