@@ -199,13 +199,20 @@ def planned_priorities(cfg: CaptureConfig, n_prompts: int, sampler_cfg: Any, lay
             for u in halves]
 
 
+def tuple_bytes(writer: TraceWriter, cfg: CaptureConfig, num_heads: int, n_tokens: int, head_dim: int,
+                tuple_heads: int) -> int:
+    """The stored bytes of one captured tuple of ``n_tokens`` keys (``tuple_heads`` 0: every head)."""
+    n = int(n_tokens)
+    return writer.nbytes_of(tuple_heads or num_heads, n, min(int(cfg.queries), n), head_dim, headed=bool(tuple_heads))
+
+
 def least_tuple_bytes(writer: TraceWriter, cfg: CaptureConfig, sampler_cfg: Any, num_heads: int, head_dim: int,
                       tuple_heads: int) -> int:
     """A lower bound on one tuple's stored bytes: FLUX.2's 512 conditioning tokens (the least a prompt gives),
     the reference latents' grids and the image grid (a tuple smaller than this stops the capture at once)."""
     grid = int(sampler_cfg.latent_height) * int(sampler_cfg.latent_width)
-    n = FLUX2_COND_TOKENS + (1 + int(cfg.reference_latents)) * grid
-    return writer.nbytes_of(tuple_heads or num_heads, n, min(int(cfg.queries), n), head_dim, headed=bool(tuple_heads))
+    return tuple_bytes(writer, cfg, num_heads, FLUX2_COND_TOKENS + (1 + int(cfg.reference_latents)) * grid, head_dim,
+                       tuple_heads)
 
 
 class CaptureObserver:
@@ -228,8 +235,7 @@ class CaptureObserver:
         B, H, N, D = q.shape
         # a tuple's bytes follow from the call's shapes: a refused one is counted without being built, so it
         # costs no device work and no host-to-device copy (a stream sync) of its query and head indices
-        nbytes = self.writer.nbytes_of(self.tuple_heads or H, N, min(int(self.cfg.queries), N), D,
-                                       headed=bool(self.tuple_heads))
+        nbytes = tuple_bytes(self.writer, self.cfg, H, N, D, self.tuple_heads)
         for b in range(B):
             prompt, sample_seed = int(state.prompt_index[b]), int(state.seed[b])
             uncond = int(state.uncond[b]) if state.uncond else 0

@@ -552,7 +552,7 @@ class TraceWriter:
         otherwise nothing is counted and the caller offers the tuple."""
         from flux2ttr.contract import layer_sort_key  # noqa: PLC0415
 
-        if priority is None or float(priority) < self._tau:
+        if float(priority) < self._tau:
             return False
         layer_sort_key(layer)
         self._count_offer(layer, int(nbytes), priority)
