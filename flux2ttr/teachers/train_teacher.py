@@ -522,7 +522,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", help="override train_teacher.checkpoint")
     p.add_argument("--out", help="override train_teacher.out_file")
     p.add_argument("--init-file", help="override train_teacher.init_file (warm start from a trained file)")
+    p.add_argument("--lr", type=float, help="override train_teacher.lr (changes the run: no resume)")
+    p.add_argument("--distill-start", type=float,
+                   help="override train_teacher.distill_start (0 for a warm start from a guidance-distilled file)")
     p.add_argument("--eval-captions", type=int, help="override train_teacher.eval_captions (0: no evaluation)")
+    p.add_argument("--eval-guidance", type=float, help="override train_teacher.eval_guidance (= sampler.guidance)")
     p.add_argument("--grid", help="PNG of the evaluation samples")
     args = p.parse_args(argv)
     cfg = load_section(TrainTeacherConfig, "train_teacher", args.params)
@@ -530,8 +534,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in (("device", args.device), ("amp", args.amp), ("batch_size", args.batch_size),
                         ("steps", args.steps), ("max_seconds", args.max_seconds), ("scene_workers", args.scene_workers),
                         ("compile", args.compile), ("checkpoint", args.checkpoint),
-                        ("out_file", args.out), ("init_file", args.init_file),
-                        ("eval_captions", args.eval_captions)):
+                        ("out_file", args.out), ("init_file", args.init_file), ("lr", args.lr),
+                        ("distill_start", args.distill_start), ("eval_captions", args.eval_captions),
+                        ("eval_guidance", args.eval_guidance)):
         if value is not None:
             setattr(cfg, name, value)
     cfg.__post_init__()

@@ -323,6 +323,13 @@ def test_command_line(tmp_path, capsys):
     assert res.exit_code == 0, res.output
     header, _, _ = read_trained_file(tmp_path / "out" / "trained.safetensors")
     assert len(header["commands"]) == 2 and header["steps"] == 2 and header["eval"] is None
+    # the schedule's overrides: another run (no resume), recorded in its header and evaluated at that guidance
+    assert tt.main(["--params", str(tmp_path / "params.yaml"), "--lr", "1e-4", "--distill-start", "0",
+                    "--eval-captions", "1", "--eval-guidance", "2.5", "--checkpoint", str(tmp_path / "b.safetensors"),
+                    "--out", str(tmp_path / "b" / "trained.safetensors")]) == 0
+    header, _, _ = read_trained_file(tmp_path / "b" / "trained.safetensors")
+    assert (header["train"]["lr"], header["train"]["distill_start"], header["eval"]["guidance"]) == (1e-4, 0.0, 2.5)
+    assert len(header["commands"]) == 1 and header["steps"] == 2
 
 
 def test_config_checks():
