@@ -80,7 +80,7 @@ def test_dvc_stage_duplicate_key_and_missing_input_are_one_line(project):
     # a valid params file whose prompt file is missing (the temp project has no data/): an input error
     shutil.copy(REPO / "params.yaml", params)
     line = _one_line(_run(project, "-m", "stages.capture"), "capture: ")
-    assert "data/prompts/capture.json" in line, line
+    assert "data/prompts/scenes_capture.json" in line, line
 
 
 def test_cli_stage_bad_params_is_one_line_and_debug_shows_traceback(project):
@@ -123,7 +123,7 @@ def test_a_bug_keeps_its_traceback(project):
 def test_distill_missing_teacher_is_one_line(project):
     """DistillError (matched by class name: its module does not mix in Flux2TTRError) is an input error too."""
     line = _one_line(_run(project, "-m", "stages.distill"), "distill: ")
-    assert line.startswith("distill: teachers/tiny/flux2_tiny.safetensors: tiny teacher not found"), line
+    assert line.startswith("distill: teachers/tiny/flux2_tiny.safetensors: trained teacher not found"), line
 
 
 @pytest.mark.parametrize(

@@ -45,8 +45,8 @@ def repo_copy(tmp_path: Path) -> Path:
     params["sampler"]["steps"] = 2
     params["capture"]["budget_mib"] = 8
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    prompts = json.loads((dst / "data/prompts/capture.json").read_text())[:2]
-    (dst / "data/prompts/capture.json").write_text(json.dumps(prompts))
+    prompt_file = dst / params["capture"]["prompts"]  # the default teacher's (the trained one's scene captions)
+    prompt_file.write_text(json.dumps(json.loads(prompt_file.read_text())[:2]))
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"]):
         subprocess.run(cmd, cwd=dst, check=True, capture_output=True)
@@ -61,7 +61,7 @@ def test_dvc_repro_capture_then_noop(repo_copy: Path):
     store = TraceStore.open(repo_copy / "traces/capture.zarr")
     assert store.layers == ["single_blocks.0", "single_blocks.1", "single_blocks.2", "single_blocks.3"]
     assert store.count() > 0
-    assert store.attrs["teacher"]["kind"] == "tiny"
+    assert store.attrs["teacher"]["kind"] == "trained"  # the default teacher
     metrics = check_metrics_file(repo_copy / "metrics/capture.json")
     assert metrics["kept"] == store.count()
     assert (repo_copy / "dvc.lock").is_file()
@@ -201,7 +201,7 @@ def test_dvc_repro_end_to_end_with_the_comfyui_teacher(repo_copy: Path, tmp_path
     from flux2ttr.traces.store import TraceStore
     from helpers.comfy import comfyui_path
 
-    models = write_tiny_teacher(TeacherConfig(out_dir=str(tmp_path / "models")))
+    models = write_tiny_teacher(TeacherConfig(kind="tiny", out_dir=str(tmp_path / "models")))
     params = yaml.safe_load((repo_copy / "params.yaml").read_text())
     params["teacher"].update(kind="comfyui", out_dir="teachers/comfyui", transformer=str(models / "flux2_tiny.safetensors"),
                              text_encoder=str(models / "tiny_codec.safetensors"), vae=str(models / "tiny_codec.safetensors"),
@@ -213,8 +213,8 @@ def test_dvc_repro_end_to_end_with_the_comfyui_teacher(repo_copy: Path, tmp_path
     params["controller"].update(iterations=2, group_size=2, checkpoint_every=0, metrics_window=2)
     params["evaluate"].update(quality_speed=[0.5], modes=["threshold"], random_repeats=1, grid_rollouts=1)
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    prompts = json.loads((REPO / "data/prompts/capture.json").read_text())[:3]
-    (repo_copy / "data/prompts/capture.json").write_text(json.dumps(prompts))
+    prompt_file = repo_copy / params["capture"]["prompts"]
+    prompt_file.write_text(json.dumps(json.loads((REPO / params["capture"]["prompts"]).read_text())[:3]))
     subprocess.run(["git", "commit", "-qam", "comfyui teacher"], cwd=repo_copy, check=True, capture_output=True,
                    env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
                         "GIT_COMMITTER_EMAIL": "t@t"})

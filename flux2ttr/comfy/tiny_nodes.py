@@ -44,7 +44,7 @@ from flux2ttr.teachers.teacher import (
 CODEC_FOLDER = "flux2ttr_tiny"     # models/flux2ttr_tiny: the tiny teacher's codec (comfy-install fills it)
 CODEC_FILE = EXTRAS_FILE_NAME      # tiny_codec.safetensors
 TEACHER_FILE = SINGLE_FILE_NAME    # flux2_tiny.safetensors, in models/diffusion_models
-DEFAULT_GUIDANCE = 4.0             # the pipeline's sampler.guidance / rollout.guidance
+DEFAULT_GUIDANCE = 2.0             # the pipeline's sampler.guidance / rollout.guidance
 MAX_GUIDANCE = 100.0               # FluxGuidance's range
 _KEYS = ("prompt_encoder.token", "prompt_encoder.position", "decoder.weight", "decoder.bias")
 TRAINED_CODEC_KEY = "flux2ttr_codec"  # = flux2ttr.teachers.trained.CODEC_METADATA_KEY (the trained teacher's codec)

@@ -171,7 +171,7 @@ TEACHER_IDENTITY_KEYS = ("kind", "sha256")  # what must agree: the teacher kind 
 def expected_teacher_identity(params_path: str | Path) -> dict[str, Any]:
     """``{"kind", "sha256"}`` of the teacher the ``teacher`` params section names.
 
-    tiny: the sha256 of ``<teacher.out_dir>/flux2_tiny.safetensors`` (what capture records);
+    tiny, trained: the sha256 of ``<teacher.out_dir>/flux2_tiny.safetensors`` (what capture records);
     diffusers, comfyui: ``<teacher.out_dir>/identity.json`` written by the teacher stage, else computed from
     the files. A missing teacher is a :class:`DistillError` (the store cannot be checked).
     """
@@ -180,12 +180,12 @@ def expected_teacher_identity(params_path: str | Path) -> dict[str, Any]:
     tcfg = load_section(tmod.TeacherConfig, "teacher", params_path)
     folder = Path(tcfg.out_dir)
     ident_file = folder / tmod.IDENTITY_FILE_NAME
-    if tcfg.kind == "tiny":
+    if tcfg.kind in ("tiny", "trained"):  # the teacher stage's folder layout
         single = folder / tmod.SINGLE_FILE_NAME
         if single.is_file():
-            return {"kind": "tiny", "sha256": tmod.file_sha256(single)}
-        raise DistillError(f"{single}: tiny teacher not found, so the trace store cannot be checked against it; "
-                           "run `flux2ttr teacher` (or `dvc repro teacher`)")
+            return {"kind": tcfg.kind, "sha256": tmod.file_sha256(single)}
+        raise DistillError(f"{single}: {tcfg.kind} teacher not found, so the trace store cannot be checked against "
+                           "it; run `flux2ttr teacher` (or `dvc repro teacher`)")
     if ident_file.is_file():
         ident = json.loads(ident_file.read_text())
     elif tcfg.kind == "comfyui":

@@ -54,17 +54,17 @@ class RolloutStoreError(ValueError, Flux2TTRError):
 class RolloutConfig:
     """params.yaml section ``rollout``."""
 
-    prompts: str = "data/prompts/controller.json"  # JSON array of prompts
+    prompts: str = "data/prompts/scenes_controller.json"  # JSON array of prompts
     num_prompts: int = 0  # use the first N prompts of the file (0 = all)
     eval_prompts: int = 2  # the last N of those are held out for the evaluate stage
     seeds_per_prompt: int = 1  # rollouts per prompt; seed = seed + prompt_index * seeds_per_prompt + j
     seed: int = 1000
-    steps: int = 4  # denoising steps
-    guidance: float = 4.0  # FLUX.2 guidance embedding value
+    steps: int = 6  # denoising steps
+    guidance: float = 2.0  # FLUX.2 guidance embedding value
     cfg: float = 1.0  # true CFG scale (comfyui teacher: cond and uncond batched); 1 = the conditional pass alone
     negative_prompt: str = ""  # the unconditional prompt when cfg != 1
-    height: int = 128  # pixels (multiple of 16)
-    width: int = 128  # pixels (multiple of 16)
+    height: int = 256  # pixels (multiple of 16)
+    width: int = 256  # pixels (multiple of 16)
     mu: float | None = None  # schedule shift; None = FLUX.2's empirical fit
     batch_size: int = 1  # prompts per teacher call; 1 matches the batch-1 student rollouts bit for bit
     out_dir: str = "rollouts/teacher"

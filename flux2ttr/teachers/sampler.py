@@ -39,7 +39,7 @@ class SamplerConfig:
     grid is ``height/16 x width/16`` image tokens."""
 
     steps: int = 6
-    guidance: float = 4.0  # FLUX.2's guidance embedding value (FluxGuidance); what the students are given as cfg
+    guidance: float = 2.0  # FLUX.2's guidance embedding value (FluxGuidance); what the students are given as cfg
     cfg: float = 1.0  # true CFG scale (comfyui teacher only): 1 = the conditional pass alone (dev, distilled Klein)
     negative_prompt: str = ""  # the unconditional prompt when cfg != 1
     height: int = 256  # pixels

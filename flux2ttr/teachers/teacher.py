@@ -66,7 +66,7 @@ class TeacherError(ValueError, Flux2TTRError):
 class TeacherConfig:
     """params.yaml section ``teacher``."""
 
-    kind: str = "tiny"  # "tiny" | "diffusers" | "comfyui" | "trained"
+    kind: str = "trained"  # "trained" | "tiny" | "diffusers" | "comfyui"
     out_dir: str = "teachers/tiny"  # tiny, trained: where the stage writes its files; diffusers, comfyui: identity.json
     dtype: str = "float32"  # float32 | bfloat16 | float16 | default (comfyui: ComfyUI's choice, as UNETLoader)
     device: str = "cpu"
@@ -632,10 +632,15 @@ def load_teacher_folder(cfg: TeacherConfig, folder: str | Path | None, label: st
         if not p.is_file():
             raise TeacherError(f"teacher.out_dir: {p} ({what}) not found; run `flux2ttr teacher` "
                                "(or `dvc repro teacher`) first")
+    ident_path = folder / IDENTITY_FILE_NAME
+    found = json.loads(ident_path.read_text()) if ident_path.is_file() else None
+    if found is not None and found.get("kind") != identity["kind"]:
+        raise TeacherError(f"teacher.out_dir: {folder} holds the {found.get('kind')} teacher, but teacher.kind is "
+                           f"{identity['kind']}; run `flux2ttr teacher` (or `dvc repro teacher`) to write the "
+                           f"{identity['kind']} one there, or set teacher.kind: {found.get('kind')}")
     dtype = torch_dtype(cfg.dtype)
     model = load_transformer(single, folder, dtype=dtype)
-    ident_path = folder / IDENTITY_FILE_NAME
-    identity = json.loads(ident_path.read_text()) if ident_path.is_file() else dict(identity)
+    identity = found if found is not None else dict(identity)
     identity["sha256"] = file_sha256(single)
     return model, identity, dtype, folder / EXTRAS_FILE_NAME
 

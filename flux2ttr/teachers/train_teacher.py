@@ -113,7 +113,7 @@ class TrainTeacherConfig:
     # evaluation on held-out captions (the caption checker, flux2ttr/teachers/caption_check.py)
     eval_captions: int = 64       # 0 = no evaluation at the end of a run
     eval_steps: int = 6           # the pipeline's sampler.steps
-    eval_guidance: float = 4.0    # the pipeline's sampler.guidance
+    eval_guidance: float = 2.0    # the pipeline's sampler.guidance
     eval_seed: int = 0            # noise seed of caption i: eval_seed + i
     eval_batch: int = 16
 

@@ -81,7 +81,7 @@ LAYER_SETS = ("all_single", "all")
 class CaptureConfig:
     """params.yaml section ``capture``."""
 
-    prompts: str = "data/prompts/capture.json"  # JSON array of strings
+    prompts: str = "data/prompts/scenes_capture.json"  # JSON array of strings
     store: str = "traces/capture.zarr"  # the trace store written (atomically)
     metrics: str = "metrics/capture.json"  # offered/kept counts and timings; "" = none
     queries: int = 64  # query positions per tuple (all tokens when N is smaller)

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from flux2ttr.teachers.sampler import SamplerConfig
+
 HERE = Path(__file__).resolve()
 TESTS = HERE.parents[1]
 REPO = HERE.parents[2]
@@ -187,10 +189,11 @@ def test_each_model_keeps_its_own_settings(comfy):
     types, ks, lat = settings(KLEIN)  # Klein 4B distilled: 4 steps, cfg 1, no guidance embedding
     assert "FluxGuidance" not in types and ks["cfg"] == 1.0 and ks["steps"] == 4
     assert (lat["width"], lat["height"]) == (1024, 1024)
-    for name in (TINY, TRAINED):  # the pipeline's own tiny settings: 256 px, 6 steps, guidance 4, cfg 1
+    pipe = SamplerConfig()  # the pipeline's own settings (256 px, 6 steps, guidance 2, cfg 1)
+    for name in (TINY, TRAINED):
         types, ks, lat = settings(name)
-        assert types["Flux2TTRTinyTextEncode"]["guidance"] == 4.0 and ks["cfg"] == 1.0 and ks["steps"] == 6
-        assert (lat["width"], lat["height"]) == (256, 256)
+        assert types["Flux2TTRTinyTextEncode"]["guidance"] == pipe.guidance and ks["cfg"] == pipe.cfg == 1.0
+        assert ks["steps"] == pipe.steps and (lat["width"], lat["height"]) == (pipe.width, pipe.height)
         assert types["Flux2TTRController"]["policy_mode"] == "threshold"
         assert {"SaveImage", "Flux2TTRTinyDecode"} <= set(types) and "CLIPLoader" not in types
     # the trained teacher's prompt is a caption of its scene grammar: every word in its vocabulary
@@ -409,7 +412,7 @@ def test_tiny_workflow_runs_after_comfy_install(tiny_teacher, tmp_path, name):
     assert steps == set(range(6)), out["routed_calls"]  # the students ran at every one of the 6 steps
     assert {k for _, k in routed} == {"single_blocks.0", "single_blocks.2"}  # what the controller chose
     assert {"single_blocks.1", "single_blocks.3"} <= {k for _, k in native}
-    assert out["guidance"] == pytest.approx(4.0)  # the tiny text encoder's guidance reached the model
+    assert out["guidance"] == pytest.approx(SamplerConfig().guidance)  # the text encoder's guidance reached the model
     if name == TRAINED:  # without the controller, the same graph draws the caption (the test's students are random)
         import torch
 

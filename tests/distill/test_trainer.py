@@ -29,6 +29,7 @@ from flux2ttr.distill.trainer import (
     DistillError,
     DistillTrainer,
     _build_layer,
+    expected_teacher_identity,
     load_val_batches,
     pareto_frontier,
     student_forward,
@@ -415,6 +416,18 @@ def test_config_rejects_bad_values():
         DistillConfig(min_swap_layers=3, max_swap_layers=2)
     with pytest.raises(ValueError, match="val_fraction"):
         DistillConfig(val_fraction=1.0)
+
+
+@pytest.mark.parametrize("kind", ["tiny", "trained"])
+def test_expected_teacher_of_the_teacher_stage_folder(tmp_path, monkeypatch, kind):
+    """The tiny and the trained kinds: the sha256 of the folder's single file; missing, an error naming it."""
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text(yaml.safe_dump({"teacher": {"kind": kind, "out_dir": "teachers/t"}}))
+    with pytest.raises(DistillError, match=f"teachers/t/flux2_tiny.safetensors: {kind} teacher not found"):
+        expected_teacher_identity("params.yaml")
+    Path("teachers/t").mkdir(parents=True)
+    Path("teachers/t/flux2_tiny.safetensors").write_bytes(b"weights")
+    assert expected_teacher_identity("params.yaml") == {"kind": kind, "sha256": hashlib.sha256(b"weights").hexdigest()}
 
 
 def test_run_stage_checks_the_params_teacher(tmp_path, monkeypatch):

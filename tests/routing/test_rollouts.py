@@ -60,7 +60,7 @@ def test_record_matches_direct_sampling_and_round_trips(teacher, tmp_path):
     store = RolloutStore(out)
     assert len(store) == 3 and store.teacher["sha256"] == teacher.identity["sha256"]
     scfg = store.sampler_config()
-    assert (scfg.steps, scfg.height, scfg.width, scfg.guidance) == (2, 64, 48, 4.0)
+    assert (scfg.steps, scfg.height, scfg.width, scfg.guidance) == (2, 64, 48, cfg.guidance)
     train, ev = store.entries("train"), store.entries("eval")
     assert [r.prompt for r in train] == PROMPTS[:2] and [r.prompt for r in ev] == [PROMPTS[2]]
     assert [r.seed for r in train + ev] == [7, 8, 9]

@@ -36,7 +36,7 @@ from stages.teacher import run_stage
 def written(tmp_path_factory):
     """The default tiny teacher written once to a temp folder: (cfg, folder)."""
     folder = tmp_path_factory.mktemp("teacher") / "tiny"
-    cfg = TeacherConfig(out_dir=str(folder))
+    cfg = TeacherConfig(kind="tiny", out_dir=str(folder))
     write_tiny_teacher(cfg)
     return cfg, folder
 
@@ -335,3 +335,12 @@ def test_loading_prints_no_empty_float32_warning(written):
         log.removeHandler(handler)
     assert not [m for m in seen if "should be kept in float32" in m]
     assert "another diffusers warning" in seen
+
+
+def test_a_folder_of_another_kind_is_refused_with_the_fix(written):
+    """teacher.kind changed without rerunning the teacher stage: the folder's identity names what it holds."""
+    cfg, folder = written
+    trained = TeacherConfig(kind="trained", out_dir=str(folder))
+    with pytest.raises(TeacherError, match=r"holds the tiny teacher, but teacher.kind is trained; run `flux2ttr "
+                                           r"teacher` .* or set teacher.kind: tiny"):
+        load_teacher(trained)

@@ -44,7 +44,7 @@ def teacher_dir(tmp_path_factory):
     from flux2ttr.teachers.teacher import TeacherConfig, write_tiny_teacher
 
     folder = tmp_path_factory.mktemp("teacher") / "tiny"
-    write_tiny_teacher(TeacherConfig(num_single=2, out_dir=str(folder)))
+    write_tiny_teacher(TeacherConfig(kind="tiny", num_single=2, out_dir=str(folder)))
     return folder
 
 
@@ -52,7 +52,7 @@ def teacher_dir(tmp_path_factory):
 def teacher(teacher_dir):
     from flux2ttr.teachers.teacher import TeacherConfig, load_tiny_teacher
 
-    return load_tiny_teacher(TeacherConfig(num_single=2, out_dir=str(teacher_dir)))
+    return load_tiny_teacher(TeacherConfig(kind="tiny", num_single=2, out_dir=str(teacher_dir)))
 
 
 def sampler_cfg(steps: int = 2) -> SamplerConfig:
@@ -336,7 +336,7 @@ def test_run_stage_from_params(teacher_dir, tmp_path, monkeypatch):
     Path("data").mkdir()
     Path("data/p.json").write_text(json.dumps(PROMPTS[:2]))
     params = {
-        "teacher": {"num_single": 2, "out_dir": str(teacher_dir)},
+        "teacher": {"kind": "tiny", "num_single": 2, "out_dir": str(teacher_dir)},
         "sampler": {"steps": 1, "height": 64, "width": 64},
         "capture": {"prompts": "data/p.json", "store": "traces/c.zarr", "metrics": "metrics/capture.json",
                     "queries": 4, "budget_mib": 32},
@@ -413,7 +413,7 @@ def test_torchrun_two_ranks_write_the_single_process_store(teacher_dir, tmp_path
     Path("p.json").write_text(json.dumps(["a red fox", "a neon market", "a bowl of ramen", "a blue car",
                                           "a lighthouse"]))
     Path("params.yaml").write_text(yaml.safe_dump({
-        "teacher": {"num_single": 2, "out_dir": str(teacher_dir)},
+        "teacher": {"kind": "tiny", "num_single": 2, "out_dir": str(teacher_dir)},
         "sampler": {"steps": 2, "height": 64, "width": 64},
         "capture": {"prompts": "p.json", "store": "traces/c.zarr", "metrics": "metrics/capture.json",
                     "queries": 8, "layers": "all", "budget_mib": 6, "batch_size": 2},
@@ -457,7 +457,7 @@ def test_torchrun_two_ranks_write_the_single_process_head_subset_store(teacher_d
     monkeypatch.chdir(tmp_path)
     Path("p.json").write_text(json.dumps(["a red fox", "a neon market", "a bowl of ramen", "a blue car"]))
     Path("params.yaml").write_text(yaml.safe_dump({
-        "teacher": {"num_single": 2, "out_dir": str(teacher_dir)},
+        "teacher": {"kind": "tiny", "num_single": 2, "out_dir": str(teacher_dir)},
         "sampler": {"steps": 2, "height": 64, "width": 64},
         "capture": {"prompts": "p.json", "store": "traces/c.zarr", "metrics": "", "queries": 8,
                     "budget_mib": 2, "batch_size": 1, "tuple_heads": 1, "shard_mib": shard_mib},

@@ -48,7 +48,7 @@ def test_cuda_capture_keeps_the_cpu_captures_tuples_and_builds_only_those(tmp_pa
     per_tuple = 2 * heads * N * d * 4 + 2 * heads * 8 * d * 4 + 8 * 4 + 8 * len(SCALAR_FIELDS)
     stores, stats, builds = {}, {}, {}
     for device in ("cpu", "cuda"):
-        tcfg = TeacherConfig(num_single=2, out_dir=str(tmp_path / f"tiny_{device}"), device=device)
+        tcfg = TeacherConfig(kind="tiny", num_single=2, out_dir=str(tmp_path / f"tiny_{device}"), device=device)
         write_tiny_teacher(tcfg)  # the same seeded weights; the folder's identity names the device
         teacher = load_tiny_teacher(tcfg)
         assert teacher.num_heads == heads and teacher.head_dim == d
