@@ -233,6 +233,10 @@ def test_dvc_repro_end_to_end_with_the_comfyui_teacher(repo_copy: Path, tmp_path
         check_metrics_file(repo_copy / f"metrics/{name}.json")
     details = json.loads((repo_copy / "metrics/eval_details.json").read_text())
     assert details["teacher"]["max_abs_latent_diff_vs_store"] == 0.0  # the stored rollouts are this teacher's
+    # the default prompts are scene captions: the checker's pass rates (the controller's also a DVC metric)
+    check = details["caption_check"]
+    assert check["images"] == 1 and set(check) >= {"teacher", "controller", "all_student", "random"}
+    assert json.loads((repo_copy / "metrics/eval.json").read_text())["caption_pass"] == check["controller"]
     from PIL import Image
 
     with Image.open(repo_copy / "plots/evaluate/grid.png") as grid:  # teacher | controller | all-student | random
