@@ -410,11 +410,13 @@ class Trainer:
 # ------------------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
 def evaluate(teacher: Teacher, scfg: scenes.SceneConfig, n: int, *, steps: int, guidance: float, seed: int,
-             height: int = 256, width: int = 256, batch: int = 16) -> tuple[dict[str, Any], torch.Tensor, list[str]]:
-    """Sample the first ``n`` held-out captions with the pipeline's sampler and check them:
-    ``(summary, images [n, 3, H, W], captions)``; the summary has :func:`caption_check.summarize`'s rates."""
+             height: int = 256, width: int = 256, batch: int = 16, mu: float | None = None
+             ) -> tuple[dict[str, Any], torch.Tensor, list[str]]:
+    """Sample the first ``n`` held-out captions with the pipeline's sampler (schedule shift ``mu``; None: FLUX.2's
+    empirical fit) and check them: ``(summary, images [n, 3, H, W], captions)``; the summary has
+    :func:`caption_check.summarize`'s rates."""
     captions = [s.caption for s in scenes.held_out_scenes(scfg, n)]
-    scfg_s = SamplerConfig(steps=steps, guidance=guidance, height=height, width=width, seed=seed)
+    scfg_s = SamplerConfig(steps=steps, guidance=guidance, height=height, width=width, seed=seed, mu=mu)
     images = []
     for i in range(0, n, batch):
         chunk = captions[i:i + batch]
