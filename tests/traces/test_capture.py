@@ -133,10 +133,8 @@ def test_layer_and_step_selection_and_budget(teacher, tmp_path):
     assert seeds <= {100 + r * 3 + i for r in range(2) for i in range(3)}
 
 
-def test_planned_cut_writes_the_unplanned_store_and_spills_only_what_it_keeps(teacher, tmp_path, monkeypatch):
-    """A budget of 2.5 tuples of the 12 offered: with the planned cut (the default) exactly the 2 kept tuples are
-    built (query positions drawn, slices taken) and spilled, without it all that fit before the budget filled
-    (and were then evicted); the two stores are one, byte for byte."""
+def count_builds(monkeypatch) -> dict[str, int]:
+    """Count the tuples capture builds (each draws its query positions once): ``counter["n"]``."""
     import flux2ttr.traces.capture as capture_mod
 
     built = {"n": 0}
@@ -147,6 +145,16 @@ def test_planned_cut_writes_the_unplanned_store_and_spills_only_what_it_keeps(te
         return real_positions(*a, **k)
 
     monkeypatch.setattr(capture_mod, "query_positions", counting_positions)
+    return built
+
+
+def test_planned_cut_writes_the_unplanned_store_and_spills_only_what_it_keeps(teacher, tmp_path, monkeypatch):
+    """A budget of 2.5 tuples of the 12 offered: with the planned cut (the default) exactly the 2 kept tuples are
+    built (query positions drawn, slices taken) and spilled, without it all that fit before the budget filled
+    (and were then evicted); the two stores are one, byte for byte."""
+    import flux2ttr.traces.capture as capture_mod
+
+    built = count_builds(monkeypatch)
 
     heads, d = teacher.num_heads, teacher.head_dim
     per_tuple = 2 * heads * N * d * 2 + 2 * heads * 8 * d * 2 + 8 * 4 + 8 * len(SCALAR_FIELDS)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from traces.test_capture import PROMPTS, N, fp64_attention, sampler_cfg
+from traces.test_capture import PROMPTS, N, count_builds, fp64_attention, sampler_cfg
 
 from flux2ttr.traces.capture import CaptureConfig, capture
 from flux2ttr.traces.store import SCALAR_FIELDS, TraceStore
@@ -33,17 +33,9 @@ def _store_tuples(path) -> dict[tuple, dict[str, torch.Tensor]]:
 def test_cuda_capture_keeps_the_cpu_captures_tuples_and_builds_only_those(tmp_path, monkeypatch):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    import flux2ttr.traces.capture as capture_mod
     from flux2ttr.teachers.teacher import TeacherConfig, load_tiny_teacher, write_tiny_teacher
 
-    built = {"n": 0}
-    real_positions = capture_mod.query_positions
-
-    def counting_positions(*a, **k):
-        built["n"] += 1
-        return real_positions(*a, **k)
-
-    monkeypatch.setattr(capture_mod, "query_positions", counting_positions)
+    built = count_builds(monkeypatch)
     heads, d = 2, 128
     per_tuple = 2 * heads * N * d * 4 + 2 * heads * 8 * d * 4 + 8 * 4 + 8 * len(SCALAR_FIELDS)
     stores, stats, builds = {}, {}, {}
