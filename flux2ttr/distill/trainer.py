@@ -180,7 +180,7 @@ def expected_teacher_identity(params_path: str | Path) -> dict[str, Any]:
     tcfg = load_section(tmod.TeacherConfig, "teacher", params_path)
     folder = Path(tcfg.out_dir)
     ident_file = folder / tmod.IDENTITY_FILE_NAME
-    if tcfg.kind in ("tiny", "trained"):  # the teacher stage's folder layout
+    if tcfg.kind in tmod.FOLDER_KINDS:
         single = folder / tmod.SINGLE_FILE_NAME
         if single.is_file():
             return {"kind": tcfg.kind, "sha256": tmod.file_sha256(single)}

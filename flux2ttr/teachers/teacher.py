@@ -55,6 +55,7 @@ METADATA_KEY = "flux2ttr"
 
 
 TEACHER_KINDS = ("tiny", "diffusers", "comfyui", "trained")
+FOLDER_KINDS = ("tiny", "trained")  # the kinds whose teacher stage writes the model into out_dir (SINGLE_FILE_NAME, ...)
 COMFYUI_DEFAULT_DTYPE = "default"  # comfyui kind: the weight dtype UNETLoader's "default" gives (fp8 files stay fp8)
 
 
@@ -634,10 +635,11 @@ def load_teacher_folder(cfg: TeacherConfig, folder: str | Path | None, label: st
                                "(or `dvc repro teacher`) first")
     ident_path = folder / IDENTITY_FILE_NAME
     found = json.loads(ident_path.read_text()) if ident_path.is_file() else None
-    if found is not None and found.get("kind") != identity["kind"]:
-        raise TeacherError(f"teacher.out_dir: {folder} holds the {found.get('kind')} teacher, but teacher.kind is "
-                           f"{identity['kind']}; run `flux2ttr teacher` (or `dvc repro teacher`) to write the "
-                           f"{identity['kind']} one there, or set teacher.kind: {found.get('kind')}")
+    held, wanted = (found or identity).get("kind"), identity["kind"]
+    if held != wanted:
+        raise TeacherError(f"teacher.out_dir: {folder} holds the {held} teacher, but teacher.kind is {wanted}; run "
+                           f"`flux2ttr teacher` (or `dvc repro teacher`) to write the {wanted} one there, or set "
+                           f"teacher.kind: {held}")
     dtype = torch_dtype(cfg.dtype)
     model = load_transformer(single, folder, dtype=dtype)
     identity = found if found is not None else dict(identity)

@@ -190,6 +190,9 @@ def test_each_model_keeps_its_own_settings(comfy):
     assert "FluxGuidance" not in types and ks["cfg"] == 1.0 and ks["steps"] == 4
     assert (lat["width"], lat["height"]) == (1024, 1024)
     pipe = SamplerConfig()  # the pipeline's own settings (256 px, 6 steps, guidance 2, cfg 1)
+    from flux2ttr.comfy import tiny_nodes
+
+    assert tiny_nodes.DEFAULT_GUIDANCE == pipe.guidance  # the text-encode node's default (a literal: no tqdm there)
     for name in (TINY, TRAINED):
         types, ks, lat = settings(name)
         assert types["Flux2TTRTinyTextEncode"]["guidance"] == pipe.guidance and ks["cfg"] == pipe.cfg == 1.0
