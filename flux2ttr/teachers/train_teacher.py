@@ -168,6 +168,36 @@ def build_model(cfg: TrainTeacherConfig) -> torch.nn.Module:
     return match_comfyui_qk_norm(model)
 
 
+def can_grow(theirs: dict[str, int] | None, ours: dict[str, int]) -> bool:
+    """Whether a model of arch ``theirs`` embeds in ``ours``: same heads and context width, no more blocks of
+    either kind (a warm start then appends identity blocks, :func:`zero_new_block_outputs`)."""
+    if not theirs or any(theirs.get(k) != ours[k] for k in ("num_heads", "context_dim")):
+        return False
+    return all(0 <= int(theirs.get(k, -1)) <= ours[k] for k in ("num_double", "num_single"))
+
+
+# the output projections of each block kind: zeroed, the block adds nothing to its residual streams
+_BLOCK_OUTPUTS = {"num_double": ("transformer_blocks", ("attn.to_out", "attn.to_add_out", "ff.linear_out",
+                                                        "ff_context.linear_out")),
+                  "num_single": ("single_transformer_blocks", ("attn.to_out",))}
+
+
+def zero_new_block_outputs(model: torch.nn.Module, old_arch: dict[str, int]) -> list[str]:
+    """Make the blocks past ``old_arch``'s counts the identity: zero their output projections (every block of
+    FLUX.2 adds gated outputs to its residual streams, and its modulation is shared, so the gates cannot be
+    zeroed per block). The grown model computes what the old one did; the zeroed projections still get
+    gradients. Returns the names of the zeroed parameters."""
+    zeroed = []
+    with torch.no_grad():
+        for key, (stack, outputs) in _BLOCK_OUTPUTS.items():
+            for i in range(int(old_arch[key]), len(getattr(model, stack))):
+                for name, p in model.named_parameters():
+                    if name.startswith(tuple(f"{stack}.{i}.{o}." for o in outputs)):
+                        p.zero_()
+                        zeroed.append(name)
+    return zeroed
+
+
 def build_encoder(cfg: TrainTeacherConfig) -> CaptionEncoder:
     return CaptionEncoder(scenes.vocabulary(), cfg.context_dim, generator=torch.Generator().manual_seed(
         derive_seed(cfg.seed, 2)))
@@ -331,20 +361,30 @@ class Trainer:
         from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers  # noqa: PLC0415
 
         header, bfl, codec = read_trained_file(path)
-        for what, theirs, ours in (("arch", header.get("arch"), self.cfg.arch),
+        theirs_arch = header.get("arch")
+        grown = theirs_arch != self.cfg.arch and can_grow(theirs_arch, self.cfg.arch)
+        for what, theirs, ours in (("arch", theirs_arch, self.cfg.arch),
                                    ("vocabulary", header.get("vocab"), self.encoder.tokenizer.vocab),
                                    ("scenes", header.get("scenes"), to_dict(self.scfg))):
-            if theirs != ours:
+            if theirs != ours and not (what == "arch" and grown):
+                hint = (" (a file with fewer blocks of the same heads and context_dim is grown: its blocks come "
+                        "first, the new ones start as the identity)") if what == "arch" else ""
                 raise ConfigError(f"train_teacher.init_file: {path} was trained with another {what} ({theirs}, this "
-                                  f"config: {ours}); set train_teacher.init_file to a file of this config, or \"\"")
+                                  f"config: {ours}){hint}; set train_teacher.init_file to a file of this config, or \"\"")
         state = convert_flux2_transformer_checkpoint_to_diffusers({k: v.float() for k, v in bfl.items()})
         enc = {"token": codec["prompt_encoder.token"], "position": codec["prompt_encoder.position"]}
         with torch.no_grad():
-            for module, tensors in ((self.model, state), (self.ema_model, state), (self.encoder, enc),
-                                    (self.ema_encoder, enc)):
-                module.load_state_dict({k: v.to(self.device) for k, v in tensors.items()}, strict=True)
+            for module in (self.model, self.ema_model):
+                own = module.state_dict()
+                module.load_state_dict({**own, **{k: v.to(self.device) for k, v in state.items()}}, strict=True)
+                if grown:
+                    zero_new_block_outputs(module, theirs_arch)
+            for module in (self.encoder, self.ema_encoder):
+                module.load_state_dict({k: v.to(self.device) for k, v in enc.items()}, strict=True)
         self.init = {"file": Path(path).name, "sha256": file_sha256(path), "steps": header.get("steps"),
                      "commands": header.get("commands"), "eval": header.get("eval"), "init": header.get("init")}
+        if grown:
+            self.init["grown_from"] = theirs_arch
 
     # --- checkpoint -------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -509,6 +549,17 @@ def train(cfg: TrainTeacherConfig, scfg: scenes.SceneConfig, *, command: str = "
     return RunResult(trainer.step_done, trainer.losses, sha, evaluation)
 
 
+def _set_field(cfg: TrainTeacherConfig, item: str) -> None:
+    """``--set FIELD=VALUE``: VALUE parsed as YAML (as params.yaml would hold it)."""
+    import yaml  # noqa: PLC0415
+
+    name, sep, text = item.partition("=")
+    fields = list(to_dict(cfg))
+    if not sep or name not in fields:
+        raise ConfigError(f"--set {item!r}: write FIELD=VALUE with FIELD one of train_teacher's fields: {fields}")
+    setattr(cfg, name, yaml.safe_load(text))
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m flux2ttr.teachers.train_teacher [--params P] [--device D] [--amp A] [--max-seconds S] ...``"""
     p = argparse.ArgumentParser(prog="flux2ttr train-teacher", description=__doc__.split("\n\n")[0])
@@ -530,6 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-captions", type=int, help="override train_teacher.eval_captions (0: no evaluation)")
     p.add_argument("--eval-guidance", type=float, help="override train_teacher.eval_guidance (= sampler.guidance)")
     p.add_argument("--grid", help="PNG of the evaluation samples")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override any train_teacher field (VALUE read as YAML), e.g. --set num_single=5; repeatable")
     args = p.parse_args(argv)
     cfg = load_section(TrainTeacherConfig, "train_teacher", args.params)
     scfg = load_section(scenes.SceneConfig, "scenes", args.params)
@@ -541,6 +594,8 @@ def main(argv: list[str] | None = None) -> int:
                         ("eval_guidance", args.eval_guidance)):
         if value is not None:
             setattr(cfg, name, value)
+    for item in args.set:
+        _set_field(cfg, item)
     cfg.__post_init__()
     command = shlex.join(["flux2ttr", "train-teacher", *(sys.argv[1:] if argv is None else argv)])
     train(cfg, scfg, command=command, stop_after=args.stop_after, grid=args.grid)

@@ -4,6 +4,7 @@ guidance distillation aims at the EMA's guided velocity, and the exported fp16 f
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import multiprocessing
@@ -196,6 +197,63 @@ def test_warm_start_takes_a_trained_files_weights_and_records_it(tmp_path):
                  log=lambda _: None)
 
 
+@pytest.mark.parametrize("grow", [{"num_single": 2}, {"num_double": 2, "num_single": 3}])
+def test_warm_start_grows_a_smaller_file_into_the_same_function(tmp_path, grow):
+    """A file with fewer blocks (same heads and context width) warm-starts a deeper model: its blocks first,
+    the new ones with zeroed output projections, so the grown model's velocity is the file's (to fp32
+    rounding); the new blocks still learn (their zeroed projections get gradients) and the header says what
+    it grew from. A shallower model than the file is refused."""
+    first = small(tmp_path / "a", steps=1)
+    trainer = tt.Trainer(first, SCENES)
+    randomize_ema(trainer)
+    trainer.export(first.out_file)
+    source = copy.deepcopy(trainer.ema_model)  # the exported weights, as the file holds them (fp16)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.copy_(p.half().float())
+    trainer.close()
+
+    grown_cfg = small(tmp_path / "b", steps=1, init_file=first.out_file, **grow)
+    grown = tt.Trainer(grown_cfg, SCENES)
+    grown.warm_start(first.out_file)
+    assert grown.init["grown_from"] == first.arch
+    batch = tt.make_batch(grown_cfg, SCENES, grown.lmap, 0, torch.device("cpu"))
+    s = batch.sigma.view(-1, 1, 1)
+    x = (1 - s) * batch.x0 + s * batch.noise
+    cond = grown.ema_encoder(batch.captions)
+    h, w = grown.h, grown.w
+    with torch.no_grad():
+        want = tt.velocity(source, x, batch.sigma, cond, batch.guidance, h, w)
+        for module in (grown.model, grown.ema_model):
+            got = tt.velocity(module, x, batch.sigma, cond, batch.guidance, h, w)
+            assert want.abs().max() > 0.1
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    new_single = f"single_transformer_blocks.{grow['num_single'] - 1}.attn.to_out.weight"
+    assert float(dict(grown.model.named_parameters())[new_single].detach().abs().max()) == 0.0
+    grown.step()
+    assert float(dict(grown.model.named_parameters())[new_single].detach().abs().max()) > 0.0
+    grown.close()
+
+    deeper = small(tmp_path / "c", steps=1, num_single=3)
+    tt.train(deeper, SCENES, log=lambda _: None)
+    shallower = tt.Trainer(small(tmp_path / "d", num_single=2), SCENES)
+    with pytest.raises(ConfigError, match="another arch"):
+        shallower.warm_start(deeper.out_file)
+    shallower.close()
+
+
+def test_zero_new_block_outputs_names_the_projections():
+    model = tt.build_model(tt.TrainTeacherConfig(num_heads=1, num_double=2, num_single=2, context_dim=16))
+    zeroed = tt.zero_new_block_outputs(model, {"num_heads": 1, "num_double": 1, "num_single": 1, "context_dim": 16})
+    assert zeroed == ["transformer_blocks.1.attn.to_out.0.weight", "transformer_blocks.1.attn.to_add_out.weight",
+                      "transformer_blocks.1.ff.linear_out.weight", "transformer_blocks.1.ff_context.linear_out.weight",
+                      "single_transformer_blocks.1.attn.to_out.weight"]
+    assert tt.can_grow({"num_heads": 1, "num_double": 1, "num_single": 1, "context_dim": 16},
+                       {"num_heads": 1, "num_double": 1, "num_single": 3, "context_dim": 16})
+    assert not tt.can_grow({"num_heads": 1, "num_double": 1, "num_single": 1, "context_dim": 16},
+                           {"num_heads": 2, "num_double": 1, "num_single": 3, "context_dim": 16})
+
+
 def test_scene_worker_processes_train_the_same_run(tmp_path):
     """scene_workers draws the batches ahead in spawned processes (the GIL stays free for launching kernels):
     the run, weights and EMA and AdamW moments, is the one the in-process thread trains; the workers end with it."""
@@ -330,6 +388,14 @@ def test_command_line(tmp_path, capsys):
     header, _, _ = read_trained_file(tmp_path / "b" / "trained.safetensors")
     assert (header["train"]["lr"], header["train"]["distill_start"], header["eval"]["guidance"]) == (1e-4, 0.0, 2.5)
     assert len(header["commands"]) == 1 and header["steps"] == 2
+    # --set: any field, its value read as YAML
+    assert tt.main(["--params", str(tmp_path / "params.yaml"), "--set", "logit_mean=-0.5", "--set", "mu=null",
+                    "--eval-captions", "0", "--checkpoint", str(tmp_path / "c.safetensors"),
+                    "--out", str(tmp_path / "c" / "trained.safetensors")]) == 0
+    header, _, _ = read_trained_file(tmp_path / "c" / "trained.safetensors")
+    assert (header["train"]["logit_mean"], header["train"]["mu"]) == (-0.5, None)
+    with pytest.raises(ConfigError, match="FIELD=VALUE"):
+        tt.main(["--params", str(tmp_path / "params.yaml"), "--set", "no_such_field=1"])
 
 
 def test_config_checks():
