@@ -190,11 +190,12 @@ def zero_new_block_outputs(model: torch.nn.Module, old_arch: dict[str, int]) -> 
     zeroed = []
     with torch.no_grad():
         for key, (stack, outputs) in _BLOCK_OUTPUTS.items():
-            for i in range(int(old_arch[key]), len(getattr(model, stack))):
-                for name, p in model.named_parameters():
-                    if name.startswith(tuple(f"{stack}.{i}.{o}." for o in outputs)):
+            blocks = getattr(model, stack)
+            for i in range(int(old_arch[key]), len(blocks)):
+                for out in outputs:
+                    for name, p in blocks[i].get_submodule(out).named_parameters():
                         p.zero_()
-                        zeroed.append(name)
+                        zeroed.append(f"{stack}.{i}.{out}.{name}")
     return zeroed
 
 
